@@ -1,0 +1,248 @@
+"""Read every supported checkpoint format, infer the architecture, build the model; write exports.
+
+Formats read by `load_model` / `read_checkpoint`:
+- facebookresearch/DiT: a plain state dict (released weights) or train.py's {"model", "ema", "opt", "args"};
+- feizc/DiT-MoE: the same containers with per-expert keys `blocks.N.moe.experts.K.*` (stacked at load);
+- our exports (`.safetensors` or `.pt`): weights + EMA + the DiTConfig that built them;
+- DeepSpeed checkpoint directories written by our trainer (the tag in `latest`, or a tag dir).
+Architecture is inferred from tensor shapes when the file stores no config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .models import MODEL_SIZES, DiT, DiTConfig
+
+EXPORT_FORMAT = "dit-moe-export"
+CONFIG_FILE = "dit_config.json"
+EMA_FILE = "ema.safetensors"
+MODEL_FILE = "model.safetensors"
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+_HEADS_BY_WIDTH = {hidden: heads for _, hidden, heads in MODEL_SIZES.values()}
+
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint this package can read."""
+
+
+def _clean_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    cleaned = {}
+    for key, value in state_dict.items():
+        for prefix in _STRIP_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        cleaned[key] = value
+    return cleaned
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint we read"
+        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint ({type(err).__name__}: {err}).") from err
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{path} is not a valid safetensors file ({err}).") from err
+    return tensors, metadata
+
+
+def _split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+
+
+def _latest_tag_dir(directory: Path) -> Path:
+    latest = directory / "latest"
+    if latest.is_file():
+        return directory / latest.read_text().strip()
+    if (directory / CONFIG_FILE).is_file() or any(directory.glob("*model_states.pt")):
+        return directory
+    raise CheckpointError(
+        f"{directory} is a directory but not a DeepSpeed checkpoint: it has no 'latest' file and no model states."
+    )
+
+
+def _read_deepspeed_dir(directory: Path, prefer_ema: bool) -> tuple[Optional[DiTConfig], dict[str, torch.Tensor]]:
+    tag_dir = _latest_tag_dir(directory)
+    config = None
+    for candidate in (tag_dir / CONFIG_FILE, tag_dir.parent / CONFIG_FILE):
+        if candidate.is_file():
+            config = DiTConfig.from_dict(json.loads(candidate.read_text()))
+            break
+    for name in ((EMA_FILE, MODEL_FILE) if prefer_ema else (MODEL_FILE, EMA_FILE)):
+        if (tag_dir / name).is_file():
+            tensors, _ = _read_safetensors(tag_dir / name)
+            return config, tensors
+    states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not states:
+        raise CheckpointError(f"{tag_dir} holds no model weights (no {MODEL_FILE}, {EMA_FILE} or mp_rank_*_model_states.pt).")
+    blob = torch.load(states[0], map_location="cpu", weights_only=False)
+    module = blob.get("module") if isinstance(blob, dict) else None
+    if not module:
+        raise CheckpointError(
+            f"{states[0]} holds ZeRO-3 partitioned weights only; export the run with the trainer "
+            "(`--export-only`) or convert it with DeepSpeed's zero_to_fp32.py first."
+        )
+    return config, module
+
+
+def read_checkpoint(path: str | os.PathLike, prefer_ema: bool = True) -> tuple[Optional[DiTConfig], dict[str, torch.Tensor]]:
+    """Return (stored config or None, state dict with `module.`/`_orig_mod.` prefixes removed)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"Checkpoint {path} does not exist; pass the path of a .pt/.safetensors file or checkpoint directory.")
+    if path.is_dir():
+        config, state_dict = _read_deepspeed_dir(path, prefer_ema)
+        return config, _clean_keys(state_dict)
+    if path.suffix == ".safetensors":
+        tensors, metadata = _read_safetensors(path)
+        config = DiTConfig.from_dict(json.loads(metadata["config"])) if "config" in metadata else None
+        if metadata.get("format") == EXPORT_FORMAT:
+            ema = _split_prefixed(tensors, "ema.")
+            tensors = ema if (prefer_ema and ema) else _split_prefixed(tensors, "model.")
+        return config, _clean_keys(tensors)
+    blob = _torch_load(path)
+    if not isinstance(blob, dict):
+        raise CheckpointError(f"{path} holds a {type(blob).__name__}, not a state dict or checkpoint dict.")
+    config = DiTConfig.from_dict(blob["config"]) if isinstance(blob.get("config"), dict) else None
+    state_dict = blob
+    if "ema" in blob or "model" in blob or "module" in blob:
+        choice = ("ema", "model", "module") if prefer_ema else ("model", "module", "ema")
+        state_dict = next(blob[key] for key in choice if isinstance(blob.get(key), dict))
+    return config, _clean_keys(state_dict)
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> DiTConfig:
+    """Rebuild a DiTConfig from tensor shapes (official DiT, feizc/DiT-MoE or our stacked layout)."""
+    if "x_embedder.proj.weight" not in state_dict or "final_layer.linear.weight" not in state_dict:
+        raise CheckpointError(
+            "This state dict is not a DiT checkpoint: it lacks x_embedder.proj.weight / final_layer.linear.weight."
+        )
+    hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
+    depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
+    num_patches = state_dict["pos_embed"].shape[1]
+    grid = round(num_patches**0.5)
+    out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
+    values: dict[str, Any] = dict(
+        input_size=grid * patch,
+        patch_size=patch,
+        in_channels=in_channels,
+        hidden_size=hidden,
+        depth=depth,
+        learn_sigma=out_channels == 2 * in_channels,
+        num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+    )
+    q_norm = state_dict.get("blocks.0.attn.q_norm.weight")
+    values["qk_norm"] = q_norm is not None
+    if q_norm is not None:
+        values["num_heads"] = hidden // q_norm.shape[0]
+    elif "num_heads" not in overrides:
+        if hidden not in _HEADS_BY_WIDTH:
+            raise CheckpointError(
+                f"Cannot infer the head count of a width-{hidden} model; pass num_heads=... to load_model."
+            )
+        values["num_heads"] = _HEADS_BY_WIDTH[hidden]
+    values.update(_infer_ffn(state_dict, hidden, depth))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return DiTConfig(**values)
+
+
+def _infer_ffn(state_dict: dict[str, torch.Tensor], hidden: int, depth: int) -> dict[str, Any]:
+    moe_layers = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.moe\.", k))})
+    if not moe_layers:
+        return dict(num_experts=0, mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden)
+    block = f"blocks.{moe_layers[0]}.moe."
+    num_experts = state_dict[block + "gate.weight"].shape[0]
+    keys = [k for k in state_dict if k.startswith(block + "experts.")]
+    swiglu = any("gate_proj" in k for k in keys)
+    first = next(k for k in keys if ("gate_proj" in k if swiglu else "fc1" in k) and k.endswith("weight"))
+    intermediate = state_dict[first].shape[-2]
+    shared = state_dict.get(block + "shared_experts.gate_proj.weight")
+    values: dict[str, Any] = dict(
+        num_experts=num_experts,
+        expert_type="swiglu" if swiglu else "gelu",
+        mlp_ratio=intermediate / hidden,
+        n_shared_experts=0 if shared is None else shared.shape[0] // hidden,
+        moe_layers=None if len(moe_layers) == depth else moe_layers,
+    )
+    dense = [i for i in range(depth) if i not in moe_layers]
+    if dense:
+        dense_ratio = state_dict[f"blocks.{dense[0]}.mlp.fc1.weight"].shape[0] / hidden
+        if dense_ratio != values["mlp_ratio"]:
+            raise CheckpointError(
+                f"Dense blocks have mlp_ratio {dense_ratio} but experts {values['mlp_ratio']}; mixed widths are not supported."
+            )
+    return values
+
+
+def load_model(
+    path: str | os.PathLike,
+    num_experts_per_tok: Optional[int] = None,
+    prefer_ema: bool = True,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> DiT:
+    """Build the right DiT for a checkpoint and load its weights (EMA preferred); returns it in eval mode.
+
+    feizc/DiT-MoE files do not record top-k: it defaults to 2 (every published DiT-MoE model);
+    `num_experts_per_tok` and any other DiTConfig field can be overridden.
+    """
+    stored, state_dict = read_checkpoint(path, prefer_ema=prefer_ema)
+    if num_experts_per_tok is not None:
+        overrides["num_experts_per_tok"] = num_experts_per_tok
+    config = stored.replace(**overrides) if stored is not None else infer_config(state_dict, **overrides)
+    model = DiT(config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.endswith("tokens_per_expert")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match the inferred {config.depth}-block, width-{config.hidden_size} model: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}."
+        )
+    return model.to(device).eval()
+
+
+def save_export(
+    path: str | os.PathLike,
+    config: DiTConfig,
+    model_state: dict[str, torch.Tensor],
+    ema_state: Optional[dict[str, torch.Tensor]] = None,
+) -> Path:
+    """Write a self-describing export atomically (temp file + rename): `.safetensors` or `.pt`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
+        if ema_state is not None:
+            tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema_state.items()})
+        save_file(tensors, str(tmp), metadata={"format": EXPORT_FORMAT, "config": json.dumps(config.to_dict())})
+    else:
+        blob = {"format": EXPORT_FORMAT, "config": config.to_dict(), "model": _cpu(model_state)}
+        if ema_state is not None:
+            blob["ema"] = _cpu(ema_state)
+        torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}

@@ -1,0 +1,179 @@
+"""DiT / DiT-MoE: a transformer over latent patches, conditioned on timestep and class by adaLN-Zero.
+
+Parameter names and shapes are those of facebookresearch/DiT (dense blocks: `mlp.fc1/fc2`)
+and feizc/DiT-MoE (MoE blocks: `moe.gate`, `moe.experts`, `moe.shared_experts`), so their
+checkpoints load key for key. The model is pure: no DeepSpeed, ranks or files.
+
+Shapes: x (N, in_channels, H, W); tokens (N, T, C) with T = (H / p) * (W / p); c (N, C).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attention
+from .config import DiTConfig
+from .layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from .moe import MoEFeedForward
+
+AuxLosses = dict[str, torch.Tensor]
+
+
+def add_aux(total: AuxLosses, new: AuxLosses) -> AuxLosses:
+    """Sum aux-loss dicts key by key (each MoE layer contributes its own weighted losses)."""
+    for name, value in new.items():
+        total[name] = total[name] + value if name in total else value
+    return total
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block whose attention and feed-forward residuals are adaLN-Zero gated.
+
+    The feed-forward is the dense GELU MLP (`mlp`) or a routed MoE layer (`moe`).
+    """
+
+    def __init__(self, config: DiTConfig, index: int):
+        super().__init__()
+        hidden = config.hidden_size
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, config.num_heads, qk_norm=config.qk_norm, backend=config.attn_backend)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        if config.is_moe_block(index):
+            self.moe = MoEFeedForward(hidden, config.moe_args())
+        else:
+            self.mlp = Mlp(hidden, int(hidden * config.mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden, bias=True))
+
+    @property
+    def is_moe(self) -> bool:
+        return hasattr(self, "moe")
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, AuxLosses]:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        if self.is_moe:
+            h, aux = self.moe(h)
+        else:
+            h, aux = self.mlp(h), {}
+        return x + gate_mlp.unsqueeze(1) * h, aux
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and a linear map from each token to its p*p*out_channels pixels."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer; `num_experts > 0` turns the chosen blocks' feed-forwards into MoE layers."""
+
+    def __init__(self, config: DiTConfig | None = None, **overrides):
+        super().__init__()
+        config = config or DiTConfig()
+        if overrides:
+            config = config.replace(**overrides)
+        self.config = config
+        self.in_channels = config.in_channels
+        self.out_channels = config.out_channels
+        self.patch_size = config.patch_size
+        self.num_classes = config.num_classes
+        self.grad_checkpointing = config.grad_checkpointing
+
+        self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, config.hidden_size)
+        self.t_embedder = TimestepEmbedder(config.hidden_size)
+        self.y_embedder = LabelEmbedder(config.num_classes, config.hidden_size, config.class_dropout_prob)
+        # Fixed sin-cos table; a Parameter (not a buffer) so official checkpoints load key for key.
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, self.x_embedder.num_patches, config.hidden_size), requires_grad=False
+        )
+        self.blocks = nn.ModuleList(DiTBlock(config, i) for i in range(config.depth))
+        self.final_layer = FinalLayer(config.hidden_size, config.patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's init: xavier linears, sin-cos positions, N(0, 0.02) embeddings, zeroed adaLN and output."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.x_embedder.grid_size)
+        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    @property
+    def moe_blocks(self) -> list[int]:
+        return [i for i, block in enumerate(self.blocks) if block.is_moe]
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*c) -> (N, c, H, W)."""
+        c, p = self.out_channels, self.patch_size
+        h = w = self.x_embedder.grid_size
+        if h * w != x.shape[1]:
+            raise ValueError(f"unpatchify expects {h * w} tokens, got {x.shape[1]}.")
+        x = x.reshape(x.shape[0], h, w, p, p, c)  # (N, h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)  # (N, c, h, p, w, p)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch tokens with positions (N, T, C) and the conditioning vector c = emb(t) + emb(y) (N, C)."""
+        tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, C)
+        c = self.t_embedder(t).to(tokens.dtype) + self.y_embedder(y, self.training).to(tokens.dtype)
+        return tokens, c
+
+    def run_blocks(self, tokens: torch.Tensor, c: torch.Tensor, blocks=None) -> tuple[torch.Tensor, AuxLosses]:
+        """Apply `blocks` (default: all) to (N, T', C) tokens; any token count T' works (masked training)."""
+        aux: AuxLosses = {}
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks if blocks is None else blocks:
+            if checkpointing:
+                tokens, block_aux = checkpoint(block, tokens, c, use_reentrant=False)
+            else:
+                tokens, block_aux = block(tokens, c)
+            add_aux(aux, block_aux)
+        return tokens, aux
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_aux: bool = False):
+        """x (N, in_channels, H, W), t (N,) timesteps, y (N,) labels -> (N, out_channels, H, W).
+
+        With `return_aux=True` also returns the dict of weighted MoE aux losses summed over layers.
+        """
+        tokens, c = self.embed(x, t, y)
+        tokens, aux = self.run_blocks(tokens, c)
+        out = self.unpatchify(self.final_layer(tokens, c))  # (N, out_channels, H, W)
+        return (out, aux) if return_aux else out
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """DiT's batched guidance entry: the batch is [cond half, uncond half]; guides the first 3 channels."""
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        eps, rest = out[:, :3], out[:, 3:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)

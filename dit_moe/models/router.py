@@ -1,0 +1,73 @@
+"""Top-k token-choice router of an MoE layer (DiT-MoE's `MoEGate`), in fp32.
+
+Notation (DiT-MoE / DeepSeek-MoE):
+    M       tokens routed together (N samples x T patches, flattened)
+    E, k    number of routed experts, experts per token (top-k)
+    s_{t,e} softmax score of expert e for token t            -> `scores`   [M, E]
+    g_{t,j} weight of the j-th chosen expert of token t      -> `weights`  [M, k]
+    f_e     fraction of the M*k assignments that go to e
+    P_e     mean score of expert e over the tokens
+    aux     E * sum_e f_e * P_e   (1 when perfectly balanced)
+
+The router's forward returns exactly `(weights, expert_ids, scores)`, so a forward hook on
+`moe.gate` sees everything an analysis needs; the losses are separate methods fed from
+that tuple (and, for the z-loss, the logits), so nothing is kept on the module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class TopKRouter(nn.Module):
+    """Linear gate without bias (`weight` [E, C]), softmax scores, top-k selection."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool = False) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # DiT-MoE's MoEGate init (nn.Linear's default); DiT's xavier init only touches nn.Linear.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Router logits [M, E] in fp32 for x [..., C], outside any autocast region."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # [M, C] -> [M, E]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Route x [..., C]: returns fp32 weights [M, k], int64 expert_ids [M, k], fp32 scores [M, E]."""
+        scores = self.logits(x).softmax(dim=-1)
+        weights, expert_ids = torch.topk(scores, k=self.top_k, dim=-1)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights, expert_ids, scores
+
+    def load_balancing_loss(self, expert_ids: Tensor, scores: Tensor, num_samples: int, per_sample: bool) -> Tensor:
+        """Unweighted load-balancing loss E * sum_e f_e * P_e (DiT-MoE's MoEGate formulas).
+
+        `per_sample=False`: f and P over all M tokens of the batch.
+        `per_sample=True` (DiT-MoE's `seq_aux`): f and P within each of the `num_samples`
+        samples, the loss averaged over samples.
+        """
+        E, k = self.num_experts, self.top_k
+        ids = expert_ids.reshape(num_samples, -1)  # [M, k] -> [N, T*k]
+        if not per_sample:
+            ids = ids.reshape(1, -1)  # [N, T*k] -> [1, M*k]
+        groups, assignments = ids.shape
+        f = torch.zeros(groups, E, device=scores.device, dtype=scores.dtype)
+        f.scatter_add_(1, ids, torch.ones_like(ids, dtype=scores.dtype)).div_(assignments)  # [G, E]
+        P = scores.reshape(groups, -1, E).mean(dim=1)  # [M, E] -> [G, M/G, E] -> [G, E]
+        return (E * f * P).sum(dim=1).mean()
+
+    def z_loss(self, x: Tensor) -> Tensor:
+        """Unweighted router z-loss mean_t logsumexp_e(logits)^2 (ST-MoE), for x [..., C]."""
+        return torch.logsumexp(self.logits(x), dim=-1).square().mean()
