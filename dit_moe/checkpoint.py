@@ -172,7 +172,8 @@ def _infer_ffn(state_dict: dict[str, torch.Tensor], hidden: int, depth: int) -> 
     num_experts = state_dict[block + "gate.weight"].shape[0]
     keys = [k for k in state_dict if k.startswith(block + "experts.")]
     swiglu = any("gate_proj" in k for k in keys)
-    first = next(k for k in keys if ("gate_proj" in k if swiglu else "fc1" in k) and k.endswith("weight"))
+    # stacked "experts.gate_proj" [E, I, C] or feizc's per-expert "experts.K.gate_proj.weight" [I, C]
+    first = next(k for k in keys if ("gate_proj" in k if swiglu else "fc1" in k) and "bias" not in k)
     intermediate = state_dict[first].shape[-2]
     shared = state_dict.get(block + "shared_experts.gate_proj.weight")
     values: dict[str, Any] = dict(
@@ -210,7 +211,6 @@ def load_model(
     config = stored.replace(**overrides) if stored is not None else infer_config(state_dict, **overrides)
     model = DiT(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not k.endswith("tokens_per_expert")]
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not match the inferred {config.depth}-block, width-{config.hidden_size} model: "
