@@ -1,0 +1,41 @@
+"""Diffusion objectives (IDDPM, rectified flow), their samplers, timestep strategies and guidance.
+
+    from dit_moe.diffusion import create_diffusion, build_objective, guided
+"""
+
+from .flow import RectifiedFlow
+from .gaussian import GaussianDiffusion, create_diffusion, space_timesteps
+from .guidance import guided
+from .objective import FlowObjective, IDDPMObjective, Objective, build_objective
+from .samplers import SAMPLERS, ddim, ddpm, euler, heun
+from .timesteps import (
+    LogitNormalTimesteps,
+    LossSecondMomentTimesteps,
+    SpeeDiTTimesteps,
+    TimestepSampler,
+    UniformTimesteps,
+    UniformTimeTimesteps,
+)
+
+__all__ = [
+    "create_diffusion",
+    "GaussianDiffusion",
+    "space_timesteps",
+    "RectifiedFlow",
+    "Objective",
+    "IDDPMObjective",
+    "FlowObjective",
+    "build_objective",
+    "guided",
+    "SAMPLERS",
+    "ddpm",
+    "ddim",
+    "euler",
+    "heun",
+    "TimestepSampler",
+    "UniformTimesteps",
+    "SpeeDiTTimesteps",
+    "LossSecondMomentTimesteps",
+    "LogitNormalTimesteps",
+    "UniformTimeTimesteps",
+]
