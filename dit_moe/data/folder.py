@@ -33,8 +33,10 @@ def find_classes(root: str) -> List[str]:
 
 
 def _is_readable(path: str) -> bool:
-    """Decode `path` fully; for JPEG at 1/8 scale (draft), which still reads every byte."""
+    """Check `path` (PNG chunk CRCs via verify) and decode it fully; JPEGs at 1/8 scale (draft), which still reads every byte."""
     try:
+        with Image.open(path) as image:
+            image.verify()
         with Image.open(path) as image:
             image.draft("RGB", (1, 1))
             image.load()

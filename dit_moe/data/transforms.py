@@ -26,7 +26,7 @@ def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """(H, W, C) uint8 -> (C, H, W) float32 in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()  # (H, W, C) -> (C, H, W)
+    x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float()  # (H, W, C) -> (C, H, W)
     return x / 127.5 - 1.0
 
 
