@@ -8,8 +8,8 @@ come from a generator seeded by (seed, epoch, dataset index), so the stream is a
 function of (seed, rank, world size, workers).
 
 Workers batch their own samples and the DataLoader takes batches round-robin (batch b
-from worker b % workers), so resuming after `b` batches is exact: each worker skips its
-share, whole epochs by arithmetic on the manifest's shard sizes and the rest of the
+from worker b % workers), so resuming after `b` batches is exact: the workers' roles are
+rotated so the round-robin order continues, and each skips its share, whole epochs by arithmetic on the manifest's shard sizes and the rest of the
 current epoch by reading (not decoding) raw samples.
 """
 
@@ -106,6 +106,9 @@ class LatentShardStream(IterableDataset):
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, int, int]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # A fresh DataLoader asks worker 0 first, but batch `start_batch` belongs to worker
+        # start_batch % num_workers: rotate the roles so the round-robin order continues.
+        worker = (worker + self.start_batch) % num_workers
         check_enough_shards(len(self.paths), self.world_size, num_workers, self.features_path)
         slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
         skip = worker_batches_before(self.start_batch, worker, num_workers) * self.batch_size
