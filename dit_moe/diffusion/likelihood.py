@@ -23,7 +23,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> Tensor:
     Arguments broadcast; at least one must be a tensor.
     """
     ref = next(a for a in (mean1, logvar1, mean2, logvar2) if isinstance(a, Tensor))
-    logvar1, logvar2 = (a if isinstance(a, Tensor) else torch.tensor(a).to(ref) for a in (logvar1, logvar2))
+    logvar1, logvar2 = (torch.as_tensor(a, dtype=ref.dtype, device=ref.device) for a in (logvar1, logvar2))
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 

@@ -37,15 +37,24 @@ class Objective:
         """Unweighted per-sample terms at times t; must hold "loss" and "mse"."""
         raise NotImplementedError
 
-    def loss(self, model_fn: Callable[..., Tensor], x0: Tensor, model_kwargs: dict | None = None, noise: Tensor | None = None) -> dict[str, Tensor]:
+    def loss(
+        self,
+        model_fn: Callable[..., Tensor],
+        x0: Tensor,
+        model_kwargs: dict | None = None,
+        noise: Tensor | None = None,
+        timesteps: tuple[Tensor, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
         """Per-sample training terms for a batch x0, timesteps drawn by ``self.timesteps``.
 
+        ``timesteps`` = (t, weights) drawn beforehand with ``self.timesteps.sample`` lets a
+        distributed trainer draw them for the whole global batch and hand each rank its slice.
         Returns (N,) tensors: "loss" (the sampler's weights applied: to the whole loss,
         or to the mse term only when ``timesteps.weight_target == "mse"``), the unweighted
         "mse" (and "vb" for learned-variance IDDPM) for logging, and "t" (IDDPM: timestep
         index; flow: time in (0, 1)). Reduce "loss" with ``.mean()`` for the step.
         """
-        t, weights = self.timesteps.sample(x0.shape[0], x0.device)
+        t, weights = timesteps if timesteps is not None else self.timesteps.sample(x0.shape[0], x0.device)
         terms = self._losses(model_fn, x0, t, model_kwargs, noise)
         self.timesteps.update(t, terms["loss"].detach())
         if self.timesteps.weight_target == "mse" and "mse" in terms:
