@@ -208,3 +208,14 @@ def test_fast_dit_npy_features(tmp_path):
     x, y = next(loader)
     assert x.shape == (4, 4, 2, 2) and y.dtype == torch.long and (loader.input_channels, loader.input_size) == (4, 2)
     assert torch.equal(x[:, 0, 0, 0].long() % 5, y)
+
+
+def test_pixel_space_extraction_stores_images_unscaled(image_folder, tmp_path):
+    run_extraction(_extract_cfg(image_folder, "none", tmp_path))
+    manifest = Manifest.load(str(tmp_path))
+    assert manifest.scale_factor == 1.0 and manifest.latent_shape == [3, 16, 16]
+    index, mean, std, _ = decode_sample(next(iter(read_shard(str(tmp_path / shard_name(0))))))
+    image = ImageFolderDataset(image_folder, 16)[index][0]
+    np.testing.assert_allclose(mean[0], image.numpy(), atol=1e-3)
+    np.testing.assert_allclose(mean[1], image.flip(-1).numpy(), atol=1e-3)
+    assert not std.any()

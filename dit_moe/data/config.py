@@ -27,7 +27,7 @@ class DataConfig:
     image_size: Optional[int] = None          # None: 32 for digits, 256 otherwise
     channels: int = 3                         # digits / pixel-space images: 1 (grey) or 3
     num_classes: Optional[int] = None         # None: inferred from the data (required for "npy")
-    vae_scale_factor: float = SD_VAE_SCALE_FACTOR
+    vae_scale_factor: float = SD_VAE_SCALE_FACTOR  # on-the-fly encoding; latent shards use their manifest's
     random_flip: bool = True                  # folder images and latent shards; digits are never mirrored
     num_workers: int = 4                      # DataLoader workers (digits are in memory and use none)
     shuffle_buffer: int = 1000                # latent shards: samples held for shuffling per worker

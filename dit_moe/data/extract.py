@@ -38,7 +38,7 @@ class ExtractConfig:
     shard_size: int = 1000                    # samples per tar shard
     batch_size: int = 32                      # images per encoder call (x2 with the flips)
     num_workers: int = 4                      # image-decoding worker processes
-    scale_factor: float = SD_VAE_SCALE_FACTOR  # recorded in the manifest for the trainer
+    scale_factor: float = SD_VAE_SCALE_FACTOR  # recorded in the manifest; the loader multiplies by it
 
     def __post_init__(self):
         if self.shard_size < 1 or self.batch_size < 1:
@@ -60,7 +60,7 @@ def _manifest_for(cfg: ExtractConfig, dataset: ImageFolderDataset, codec) -> Man
         image_size=cfg.image_size,
         vae_path=os.path.abspath(cfg.vae_path) if not is_pixel_space(cfg.vae_path) else "none",
         vae_name=os.path.basename(os.path.normpath(cfg.vae_path)),
-        scale_factor=cfg.scale_factor,
+        scale_factor=1.0 if is_pixel_space(cfg.vae_path) else cfg.scale_factor,
         classes=dataset.classes,
     )
 

@@ -21,6 +21,7 @@ from dit_moe.data.digits import NUM_DIGIT_CLASSES, DigitsDataset
 from dit_moe.data.folder import ImageFolderDataset
 from dit_moe.data.latents import LatentShardStream, check_enough_shards, worker_batches_before
 from dit_moe.data.npy_features import NpyFeatureDataset
+from dit_moe.data.shards import Manifest
 from dit_moe.vae import load_codec, vae_geometry
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -200,9 +201,9 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, micro_batch_
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}.")
     if cfg.dataset == "latents":
+        manifest = Manifest.load(cfg.features_path)
         stream = LatentShardStream(cfg.features_path, rank, world_size, seed, cfg.shuffle_buffer, cfg.random_flip,
-                                   cfg.sample_latents, cfg.vae_scale_factor)
-        manifest = stream.manifest
+                                   cfg.sample_latents, manifest.scale_factor)
         if manifest.image_size != cfg.image_size:
             raise ValueError(
                 f"{cfg.features_path!r} was extracted at image size {manifest.image_size}, not {cfg.image_size}; "
