@@ -16,8 +16,7 @@ current epoch by reading (not decoding) raw samples.
 from __future__ import annotations
 
 import itertools
-from functools import lru_cache
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -60,15 +59,19 @@ class LatentShardStream(IterableDataset):
         self.random_flip, self.sample_latents, self.scale_factor = random_flip, sample_latents, scale_factor
         self.num_epochs = num_epochs
         self.start_batch, self.batch_size = 0, 1
+        self._slot_counts: Dict[Tuple[int, int, int], int] = {}
 
     # --- which shards a slot reads -------------------------------------------------
     def slot_shards(self, epoch: int, slot: int, slots: int) -> np.ndarray:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.paths))
         return order[slot::slots]
 
-    @lru_cache(maxsize=4096)
     def slot_count(self, epoch: int, slot: int, slots: int) -> int:
-        return int(self.counts[self.slot_shards(epoch, slot, slots)].sum())
+        """Samples a slot reads in `epoch` (memoised: resuming walks every epoch so far)."""
+        key = (epoch, slot, slots)
+        if key not in self._slot_counts:
+            self._slot_counts[key] = int(self.counts[self.slot_shards(*key)].sum())
+        return self._slot_counts[key]
 
     def epoch_after(self, samples: int, slot: int, slots: int) -> Tuple[int, int]:
         """(epoch, samples into it) of a slot that has produced `samples` samples."""
