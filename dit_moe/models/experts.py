@@ -155,10 +155,13 @@ class GroupedExperts(nn.Module):
 
     def _forward_loop(self, x: Tensor, counts: Tensor, weights: list[Tensor]) -> Tensor:
         sizes = counts.tolist()  # the one host sync of the loop path: slice sizes per expert
-        outputs = []
-        for e, rows in enumerate(x.split(sizes, dim=0)):
-            w = [t[e].to(x.dtype) for t in weights]
-            outputs.append(self._ffn(rows, lambda a, m: torch.mm(a, m.t()), w, lambda b: b))
+        # unbind, not w[e]: its backward stacks the E gradients once instead of adding E
+        # full-size zero-padded [E, ...] gradients.
+        per_expert = zip(*(w.to(x.dtype).unbind(0) for w in weights))
+        outputs = [
+            self._ffn(rows, lambda a, m: torch.mm(a, m.t()), list(w), lambda b: b)
+            for rows, w in zip(x.split(sizes, dim=0), per_expert)
+        ]
         return torch.cat(outputs, dim=0)
 
 
