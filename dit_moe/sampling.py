@@ -1,0 +1,123 @@
+"""Sample images from a trained DiT for given labels and per-sample seeds: the one code path
+that `sample.py` (image grids), `dit_moe.sample_many` (FID batches) and the trainer share.
+
+    images = sample_images(model, codec, labels, seeds, SamplingOptions(sampler="euler", cfg_scale=1.5))
+
+Reproducibility (EDM's `StackedRandomGenerator` idea): the initial noise of a sample is
+drawn from its own CPU generator seeded with its seed, so it depends on that seed alone,
+never on the batch it shares, the rank that draws it or the device. Deterministic samplers
+(DDIM with eta = 0, Euler, Heun) therefore give the same image for any world size and
+batch size, up to floating-point differences of batched kernels. The stochastic ones
+(DDPM, DDIM with eta > 0) also draw noise at every step from the torch generator inside
+the diffusion package, which takes no per-sample generator; that generator is seeded per
+batch with the batch's first seed, so such runs repeat exactly with the same batch size
+and world size only.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .diffusion import Objective, build_objective, guided
+from .models import DiT, DiTConfig
+
+LABEL_MODES = ("cycle", "random")
+_LABEL_STREAM = 1  # keeps label draws apart from the noise stream of the same seed
+
+
+@dataclass
+class SamplingOptions:
+    """How to turn noise into images; None picks the objective's default."""
+
+    sampler: Optional[str] = None  # "ddpm" | "ddim" (IDDPM models), "euler" | "heun" (flow models)
+    num_steps: Optional[int] = None  # IDDPM: respaced steps (250); flow: uniform steps (50)
+    cfg_scale: float = 1.0  # classifier-free guidance scale; 1 = no guidance (one forward per step)
+    cfg_channels: Optional[int] = None  # guided prediction channels; None = all, 3 = DiT's forward_with_cfg
+    noise_schedule: str = "linear"  # IDDPM beta schedule the model was trained with
+    diffusion_steps: int = 1000  # IDDPM training steps
+
+    def __post_init__(self):
+        if self.cfg_scale < 1.0:
+            raise ValueError(f"cfg_scale must be >= 1 (1 disables guidance), got {self.cfg_scale}.")
+
+
+def build_sampling_objective(config: DiTConfig, options: SamplingOptions) -> Objective:
+    """The objective a model was trained with, from what its config records plus the IDDPM schedule options."""
+    if config.objective == "flow":
+        return build_objective("flow", learn_sigma=config.learn_sigma, t_scale=config.flow_t_scale)
+    return build_objective(
+        "iddpm", learn_sigma=config.learn_sigma, noise_schedule=options.noise_schedule, diffusion_steps=options.diffusion_steps
+    )
+
+
+def per_sample_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """Standard normal noise (N, *shape), float32 on the CPU; row i depends only on seeds[i]."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed))) for seed in seeds])
+
+
+def sample_labels(indices: Sequence[int], num_classes: int, seed: int = 0, mode: str = "cycle") -> np.ndarray:
+    """Class label (N,) of each sample index: `index % num_classes` ("cycle", balanced classes) or
+    a uniform draw that depends only on (seed + index) ("random", as DiT's sample_ddp.py draws them)."""
+    if mode not in LABEL_MODES:
+        raise ValueError(f"Unknown label mode {mode!r}; use one of {LABEL_MODES}.")
+    indices = np.asarray(indices, dtype=np.int64)
+    if mode == "cycle":
+        return indices % num_classes
+    return np.array([np.random.default_rng((seed + int(i), _LABEL_STREAM)).integers(num_classes) for i in indices], dtype=np.int64)
+
+
+def latent_shape(config: DiTConfig) -> tuple[int, int, int]:
+    """(C, H, W) of the model's input."""
+    return config.in_channels, config.input_size, config.input_size
+
+
+def check_codec(config: DiTConfig, codec: nn.Module) -> None:
+    """Stop early when the codec cannot decode what the model generates."""
+    if codec.latent_channels != config.in_channels:
+        raise ValueError(
+            f"The model generates {config.in_channels}-channel inputs but the codec has {codec.latent_channels} channels: "
+            "pass the VAE the model was trained with (--vae-path DIR), or --vae-path none for a pixel-space model."
+        )
+
+
+@torch.no_grad()
+def sample_images(
+    model: DiT,
+    codec: nn.Module,
+    labels: Sequence[int] | torch.Tensor,
+    seeds: Sequence[int],
+    options: Optional[SamplingOptions] = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+    objective: Optional[Objective] = None,
+) -> torch.Tensor:
+    """Images (N, C, H, W), float32 in [-1, 1] on the CPU, for one label and one seed per sample.
+
+    `model` and `codec` must already be on `device`. `dtype` other than float32 runs the model
+    (not the sampler's arithmetic) under autocast. `objective` defaults to the model's own.
+    """
+    config = model.config
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if len(labels) != len(seeds):
+        raise ValueError(f"{len(labels)} labels for {len(seeds)} seeds; pass one of each per sample.")
+    check_codec(config, codec)
+    device = torch.device(device)
+    options = options or SamplingOptions()
+    objective = objective or build_sampling_objective(config, options)
+    model_fn = guided(model, options.cfg_scale, null_label=config.num_classes, cfg_channels=options.cfg_channels)
+    noise = per_sample_noise(seeds, latent_shape(config)).to(device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
+        torch.manual_seed(int(seeds[0]))  # CPU and CUDA step noise of stochastic samplers; see the module docstring
+        latents = objective.sample(
+            model_fn, noise, dict(y=labels.to(device)), sampler=options.sampler, num_steps=options.num_steps, progress=progress
+        )
+        images = codec.decode(latents.float())
+    return images.float().clamp(-1, 1).cpu()
