@@ -204,7 +204,8 @@ def test_training_losses_hybrid_terms_against_hand_computation():
                 total += -_log_bin(x0c, model_mean, math.exp(0.5 * model_log_var), _approx_cdf)
             else:
                 true_mean = c1 * x0c + c2 * xt
-                total += 0.5 * (-1 + model_log_var - log_post + math.exp(log_post - model_log_var) + (true_mean - model_mean) ** 2 * math.exp(-model_log_var))
+                var_ratio = math.exp(log_post - model_log_var)
+                total += 0.5 * (-1 + model_log_var - log_post + var_ratio + (true_mean - model_mean) ** 2 * math.exp(-model_log_var))
         return total / 2 / math.log(2)
 
     assert float(terms["vb"][0]) == pytest.approx(hand_vb(0, 123), rel=1e-4)
@@ -368,3 +369,15 @@ def test_ddim_with_eta_one_is_the_ddpm_posterior_step():
     torch.manual_seed(7)
     via_ddpm = ddpm_process.p_sample(eps_model, x, t, clip_denoised=False)["sample"]
     assert torch.allclose(via_ddim, via_ddpm, atol=1e-5)
+
+
+def test_last_step_adds_no_noise():
+    d = create_diffusion("50")
+    model = exact_model(d)
+    x = torch.randn(4, 2, 1, 1)
+    for sample_step in (d.p_sample, d.ddim_sample):
+        last = sample_step(model, x, torch.zeros(4, dtype=torch.long), clip_denoised=False)
+        mean = d.p_mean_variance(model, x, torch.zeros(4, dtype=torch.long), clip_denoised=False)["pred_xstart"]
+        assert torch.allclose(last["sample"], mean, atol=1e-6)  # at t = 0 the posterior mean is the x_0 prediction
+    step_30 = torch.full((4,), 30)
+    assert not torch.allclose(d.p_sample(model, x, step_30)["sample"], d.p_sample(model, x, step_30)["sample"])

@@ -98,7 +98,10 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return list(range(0, num_timesteps, stride))
-            raise ValueError(f"cannot take exactly {desired} of {num_timesteps} steps with an integer stride; use {desired!r} instead of 'ddim{desired}'")
+            raise ValueError(
+                f"cannot take exactly {desired} of {num_timesteps} steps with an integer stride; "
+                f"use '{desired}' instead of 'ddim{desired}'"
+            )
         section_counts = [int(n) for n in section_counts.split(",")]
     size_per, extra = divmod(num_timesteps, len(section_counts))
     start, kept = 0, []
@@ -223,7 +226,9 @@ class GaussianDiffusion:
             noise = torch.randn_like(x_start)
         if noise.shape != x_start.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} differs from x_start shape {tuple(x_start.shape)}")
-        return self._extract("sqrt_alphas_cumprod", t, x_start.ndim) * x_start + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.ndim) * noise
+        signal = self._extract("sqrt_alphas_cumprod", t, x_start.ndim)
+        noise_scale = self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.ndim)
+        return signal * x_start + noise_scale * noise
 
     def q_posterior_mean_variance(self, x_start: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log-variance of the posterior q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7)."""
@@ -236,11 +241,15 @@ class GaussianDiffusion:
 
     def predict_xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), written as DiT writes it."""
-        return self._extract("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.ndim) * eps
+        recip = self._extract("sqrt_recip_alphas_cumprod", t, x_t.ndim)
+        recipm1 = self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.ndim)
+        return recip * x_t - recipm1 * eps
 
     def predict_eps_from_xstart(self, x_t: Tensor, t: Tensor, pred_xstart: Tensor) -> Tensor:
         """The eps that, with x_t, gives pred_xstart (inverse of ``predict_xstart_from_eps``)."""
-        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t - pred_xstart) / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.ndim)
+        recip = self._extract("sqrt_recip_alphas_cumprod", t, x_t.ndim)
+        recipm1 = self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.ndim)
+        return (recip * x_t - pred_xstart) / recipm1
 
     def _split_output(self, output: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """(mean prediction, variance values or None) from a raw model output."""
@@ -368,7 +377,10 @@ class GaussianDiffusion:
         from .samplers import ddpm
 
         x_T = _initial_noise(shape, noise, device)
-        return ddpm(self, model, x_T, model_kwargs=model_kwargs, progress=progress, callback=callback, clip_denoised=clip_denoised, denoised_fn=denoised_fn)
+        return ddpm(
+            self, model, x_T, model_kwargs=model_kwargs, progress=progress, callback=callback,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+        )
 
     def ddim_sample_loop(
         self,
@@ -388,7 +400,10 @@ class GaussianDiffusion:
         from .samplers import ddim
 
         x_T = _initial_noise(shape, noise, device)
-        return ddim(self, model, x_T, model_kwargs=model_kwargs, progress=progress, callback=callback, clip_denoised=clip_denoised, denoised_fn=denoised_fn, eta=eta)
+        return ddim(
+            self, model, x_T, model_kwargs=model_kwargs, progress=progress, callback=callback,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, eta=eta,
+        )
 
     def vb_terms_bpd(self, output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """Per-sample L_t of the variational bound in bits per dimension, from a model output.

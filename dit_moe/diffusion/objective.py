@@ -33,7 +33,9 @@ class Objective:
     default_num_steps: int
     timesteps: TimestepSampler
 
-    def _losses(self, model_fn: Callable[..., Tensor], x0: Tensor, t: Tensor, model_kwargs: dict | None, noise: Tensor | None) -> dict[str, Tensor]:
+    def _losses(
+        self, model_fn: Callable[..., Tensor], x0: Tensor, t: Tensor, model_kwargs: dict | None, noise: Tensor | None
+    ) -> dict[str, Tensor]:
         """Unweighted per-sample terms at times t; must hold "loss" and "mse"."""
         raise NotImplementedError
 
@@ -125,7 +127,10 @@ class FlowObjective(Objective):
         return self.process.training_losses(model_fn, x0, t, model_kwargs=model_kwargs, noise=noise)
 
 
-_IDDPM_OPTIONS = {"noise_schedule", "learn_sigma", "diffusion_steps", "timestep_sampler", "sigma_small", "predict_xstart", "rescale_learned_sigmas", "use_kl"}
+_IDDPM_OPTIONS = {
+    "noise_schedule", "learn_sigma", "diffusion_steps", "timestep_sampler",
+    "sigma_small", "predict_xstart", "rescale_learned_sigmas", "use_kl",
+}
 _FLOW_OPTIONS = {"learn_sigma", "t_scale", "timestep_sampler"}
 
 

@@ -25,6 +25,7 @@ DEFAULT_FLOW_STEPS = 50
 
 
 def _steps(num_steps: int, progress: bool) -> Iterable[int]:
+    """range(num_steps), behind a tqdm bar when progress is asked for."""
     if progress:
         from tqdm.auto import tqdm
 
@@ -48,6 +49,7 @@ def _respaced(process, num_steps: int | None):
 
 
 def _gaussian_loop(step_fn: str, process, model_fn, noise, model_kwargs, num_steps, progress, callback, **step_options) -> Tensor:
+    """The DDPM/DDIM loop from index T-1 down to 0; ``step_fn`` names the process's one-step method."""
     process = _respaced(process, num_steps)
     x = noise
     for step in _steps(process.num_timesteps, progress):
@@ -73,7 +75,10 @@ def ddpm(
     denoised_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Ancestral sampling: Ho et al. 2020 "DDPM", Algorithm 2, with IDDPM's learned variances."""
-    return _gaussian_loop("p_sample", process, model_fn, noise, model_kwargs, num_steps, progress, callback, clip_denoised=clip_denoised, denoised_fn=denoised_fn)
+    return _gaussian_loop(
+        "p_sample", process, model_fn, noise, model_kwargs, num_steps, progress, callback,
+        clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+    )
 
 
 @torch.no_grad()
@@ -91,7 +96,10 @@ def ddim(
     eta: float = 0.0,
 ) -> Tensor:
     """DDIM: Song et al. 2021, eq. 12 (deterministic for eta = 0, the probability-flow discretisation)."""
-    return _gaussian_loop("ddim_sample", process, model_fn, noise, model_kwargs, num_steps, progress, callback, clip_denoised=clip_denoised, denoised_fn=denoised_fn, eta=eta)
+    return _gaussian_loop(
+        "ddim_sample", process, model_fn, noise, model_kwargs, num_steps, progress, callback,
+        clip_denoised=clip_denoised, denoised_fn=denoised_fn, eta=eta,
+    )
 
 
 def _flow_time(step: int, num_steps: int, like: Tensor) -> Tensor:
