@@ -23,27 +23,28 @@ def _block_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated block indices such as 1,3,5, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected block indices such as 1,3,5, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(*_flag("ckpt"), required=True, help="dense checkpoint: official DiT .pt, train.py dict, export or DeepSpeed dir")
+    parser.add_argument(*_flag("ckpt"), required=True,
+                        help="dense checkpoint: official DiT .pt, train.py dict, export or DeepSpeed dir")
     parser.add_argument(*_flag("out"), required=True, help="output export, .pt or .safetensors (by suffix)")
     parser.add_argument(*_flag("model"), choices=sorted(DiT_models), metavar="NAME",
                         help=f"must match the checkpoint when given; one of {', '.join(sorted(DiT_models))}")
     parser.add_argument(*_flag("num-experts"), type=int, default=8)
     parser.add_argument(*_flag("num-experts-per-tok"), type=int, default=2, help="top-k, at least 2")
     parser.add_argument(*_flag("image-size"), type=int,
-                        help="pixels; checked against the file (input size = image size // 8 for 4-channel latent models)")
+                        help="pixels, checked against the file: input size = image size // 8 for 4-channel latents")
     parser.add_argument(*_flag("input-size"), type=int, help="model input side (latent size); checked against the file")
     parser.add_argument(*_flag("num-classes"), type=int, help="checked against the file")
-    parser.add_argument(*_flag("num-heads"), type=int, help="only for a non-preset width that the file does not describe")
+    parser.add_argument(*_flag("num-heads"), type=int, help="only for a non-preset width the file does not describe")
     blocks = parser.add_mutually_exclusive_group()
     blocks.add_argument(*_flag("moe-layers"), type=_block_list, help="blocks to upcycle, e.g. 1,3,5 (default: all)")
     blocks.add_argument(*_flag("moe-every"), type=int, help="upcycle every N-th block: 2 gives blocks 1,3,5,...")
     parser.add_argument(*_flag("expert-noise"), type=float, default=0.0,
-                        help="relative noise on each expert copy: W + sigma * std(W) * N(0,1) (default 0: exact copies)")
+                        help="relative noise per expert copy: W + sigma * std(W) * N(0,1); 0: exact copies")
     parser.add_argument(*_flag("router-init-std"), type=float, default=ROUTER_INIT_STD)
     parser.add_argument(*_flag("aux-loss-coef"), type=float, default=DEFAULT_AUX_LOSS_COEF)
     parser.add_argument(*_flag("seed"), type=int, default=0)

@@ -122,14 +122,15 @@ def upcycle_state_dict(
 
     `moe_layers`: block indices to upcycle (None: all); the others keep their dense `mlp`.
     Dense GELU MLPs become GELU experts (`expert_type="gelu"`), dense SwiGLU MLPs SwiGLU experts.
-    Every non-MLP tensor is passed through unchanged (the same tensor objects, never modified);
+    Every other tensor is passed through unchanged (the same tensor objects, never modified);
     all randomness comes from a generator seeded with `seed`. Returns (moe_config, moe_state).
     """
     _require_dense(dense_config, dense_state)
     _check_routing(num_experts, num_experts_per_tok)
     if expert_noise < 0 or router_init_std < 0:
         raise UpcycleError(
-            f"expert_noise={expert_noise} and router_init_std={router_init_std} must be >= 0; they are standard deviations."
+            f"expert_noise={expert_noise} and router_init_std={router_init_std} must be >= 0; "
+            "they are standard deviations."
         )
     depth, hidden = dense_config.depth, dense_config.hidden_size
     layers = list(range(depth)) if moe_layers is None else sorted({int(i) for i in moe_layers})
@@ -165,7 +166,8 @@ def upcycle_state_dict(
     generator = torch.Generator().manual_seed(seed)
     for i in layers:
         # fp32 like the router's numerics; load_state_dict copies into the model's dtype anyway.
-        moe_state[f"blocks.{i}.moe.gate.weight"] = router_init_std * torch.randn(num_experts, hidden, generator=generator)
+        router = torch.randn(num_experts, hidden, generator=generator)
+        moe_state[f"blocks.{i}.moe.gate.weight"] = router_init_std * router
     for i in layers:
         for stacked, suffix in layout.items():
             dense = dense_state[f"blocks.{i}.mlp.{suffix}"]
@@ -218,7 +220,8 @@ def _check_request(
         if model not in DiT_models:
             raise UpcycleError(f"Unknown --model {model!r}; choose one of {sorted(DiT_models)}.")
         if model != name:
-            held = name or f"a custom model (depth {config.depth}, width {config.hidden_size}, patch {config.patch_size})"
+            shape = f"depth {config.depth}, width {config.hidden_size}, patch {config.patch_size}"
+            held = name or f"a custom model ({shape})"
             fix = f"pass --model {name} or drop --model" if name else "drop --model"
             raise UpcycleError(f"--model {model} does not match {src}, which holds {held}; {fix}.")
     if image_size is not None:
