@@ -1,5 +1,6 @@
 """ADM sample-batch format: keys, dtypes, shapes, streaming readability, atomic writes, PNG folder assembly."""
 
+import io
 import zipfile
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dit_moe.evaluation.npz import npz_from_png_folder, png_name, read_npz, to_uint8_nhwc, write_npz, write_statistics
+from dit_moe.evaluation.npz import iter_npz_images, npz_from_png_folder, png_name, read_npz, to_uint8_nhwc, write_npz, write_statistics
 
 
 def _adm_stream_read(path, name):
@@ -76,3 +77,22 @@ def test_png_folder_assembles_in_index_order(tmp_path):
     assert list(batch.images[:, 0, 0, 0]) == [0, 10, 20]
     with pytest.raises(FileNotFoundError, match="lacks 1 of 4"):
         npz_from_png_folder(tmp_path, 4, tmp_path / "out.npz", progress=False)
+
+
+def test_streaming_reader_batches_and_detects_truncation(tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    path = write_npz(tmp_path / "s.npz", images)
+    batches = list(iter_npz_images(path, 2))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    np.testing.assert_array_equal(np.concatenate(batches), images)
+    assert read_npz(path, load_images=False).num_images == 5
+    with zipfile.ZipFile(tmp_path / "cut.npz", "w") as zf:
+        zf.writestr("arr_0.npy", _npy_bytes(images)[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        list(iter_npz_images(tmp_path / "cut.npz", 2))
+
+
+def _npy_bytes(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()

@@ -25,14 +25,14 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import scipy.linalg
 import torch
 from tqdm.auto import tqdm
 
-from .npz import read_npz, to_rgb, write_statistics
+from .npz import iter_npz_images, read_npz, to_rgb, write_statistics
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -127,9 +127,14 @@ class InceptionDetector:
     @torch.no_grad()
     def __call__(self, images: np.ndarray, batch_size: int = 64, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(pool features (N, D), class probabilities (N, K)) of uint8 NHWC images, float64."""
+        return self.embed((images[i : i + batch_size] for i in range(0, len(images), batch_size)), progress)
+
+    @torch.no_grad()
+    def embed(self, batches: Iterable[np.ndarray], progress: bool = False, total: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """`__call__` over an iterable of uint8 NHWC batches (two forwards each: features, then probabilities)."""
         features, probs = [], []
-        for start in tqdm(range(0, len(images), batch_size), desc="Inception features", disable=not progress):
-            batch = torch.from_numpy(to_rgb(images[start : start + batch_size])).permute(0, 3, 1, 2)  # NHWC -> NCHW
+        for images in tqdm(batches, desc="Inception features", total=total, disable=not progress):
+            batch = torch.from_numpy(to_rgb(images)).permute(0, 3, 1, 2)  # NHWC -> NCHW
             batch = batch.to(self.device)
             features.append(self.network(batch, return_features=True).double().cpu())
             probs.append(self.network(batch, no_output_bias=True).double().cpu())
@@ -160,10 +165,11 @@ class ImageSetFeatures:
 
 def npz_features(path: str | os.PathLike, detector: InceptionDetector, batch_size: int = 64, progress: bool = False) -> ImageSetFeatures:
     """Features of an `.npz`: stored `mu`/`sigma` are used for FID as ADM does; images (if any) are also embedded."""
-    batch = read_npz(path)
+    batch = read_npz(path, load_images=False)
     features = probs = None
-    if batch.images is not None:
-        features, probs = detector(batch.images, batch_size, progress)
+    if batch.num_images:
+        total = -(-batch.num_images // batch_size)
+        features, probs = detector.embed(iter_npz_images(path, batch_size), progress, total)
     stats = FeatureStatistics(batch.mu, batch.sigma) if batch.mu is not None else FeatureStatistics.of(features)
     return ImageSetFeatures(stats, features, probs)
 

@@ -13,10 +13,12 @@ uncompressed (`np.savez`), which the evaluator's streaming reader handles.
 
 from __future__ import annotations
 
+import math
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -33,10 +35,11 @@ SIGMA_KEY = "sigma"
 class NpzBatch:
     """What an ADM-style `.npz` holds: images and labels, and/or precomputed feature statistics."""
 
-    images: Optional[np.ndarray]  # uint8 (N, H, W, 3)
+    images: Optional[np.ndarray]  # uint8 (N, H, W, 3); None when absent or not loaded
     labels: Optional[np.ndarray]  # int64 (N,)
     mu: Optional[np.ndarray] = None  # (D,)
     sigma: Optional[np.ndarray] = None  # (D, D)
+    num_images: int = 0  # N, known without loading the images
 
 
 def to_uint8_nhwc(images: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -94,23 +97,60 @@ def write_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray)
     return path
 
 
-def read_npz(path: str | os.PathLike) -> NpzBatch:
-    """Read a sample batch or reference batch; labels may also be stored under "labels"."""
+def read_npz(path: str | os.PathLike, load_images: bool = True) -> NpzBatch:
+    """Read a sample or reference batch; labels may also be stored under "labels".
+
+    With `load_images=False` only labels, statistics and the image count are read
+    (stream the images with `iter_npz_images`: 50,000 256x256 samples are 10 GB).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass an .npz written by dit_moe.sample_many or the ADM tools.")
     with np.load(path) as data:
         keys = set(data.files)
-        images = data[IMAGES_KEY] if IMAGES_KEY in keys else None
         label_key = LABELS_KEY if LABELS_KEY in keys else "labels" if "labels" in keys else None
         labels = data[label_key].astype(np.int64) if label_key else None
         mu = data[MU_KEY] if MU_KEY in keys else None
         sigma = data[SIGMA_KEY] if SIGMA_KEY in keys else None
-    if images is None and mu is None:
+    if IMAGES_KEY not in keys and mu is None:
         raise ValueError(f"{path} holds neither images ({IMAGES_KEY}) nor statistics ({MU_KEY}/{SIGMA_KEY}); keys: {sorted(keys)}.")
-    if images is not None and (images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3):
-        raise ValueError(f"{path}: {IMAGES_KEY} must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}.")
-    return NpzBatch(images=images, labels=labels, mu=mu, sigma=sigma)
+    images, num_images = None, 0
+    if IMAGES_KEY in keys:
+        shape, dtype = _images_header(path)
+        num_images = shape[0]
+        if load_images:
+            images = next(iter_npz_images(path, num_images)) if num_images else np.zeros(shape, dtype)
+    return NpzBatch(images=images, labels=labels, mu=mu, sigma=sigma, num_images=num_images)
+
+
+def _read_header(arr_f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(arr_f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(arr_f)
+    return np.lib.format.read_array_header_2_0(arr_f)
+
+
+def _images_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    with zipfile.ZipFile(path) as zf, zf.open(f"{IMAGES_KEY}.npy") as arr_f:
+        shape, fortran, dtype = _read_header(arr_f)
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+        raise ValueError(f"{path}: {IMAGES_KEY} must be a C-ordered uint8 (N, H, W, 3) array, got {dtype} {shape}.")
+    return shape, dtype
+
+
+def iter_npz_images(path: str | os.PathLike, batch_size: int) -> Iterator[np.ndarray]:
+    """Stream `arr_0` in uint8 (B, H, W, 3) batches without holding the whole array (ADM's streaming reader)."""
+    path = Path(path)
+    shape, dtype = _images_header(path)
+    per_image = math.prod(shape[1:])
+    with zipfile.ZipFile(path) as zf, zf.open(f"{IMAGES_KEY}.npy") as arr_f:
+        _read_header(arr_f)
+        for start in range(0, shape[0], batch_size):
+            count = min(batch_size, shape[0] - start)
+            data = arr_f.read(count * per_image)
+            if len(data) != count * per_image:
+                raise ValueError(f"{path} is truncated: {IMAGES_KEY} ends before image {start + len(data) // per_image}.")
+            yield np.frombuffer(bytearray(data), dtype=dtype).reshape(count, *shape[1:])  # bytearray: writable for torch
 
 
 def png_name(index: int) -> str:
