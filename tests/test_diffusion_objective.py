@@ -38,6 +38,14 @@ def test_iddpm_loss_equals_training_losses_at_the_drawn_timesteps():
     assert torch.allclose(terms["loss"], reference["loss"]) and torch.allclose(terms["vb"], reference["vb"])
 
 
+def test_caller_drawn_timesteps_and_weights_are_used():
+    objective = build_objective("flow")
+    x0, noise = torch.randn(3, 2, 2, 2), torch.randn(3, 2, 2, 2)
+    t, weights = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([1.0, 2.0, 0.5])
+    terms = objective.loss(net(), x0, dict(y=torch.arange(3)), noise=noise, timesteps=(t, weights))
+    assert torch.equal(terms["t"], t) and torch.allclose(terms["loss"], weights * terms["mse"])
+
+
 def test_speedit_weights_apply_to_the_mse_term_only():
     objective = build_objective("iddpm", timestep_sampler="speedit")
     terms = objective.loss(net(), torch.randn(6, 2, 2, 2), dict(y=torch.arange(6)))

@@ -52,7 +52,7 @@ class Objective:
         ``timesteps`` = (t, weights) drawn beforehand with ``self.timesteps.sample`` lets a
         distributed trainer draw them for the whole global batch and hand each rank its slice.
         Returns (N,) tensors: "loss" (the sampler's weights applied: to the whole loss,
-        or to the mse term only when ``timesteps.weight_target == "mse"``), the unweighted
+        or to the mse term only when ``self.timesteps.weight_target == "mse"``), the unweighted
         "mse" (and "vb" for learned-variance IDDPM) for logging, and "t" (IDDPM: timestep
         index; flow: time in (0, 1)). Reduce "loss" with ``.mean()`` for the step.
         """
