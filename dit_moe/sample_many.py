@@ -131,6 +131,8 @@ def _sample_many(args: argparse.Namespace, context: DistributedContext) -> Optio
     codec = load_codec(args.vae_path, channels=model.config.in_channels).to(context.device)
     check_codec(model.config, codec)
     objective = build_sampling_objective(model.config, options)
+    if options.sampler is not None and options.sampler not in objective.samplers:
+        raise ValueError(f"--sampler {options.sampler} cannot sample {objective.description}; use {' or '.join(objective.samplers)}.")
     settings = dict(
         asdict(options), ckpt=str(Path(args.ckpt).resolve()), vae_path=str(args.vae_path), seed=args.seed,
         label_mode=args.label_mode, num_classes=model.config.num_classes, dtype=args.dtype,
@@ -184,7 +186,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
     args = build_parser().parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1:
         raise SystemExit(f"--num-samples and --batch-size must be positive, got {args.num_samples} and {args.batch_size}.")
-    return sample_many(args)
+    try:
+        return sample_many(args)
+    except (FileNotFoundError, ValueError) as err:  # bad checkpoint, VAE path, sampler or settings: one sentence
+        raise SystemExit(f"error: {err}") from err
 
 
 if __name__ == "__main__":

@@ -51,6 +51,14 @@ def test_noise_and_labels_depend_only_on_the_sample():
     assert len(set(random.tolist())) > 5
 
 
+def test_bad_input_stops_with_one_sentence(ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(_args(tmp_path / "missing.pt", tmp_path / "out"))
+    with pytest.raises(SystemExit, match="use ddpm or ddim"):
+        main(_args(ckpt, tmp_path / "out", "--objective", "iddpm", "--sampler", "euler"))
+    assert not (tmp_path / "out" / "sampling.json").exists()
+
+
 def test_shards_cover_every_index_once():
     shards = [shard_indices(11, r, 3) for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(11))
@@ -78,7 +86,7 @@ def test_resume_skips_existing_pngs(ckpt, single_run):
     second = read_npz(main(_args(ckpt, out, "--batch-size", "4")))
     np.testing.assert_array_equal(second.images[1], marker)
     np.testing.assert_array_equal(second.images[4], first.images[4])
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(SystemExit, match="other settings"):
         main(_args(ckpt, out, "--batch-size", "4", "--cfg-scale", "3.0"))
 
 
