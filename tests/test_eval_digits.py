@@ -11,8 +11,13 @@ from dit_moe.evaluation.npz import to_uint8_nhwc, write_npz
 
 
 @pytest.fixture(scope="module")
-def scorer(tmp_path_factory):
-    return DigitsScorer.fit(seed=0, cache_dir=tmp_path_factory.mktemp("digits_cache"))
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("digits_cache")
+
+
+@pytest.fixture(scope="module")
+def scorer(cache_dir):
+    return DigitsScorer.fit(seed=0, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +43,19 @@ def test_real_ranks_above_noise_and_shuffled_labels(scorer, heldout):
     assert real["n"] == len(y)
 
 
-def test_uint8_input_and_cache_give_the_same_scores(scorer, heldout, tmp_path_factory):
+def test_uint8_input_and_cache_give_the_same_scores(scorer, heldout, cache_dir):
     x, y = heldout
     from_float = scorer.score(torch.from_numpy(x[:50]), y[:50])
     from_uint8 = scorer.score(to_uint8_nhwc(x[:50]), y[:50])
     assert from_uint8["label_accuracy"] == pytest.approx(from_float["label_accuracy"], abs=0.05)
-    cache = next(tmp_path_factory.getbasetemp().glob("digits_cache*"))
-    cached = DigitsScorer.fit(seed=0, cache_dir=cache)
+    assert list(cache_dir.glob("*.npz"))
+    cached = DigitsScorer.fit(seed=0, cache_dir=cache_dir)
     assert cached.score(x[:50], y[:50]) == scorer.score(x[:50], y[:50])
 
 
-def test_digits_cli_scores_an_npz(scorer, heldout, tmp_path, tmp_path_factory):
+def test_digits_cli_scores_an_npz(scorer, heldout, tmp_path, cache_dir):
     x, y = heldout
     write_npz(tmp_path / "digits.npz", x, y)
-    cache = next(tmp_path_factory.getbasetemp().glob("digits_cache*"))
-    results = cli.main(["digits", "--samples", str(tmp_path / "digits.npz"), "--cache-dir", str(cache)])
+    results = cli.main(["digits", "--samples", str(tmp_path / "digits.npz"), "--cache-dir", str(cache_dir)])
     assert results["samples"]["label_accuracy"] > 0.9
     assert set(results["real_ceiling"]) == {"label_accuracy", "frechet_distance", "n"}
