@@ -153,7 +153,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> DiTCo
     values["qk_norm"] = q_norm is not None
     if q_norm is not None:
         values["num_heads"] = hidden // q_norm.shape[0]
-    elif "num_heads" not in overrides:
+    elif overrides.get("num_heads") is None:
         if hidden not in _HEADS_BY_WIDTH:
             raise CheckpointError(
                 f"Cannot infer the head count of a width-{hidden} model; pass num_heads=... to load_model."

@@ -141,10 +141,12 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)  # (N, c, h, p, w, p)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+              force_drop_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch tokens with positions (N, T, C) and the conditioning vector c = emb(t) + emb(y) (N, C)."""
         tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, C)
-        c = self.t_embedder(t).to(tokens.dtype) + self.y_embedder(y, self.training).to(tokens.dtype)
+        label_emb = self.y_embedder(y, self.training, force_drop_ids)
+        c = self.t_embedder(t).to(tokens.dtype) + label_emb.to(tokens.dtype)
         return tokens, c
 
     def run_blocks(self, tokens: torch.Tensor, c: torch.Tensor, blocks=None) -> tuple[torch.Tensor, AuxLosses]:
@@ -159,12 +161,15 @@ class DiT(nn.Module):
             add_aux(aux, block_aux)
         return tokens, aux
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_aux: bool = False):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_aux: bool = False,
+                force_drop_ids: torch.Tensor | None = None):
         """x (N, in_channels, H, W), t (N,) timesteps, y (N,) labels -> (N, out_channels, H, W).
 
         With `return_aux=True` also returns the dict of weighted MoE aux losses summed over layers.
+        `force_drop_ids` (N,) of 0/1 replaces the random label dropout (1: use the null class), so a
+        trainer can draw it reproducibly.
         """
-        tokens, c = self.embed(x, t, y)
+        tokens, c = self.embed(x, t, y, force_drop_ids)
         tokens, aux = self.run_blocks(tokens, c)
         out = self.unpatchify(self.final_layer(tokens, c))  # (N, out_channels, H, W)
         return (out, aux) if return_aux else out

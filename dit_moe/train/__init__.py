@@ -1,0 +1,1 @@
+"""Training: typed experiment configs, the DeepSpeed engine wrapper, the loop and its metrics."""

@@ -1,0 +1,250 @@
+"""Experiment configuration: dataclasses loaded from YAML, overridden from the command line.
+
+Every field of every section is also a command-line flag (`--num-experts` and `--num_experts`
+both work); DiT-MoE's flags keep their meaning, with two fixes: booleans parse as booleans
+(`--rf False` is False) and `--train_batch_size` is, as in DiT-MoE, the per-GPU micro batch.
+The DeepSpeed JSON holds engine settings (ZeRO stage, precision, optimizer); batch sizes come
+from here and are reconciled once with the world size (`BatchPlan`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ..data import DataConfig
+from ..models import DiT_models
+
+
+@dataclass
+class ModelSection:
+    model: str = "DiT-S/2"                    # registry name, e.g. "DiT-XL/2"; "DiT-T/2" for laptops
+    num_experts: int = 8                      # 0: dense DiT
+    num_experts_per_tok: int = 2
+    n_shared_experts: int = 2                 # DiT-MoE: one shared SwiGLU expert of width 2 * hidden
+    expert_type: str = "swiglu"
+    moe_layers: Optional[list[int]] = None    # None: every block is MoE
+    norm_topk_prob: bool = False
+    aux_loss_coef: float = 0.01
+    aux_loss_per_sample: bool = False
+    z_loss_coef: float = 0.0
+    capacity_factor: Optional[float] = None   # None: dropless
+    qk_norm: bool = False
+    attn_backend: str = "sdpa"
+    grad_checkpointing: bool = False
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    init_from: Optional[str] = None           # weights to start from (export, upcycled model, DiT .pt)
+
+    def __post_init__(self) -> None:
+        if self.model not in DiT_models:
+            raise ValueError(f"Unknown --model {self.model!r}; choose one of {sorted(DiT_models)}.")
+
+
+@dataclass
+class ObjectiveSection:
+    objective: str = "iddpm"                  # "iddpm" (DiT) or "flow" (rectified flow, DiT-MoE's --rf True)
+    noise_schedule: str = "linear"
+    diffusion_steps: int = 1000
+    timestep_sampler: str = "auto"            # auto: uniform (iddpm) / logit-normal (flow); or speedit, ...
+    flow_t_scale: float = 1.0                 # DiT-MoE feeds raw t in (0, 1); 1000 matches the embedder range
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("iddpm", "flow"):
+            raise ValueError(f"--objective must be 'iddpm' or 'flow', got {self.objective!r}.")
+
+
+@dataclass
+class RunSection:
+    deepspeed_config: str = "config/zero2.json"
+    precision: str = "auto"                   # auto: the DeepSpeed config's on GPU, fp32 on CPU; fp32|bf16|fp16
+    global_batch_size: Optional[int] = None   # micro x accumulation x world size
+    micro_batch_size: Optional[int] = None    # per process; DiT-MoE's --train_batch_size
+    grad_accum_steps: Optional[int] = None
+    lr: Optional[float] = None                # overrides the DeepSpeed config's optimizer lr
+    max_steps: Optional[int] = None           # optimizer steps; takes precedence over epochs
+    epochs: int = 1400
+    log_every: int = 100
+    ckpt_every: int = 10_000
+    keep_last: int = 3                        # checkpoints kept on disk
+    ema_decay: float = 0.9999
+    seed: int = 0
+    results_dir: str = "results"
+    resume: Optional[str] = None              # "auto": latest checkpoint in results_dir; or a checkpoint dir
+    export_format: str = "safetensors"        # "safetensors" | "pt"
+    export_only: bool = False                 # load --resume, write the export, exit
+    ep_size: int = 1                          # expert-parallel group size
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}.")
+        if self.export_format not in ("safetensors", "pt"):
+            raise ValueError(f"--export-format must be 'safetensors' or 'pt', got {self.export_format!r}.")
+        for name in ("log_every", "ckpt_every", "keep_last", "ep_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS = {"model": ModelSection, "data": DataConfig, "objective": ObjectiveSection, "run": RunSection}
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {text!r}")
+
+
+def _parse_int_list(text: str) -> Optional[list[int]]:
+    if text.strip().lower() in ("", "none", "all"):
+        return None
+    return [int(part) for part in text.replace(" ", "").split(",") if part]
+
+
+def _field_parser(annotation: Any):
+    """argparse `type=` for a dataclass field annotation (resolved type hints)."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        inner = _field_parser(args[0])
+        if args[0] is str:
+            return str  # "none" is a meaningful string (e.g. --vae-path none), not a missing value
+
+        def optional(text: str):
+            return None if text.strip().lower() == "none" else inner(text)
+
+        return optional
+    if annotation is bool:
+        return _parse_bool
+    if origin is list:
+        return _parse_int_list
+    return annotation
+
+
+def _flag_names(name: str) -> list[str]:
+    dashed = name.replace("_", "-")
+    return [f"--{name}"] if dashed == name else [f"--{dashed}", f"--{name}"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a DiT / DiT-MoE with DeepSpeed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", help="experiment YAML (sections model/data/objective/run); flags override it")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            group.add_argument(
+                *_flag_names(f.name), dest=f"{section}.{f.name}", type=_field_parser(hints[f.name]),
+                default=argparse.SUPPRESS, metavar=f.name.upper(),
+            )
+    aliases = parser.add_argument_group("DiT-MoE spellings")
+    aliases.add_argument("--train_batch_size", "--train-batch-size", dest="run.micro_batch_size", type=int,
+                         default=argparse.SUPPRESS, help="per-process micro batch (DiT-MoE's meaning)")
+    aliases.add_argument("--global-seed", "--global_seed", dest="run.seed", type=int, default=argparse.SUPPRESS)
+    aliases.add_argument("--rf", dest="rf", type=_parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
+                         help="rectified flow (same as --objective flow); --rf False keeps IDDPM")
+    return parser
+
+
+def _check_keys(cls: type, values: dict[str, Any], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; valid keys are {sorted(known)}.")
+
+
+def load_config(argv: Optional[list[str]] = None) -> TrainConfig:
+    """Defaults <- YAML (--config) <- command-line flags; each section is built (and validated) once."""
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    if args.get("config"):
+        raw = yaml.safe_load(Path(args["config"]).read_text()) or {}
+        unknown = sorted(set(raw) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"{args['config']}: unknown sections {unknown}; use {sorted(SECTIONS)}.")
+        for name, section_values in raw.items():
+            _check_keys(SECTIONS[name], section_values or {}, f"{args['config']} [{name}]")
+            values[name].update(section_values or {})
+    for dest, value in args.items():
+        if "." in dest:
+            section, key = dest.split(".", 1)
+            values[section][key] = value
+    if "rf" in args:
+        values["objective"]["objective"] = "flow" if args["rf"] else "iddpm"
+    return TrainConfig(**{name: SECTIONS[name](**values[name]) for name in SECTIONS})
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """micro_batch x grad_accum x world_size == global_batch, reconciled once at start-up."""
+
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    @classmethod
+    def resolve(cls, run: RunSection, world_size: int, ds_config: dict[str, Any]) -> "BatchPlan":
+        """Fill in whichever of micro/accum/global is missing (from flags, then the DeepSpeed JSON)."""
+        micro = run.micro_batch_size or ds_config.get("train_micro_batch_size_per_gpu")
+        accum = run.grad_accum_steps or ds_config.get("gradient_accumulation_steps")
+        total = run.global_batch_size or ds_config.get("train_batch_size")
+        if micro is None and total is None:
+            raise ValueError("Set a batch size: --global-batch-size N or --train_batch_size N (per process).")
+        if micro is None:
+            accum = accum or 1
+            if total % (accum * world_size):
+                raise ValueError(
+                    f"Global batch {total} is not divisible by grad accumulation {accum} x world size {world_size}; "
+                    f"choose a global batch that is a multiple of {accum * world_size}."
+                )
+            micro = total // (accum * world_size)
+        elif accum is None:
+            if total is None:
+                accum = 1
+            elif total % (micro * world_size):
+                raise ValueError(
+                    f"Global batch {total} is not divisible by micro batch {micro} x world size {world_size}; "
+                    f"choose a global batch that is a multiple of {micro * world_size}."
+                )
+            else:
+                accum = total // (micro * world_size)
+        plan = cls(int(micro), int(accum), world_size)
+        if total is not None and plan.global_batch != total:
+            raise ValueError(
+                f"Batch sizes disagree: micro batch {micro} x grad accumulation {accum} x world size {world_size} "
+                f"= {plan.global_batch}, but the global batch is {total}."
+            )
+        if plan.micro_batch < 1 or plan.grad_accum < 1:
+            raise ValueError(f"Global batch {total} is too small for world size {world_size}.")
+        return plan

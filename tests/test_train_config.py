@@ -1,0 +1,77 @@
+"""Trainer configuration: DiT-MoE flags, spellings, booleans, YAML + overrides, batch reconciliation."""
+
+import pytest
+
+from dit_moe.train.config import BatchPlan, RunSection, load_config
+
+DIGITS = ["--dataset", "digits"]
+
+
+def test_dit_moe_readme_flags_parse_with_both_spellings():
+    cfg = load_config([
+        "--deepspeed_config", "config/zero2.json", "--model", "DiT-S/2", "--num_experts", "8",
+        "--num-experts-per-tok", "2", "--data-path", "/data", "--vae-path", "/vae", "--image-size", "256",
+        "--train_batch_size", "32", "--rf", "True", "--dataset", "folder", "--global_seed", "7",
+        "--ckpt-every", "500", "--log_every", "10", "--results_dir", "out", "--epochs", "3",
+    ])
+    assert cfg.run.deepspeed_config == "config/zero2.json" and cfg.model.model == "DiT-S/2"
+    assert (cfg.model.num_experts, cfg.model.num_experts_per_tok) == (8, 2)
+    assert (cfg.data.data_path, cfg.data.vae_path, cfg.data.image_size) == ("/data", "/vae", 256)
+    assert cfg.run.micro_batch_size == 32 and cfg.run.seed == 7
+    assert cfg.objective.objective == "flow"
+    assert (cfg.run.ckpt_every, cfg.run.log_every, cfg.run.results_dir, cfg.run.epochs) == (500, 10, "out", 3)
+
+
+@pytest.mark.parametrize("text,expected", [("False", "iddpm"), ("false", "iddpm"), ("0", "iddpm"), ("True", "flow")])
+def test_rf_is_a_real_boolean(text, expected):
+    assert load_config(DIGITS + ["--rf", text]).objective.objective == expected
+
+
+def test_boolean_and_optional_fields():
+    cfg = load_config(DIGITS + ["--grad-checkpointing", "true", "--capacity-factor", "none", "--moe-layers", "1,3"])
+    assert cfg.model.grad_checkpointing is True and cfg.model.capacity_factor is None
+    assert cfg.model.moe_layers == [1, 3]
+    with pytest.raises(SystemExit):
+        load_config(DIGITS + ["--grad-checkpointing", "maybe"])
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("model:\n  model: DiT-B/4\n  num_experts: 16\nrun:\n  max_steps: 9\n  ema_decay: 0.99\n")
+    cfg = load_config(["--config", str(path), "--num-experts", "4"] + DIGITS)
+    assert cfg.model.model == "DiT-B/4" and cfg.model.num_experts == 4
+    assert cfg.run.max_steps == 9 and cfg.run.ema_decay == 0.99
+    path.write_text("model:\n  nmu_experts: 4\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_config(["--config", str(path)])
+
+
+def test_validation_messages():
+    with pytest.raises(ValueError, match="Unknown --model"):
+        load_config(DIGITS + ["--model", "DiT-Q/2"])
+    with pytest.raises(ValueError, match="--data-path"):
+        load_config(["--dataset", "folder", "--vae-path", "/vae"])
+    with pytest.raises(ValueError, match="--vae-path"):
+        load_config(["--dataset", "folder", "--data-path", "/data"])
+
+
+def _run(**kw):
+    return RunSection(**kw)
+
+
+def test_batch_plan_reconciles_and_names_the_numbers():
+    plan = BatchPlan.resolve(_run(global_batch_size=256), world_size=8, ds_config={})
+    assert (plan.micro_batch, plan.grad_accum, plan.global_batch) == (32, 1, 256)
+    plan = BatchPlan.resolve(_run(micro_batch_size=4, global_batch_size=64), world_size=2, ds_config={})
+    assert (plan.micro_batch, plan.grad_accum) == (4, 8)
+    plan = BatchPlan.resolve(_run(micro_batch_size=4), world_size=2, ds_config={})
+    assert plan.global_batch == 8
+    # DiT-MoE's JSON carries train_batch_size=256 and accumulation 1
+    legacy = {"train_micro_batch_size_per_gpu": 32, "train_batch_size": 256, "gradient_accumulation_steps": 1}
+    assert BatchPlan.resolve(_run(), world_size=8, ds_config=legacy).global_batch == 256
+    with pytest.raises(ValueError, match=r"micro batch 32 x grad accumulation 1 x world size 1 = 32.*256"):
+        BatchPlan.resolve(_run(), world_size=1, ds_config=legacy)
+    with pytest.raises(ValueError, match=r"Global batch 10 is not divisible by micro batch 3 x world size 2"):
+        BatchPlan.resolve(_run(micro_batch_size=3, global_batch_size=10), world_size=2, ds_config={})
+    with pytest.raises(ValueError, match="Set a batch size"):
+        BatchPlan.resolve(_run(), world_size=1, ds_config={})

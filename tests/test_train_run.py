@@ -1,0 +1,116 @@
+"""The DeepSpeed trainer on one CPU process: a short run, exact resume, crash safety, preemption, errors."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from dit_moe.checkpoint import load_model
+from dit_moe.train.engine import COMPLETE_MARKER, latest_complete_tag
+from trainer_runs import REPO, env, losses, run_train, train_cmd
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """4 uninterrupted steps, checkpoints every 2."""
+    out = tmp_path_factory.mktemp("reference")
+    run_train(out, "--global-batch-size", "8", "--max-steps", "4", "--ckpt-every", "2")
+    return out
+
+
+def test_short_run_writes_metrics_curve_checkpoints_and_export(reference_run):
+    out = reference_run
+    records = losses(out)
+    assert sorted(records) == [1, 2, 3, 4] and all(0 < v < 10 for v in records.values())
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert (out / "config.yaml").is_file() and any((out / "tensorboard").iterdir())
+    ckpts = out / "checkpoints"
+    assert latest_complete_tag(ckpts) == "step0000004" and (ckpts / "step0000002" / COMPLETE_MARKER).is_file()
+    model = load_model(out / "export.safetensors")
+    assert model.config.num_experts == 4 and model.config.input_size == 8 and model.config.num_classes == 10
+    from_dir = load_model(ckpts)  # the checkpoint directory itself loads too (EMA weights)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 999]), torch.tensor([0, 9])
+    torch.testing.assert_close(from_dir(x, t, y), model(x, t, y))
+    raw = load_model(out / "export.safetensors", prefer_ema=False)
+    assert not torch.equal(raw.final_layer.linear.weight, model.final_layer.linear.weight)  # EMA != weights
+
+
+def test_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path):
+    run_train(tmp_path, "--global-batch-size", "8", "--max-steps", "2", "--ckpt-every", "2")
+    run_train(tmp_path, "--global-batch-size", "8", "--max-steps", "4", "--ckpt-every", "2", "--resume", "auto")
+    expected, got = losses(reference_run), losses(tmp_path)
+    assert got[3] == expected[3] and got[4] == expected[4]  # bitwise equal in fp32 on the CPU
+    resumed = load_model(tmp_path / "export.safetensors")
+    reference = load_model(reference_run / "export.safetensors")
+    for (name, a), b in zip(resumed.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
+    """kill -9 while checkpoints are being written every step, then resume."""
+    proc = subprocess.Popen(train_cmd(tmp_path, "--global-batch-size", "8", "--max-steps", "200",
+                                      "--ckpt-every", "1", "--keep-last", "2"),
+                            cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(ckpts.glob(f"*/{COMPLETE_MARKER}"))) < 2:
+        time.sleep(0.2)
+    time.sleep(0.37)  # land somewhere inside the next save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    tag = latest_complete_tag(ckpts)
+    assert tag is not None
+    load_model(ckpts / tag)
+    step = int(tag.removeprefix("step"))
+    run_train(tmp_path, "--global-batch-size", "8", "--max-steps", str(step + 1), "--resume", "auto")
+    assert (ckpts / f"step{step + 1:07d}" / COMPLETE_MARKER).is_file()
+
+
+def test_incomplete_tag_is_skipped(reference_run, tmp_path):
+    import shutil
+
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(reference_run / "checkpoints", ckpts)
+    (ckpts / "step0000004" / COMPLETE_MARKER).unlink()  # as if killed mid-write
+    (ckpts / "step0000004" / "mp_rank_00_model_states.pt").write_bytes(b"trunc")
+    assert latest_complete_tag(ckpts) == "step0000002"
+    run_train(tmp_path, "--global-batch-size", "8", "--max-steps", "4", "--ckpt-every", "2", "--resume", "auto")
+    assert losses(tmp_path)[4] == losses(reference_run)[4]
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen(train_cmd(tmp_path, "--global-batch-size", "8", "--max-steps", "500",
+                                      "--ckpt-every", "1000"),
+                            cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    tag = latest_complete_tag(tmp_path / "checkpoints")
+    assert tag is not None and int(tag.removeprefix("step")) < 500
+    assert not (tmp_path / "export.safetensors").exists()  # an unfinished run is not exported
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--global-batch-size", "10", "--train_batch_size", "3"], "Global batch 10 is not divisible by micro batch 3"),
+    (["--dataset", "folder", "--data-path", "/nonexistent/images", "--vae-path", "none"], "/nonexistent/images"),
+    (["--dataset", "folder", "--data-path", "{tmp}", "--vae-path", "/nonexistent/vae"], "/nonexistent/vae"),
+    (["--global-batch-size", "8", "--deepspeed_config", "config/zero9.json"], "config/zero9.json does not exist"),
+])
+def test_bad_input_gives_one_line_error(tmp_path, args, message):
+    (tmp_path / "cls0").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "cls0" / "a.png")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = run_train(tmp_path / "out", "--max-steps", "1", *args, check=False)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,48 @@
+"""Run the trainer in a subprocess (DeepSpeed initialises torch.distributed once per process)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "DiT-T/2", "--num_experts", "4", "--num_experts_per_tok", "2", "--dataset", "digits",
+        "--image-size", "8", "--log-every", "1"]
+
+
+def env() -> dict:
+    out = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        out.pop(key, None)
+    return out
+
+
+def train_cmd(results_dir, *args, zero="zero2", launcher=None):
+    base = ["train_deepspeed.py", "--deepspeed_config", f"config/{zero}.json", *TINY, "--results-dir",
+            str(results_dir), *args]
+    if launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                "--master_port", str(_port()), *base]
+    return [sys.executable, *base]
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_train(results_dir, *args, zero="zero2", launcher=None, check=True, timeout=600):
+    proc = subprocess.run(train_cmd(results_dir, *args, zero=zero, launcher=launcher), cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def losses(results_dir) -> dict[int, float]:
+    lines = (Path(results_dir) / "metrics.jsonl").read_text().splitlines()
+    return {rec["step"]: rec["loss"] for rec in map(json.loads, lines)}
