@@ -101,7 +101,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     (["--global-batch-size", "10", "--train_batch_size", "3"], "Global batch 10 is not divisible by micro batch 3"),
     (["--dataset", "folder", "--data-path", "/nonexistent/images", "--vae-path", "none"], "/nonexistent/images"),
     (["--dataset", "folder", "--data-path", "{tmp}", "--vae-path", "/nonexistent/vae"], "/nonexistent/vae"),
-    (["--global-batch-size", "8", "--deepspeed_config", "config/zero9.json"], "config/zero9.json does not exist"),
+    (["--deepspeed_config", "config/zero9.json"], "config/zero9.json does not exist"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, args, message):
     (tmp_path / "cls0").mkdir()
@@ -109,7 +109,7 @@ def test_bad_input_gives_one_line_error(tmp_path, args, message):
 
     Image.new("RGB", (8, 8)).save(tmp_path / "cls0" / "a.png")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    proc = run_train(tmp_path / "out", "--max-steps", "1", *args, check=False)
+    proc = run_train(tmp_path / "out", "--max-steps", "1", "--global-batch-size", "8", *args, check=False)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]

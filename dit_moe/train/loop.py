@@ -198,6 +198,7 @@ def _setup_logging(results_dir: Path, rank: int) -> None:
 
 def train(cfg: TrainConfig) -> Optional[Path]:
     """Run (or resume) training as configured; returns the export path on rank 0."""
+    cfg.data.check()  # paths first: a missing folder or VAE should not wait for process-group start-up
     rank, _local_rank, world_size, device = engine_lib.init_distributed()
     results_dir = Path(cfg.run.results_dir)
     checkpoint_dir = results_dir / "checkpoints"
@@ -214,7 +215,6 @@ def train(cfg: TrainConfig) -> Optional[Path]:
         ds_config.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = cfg.run.lr
     precision = apply_precision(ds_config, cfg.run.precision, device)
 
-    cfg.data.check()
     loader = build_train_loader(cfg.data, rank, world_size, plan.micro_batch, cfg.run.seed)
     codec = build_codec(cfg.data).to(device) if loader.needs_encoding else None
     model_config = build_model_config(cfg, loader.input_channels, loader.input_size, loader.num_classes)
