@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -97,11 +97,14 @@ def sample_images(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     objective: Optional[Objective] = None,
+    callback: Optional[Callable[[dict], None]] = None,
 ) -> torch.Tensor:
     """Images (N, C, H, W), float32 in [-1, 1] on the CPU, for one label and one seed per sample.
 
     `model` and `codec` must already be on `device`. `dtype` other than float32 runs the model
     (not the sampler's arithmetic) under autocast. `objective` defaults to the model's own.
+    `callback` is handed to the sampler, which calls it at the start of every step (see
+    dit_moe.diffusion.samplers); the routing recorder tags forwards with it.
     """
     config = model.config
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
@@ -117,7 +120,8 @@ def sample_images(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
         torch.manual_seed(int(seeds[0]))  # CPU and CUDA step noise of stochastic samplers; see the module docstring
         latents = objective.sample(
-            model_fn, noise, dict(y=labels.to(device)), sampler=options.sampler, num_steps=options.num_steps, progress=progress
+            model_fn, noise, dict(y=labels.to(device)), sampler=options.sampler, num_steps=options.num_steps, progress=progress,
+            callback=callback,
         )
         images = codec.decode(latents.float())
     return images.float().clamp(-1, 1).cpu()
