@@ -3,15 +3,12 @@ that `sample.py` (image grids), `dit_moe.sample_many` (FID batches) and the trai
 
     images = sample_images(model, codec, labels, seeds, SamplingOptions(sampler="euler", cfg_scale=1.5))
 
-Reproducibility (EDM's `StackedRandomGenerator` idea): the initial noise of a sample is
-drawn from its own CPU generator seeded with its seed, so it depends on that seed alone,
-never on the batch it shares, the rank that draws it or the device. Deterministic samplers
-(DDIM with eta = 0, Euler, Heun) therefore give the same image for any world size and
-batch size, up to floating-point differences of batched kernels. The stochastic ones
-(DDPM, DDIM with eta > 0) also draw noise at every step from the torch generator inside
-the diffusion package, which takes no per-sample generator; that generator is seeded per
-batch with the batch's first seed, so such runs repeat exactly with the same batch size
-and world size only.
+Reproducibility (EDM's `StackedRandomGenerator`): every sample owns a CPU generator seeded
+with its seed, which draws its initial noise and then, for the stochastic samplers (DDPM,
+DDIM with eta > 0), its noise at every step. A sample's image therefore depends on its
+seed, label and settings alone, never on the batch it shares, the rank that draws it or
+the device, for every sampler: the same for any world size and batch size, up to
+floating-point differences of batched kernels.
 """
 
 from __future__ import annotations
@@ -56,9 +53,34 @@ def build_sampling_objective(config: DiTConfig, options: SamplingOptions) -> Obj
     )
 
 
+class StackedRandomGenerator:
+    """One CPU generator per sample (EDM's `StackedRandomGenerator`): row i of every draw comes
+    from generator i, seeded with seeds[i], so it is the same whatever else is in the batch.
+
+    Draws happen on the CPU and are then moved, so they are also the same on every device.
+    """
+
+    def __init__(self, seeds: Sequence[int]):
+        self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+    def randn(self, shape: Sequence[int], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Standard normal (N, *shape): the next draw of each sample's generator."""
+        rows = [torch.randn(tuple(shape), generator=generator) for generator in self.generators]
+        return torch.stack(rows).to(device=device, dtype=dtype)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard normal shaped, placed and typed like x (N, ...); a sampler's `noise_fn`."""
+        if x.shape[0] != len(self.generators):
+            raise ValueError(f"Batch of {x.shape[0]} samples for {len(self.generators)} generators.")
+        return self.randn(x.shape[1:], device=x.device, dtype=x.dtype)
+
+
 def per_sample_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
-    """Standard normal noise (N, *shape), float32 on the CPU; row i depends only on seeds[i]."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed))) for seed in seeds])
+    """Standard normal noise (N, *shape), float32 on the CPU; row i depends only on seeds[i].
+
+    It is the first draw of `StackedRandomGenerator(seeds)`, i.e. the initial noise `sample_images` uses.
+    """
+    return StackedRandomGenerator(seeds).randn(shape)
 
 
 def sample_labels(indices: Sequence[int], num_classes: int, seed: int = 0, mode: str = "cycle") -> np.ndarray:
@@ -115,13 +137,13 @@ def sample_images(
     options = options or SamplingOptions()
     objective = objective or build_sampling_objective(config, options)
     model_fn = guided(model, options.cfg_scale, null_label=config.num_classes, cfg_channels=options.cfg_channels)
-    noise = per_sample_noise(seeds, latent_shape(config)).to(device)
+    rng = StackedRandomGenerator(seeds)
+    noise = rng.randn(latent_shape(config), device=device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
-        torch.manual_seed(int(seeds[0]))  # CPU and CUDA step noise of stochastic samplers; see the module docstring
+    with autocast:
         latents = objective.sample(
             model_fn, noise, dict(y=labels.to(device)), sampler=options.sampler, num_steps=options.num_steps, progress=progress,
-            callback=callback,
+            callback=callback, noise_fn=rng.randn_like,
         )
         images = codec.decode(latents.float())
     return images.float().clamp(-1, 1).cpu()

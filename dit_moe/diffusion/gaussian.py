@@ -331,11 +331,16 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
         model_kwargs: dict | None = None,
+        noise_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (DDPM Algorithm 2, line 4); no noise at t = 0."""
+        """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (DDPM Algorithm 2, line 4); no noise at t = 0.
+
+        ``noise_fn(x)`` draws the step's eps like x (default ``torch.randn_like``); pass
+        per-sample generators through it to make a sample independent of its batch.
+        """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # (N,) -> (N, 1, ..., 1)
-        sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * torch.randn_like(x)
+        sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * (noise_fn or torch.randn_like)(x)
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample(
@@ -347,8 +352,12 @@ class GaussianDiffusion:
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
         model_kwargs: dict | None = None,
         eta: float = 0.0,
+        noise_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12 with sigma from eq. 16 times eta)."""
+        """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12 with sigma from eq. 16 times eta).
+
+        ``noise_fn`` as in ``p_sample``; with eta = 0 the noise is multiplied by zero.
+        """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         # eps is re-derived from the (possibly clipped) x_0 prediction, as DiT does.
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
@@ -357,7 +366,7 @@ class GaussianDiffusion:
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         mean = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # (N,) -> (N, 1, ..., 1)
-        sample = mean + nonzero * sigma * torch.randn_like(x)
+        sample = mean + nonzero * sigma * (noise_fn or torch.randn_like)(x)
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def p_sample_loop(
@@ -372,14 +381,18 @@ class GaussianDiffusion:
         device: torch.device | str | None = None,
         progress: bool = False,
         callback: Callable[[dict], None] | None = None,
+        noise_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
-        """Ancestral sampling over every step of this process, from ``noise`` (or fresh N(0, I) of ``shape``)."""
+        """Ancestral sampling over every step of this process, from ``noise`` (or fresh N(0, I) of ``shape``).
+
+        ``noise_fn`` draws each step's eps (see ``p_sample``).
+        """
         from .samplers import ddpm
 
         x_T = _initial_noise(shape, noise, device)
         return ddpm(
             self, model, x_T, model_kwargs=model_kwargs, progress=progress, callback=callback,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, noise_fn=noise_fn,
         )
 
     def ddim_sample_loop(
@@ -395,14 +408,18 @@ class GaussianDiffusion:
         progress: bool = False,
         eta: float = 0.0,
         callback: Callable[[dict], None] | None = None,
+        noise_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
-        """DDIM sampling over every step of this process; eta = 0 is deterministic, eta = 1 is DDPM-like."""
+        """DDIM sampling over every step of this process; eta = 0 is deterministic, eta = 1 is DDPM-like.
+
+        ``noise_fn`` draws each step's eps when eta > 0 (see ``p_sample``).
+        """
         from .samplers import ddim
 
         x_T = _initial_noise(shape, noise, device)
         return ddim(
             self, model, x_T, model_kwargs=model_kwargs, progress=progress, callback=callback,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, eta=eta,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, eta=eta, noise_fn=noise_fn,
         )
 
     def vb_terms_bpd(self, output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor) -> Tensor:

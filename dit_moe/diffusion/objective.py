@@ -74,11 +74,13 @@ class Objective:
         num_steps: int | None = None,
         progress: bool = False,
         callback: Callable[[dict], None] | None = None,
+        noise_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Integrate from ``noise`` to data with ``sampler`` (default: the first in ``self.samplers``).
 
         ``num_steps`` None means ``default_num_steps``. ``callback`` gets a dict per step
-        (see samplers.py). Pass ``guided(model_fn, ...)`` as ``model_fn`` for CFG.
+        and ``noise_fn`` draws the step noise of stochastic samplers (see samplers.py).
+        Pass ``guided(model_fn, ...)`` as ``model_fn`` for CFG.
         """
         sampler = sampler or self.samplers[0]
         if sampler not in self.samplers:
@@ -94,6 +96,7 @@ class Objective:
             num_steps=num_steps or self.default_num_steps,
             progress=progress,
             callback=callback,
+            noise_fn=noise_fn,
         )
 
 

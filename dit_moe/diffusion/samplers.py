@@ -1,7 +1,7 @@
 """Samplers: one function per algorithm, all with one signature.
 
     sampler(process, model_fn, noise, *, model_kwargs=None, num_steps=None,
-            progress=False, callback=None, **options) -> x_0
+            progress=False, callback=None, noise_fn=None, **options) -> x_0
 
 ``process`` is what the model was trained with: a ``GaussianDiffusion`` for "ddpm" and
 "ddim" (num_steps respaces it as DiT's sample.py does, "250" style; None keeps its own
@@ -14,6 +14,11 @@ evaluated there, with a dict: "step" (0-based), "num_steps", "t" (the timestep t
 is about to see: the original-process index for IDDPM, t in (0, 1] for flow before
 t_scale) and "x" (the current x_t). A routing recorder uses it to tag what the
 following forwards route.
+
+``noise_fn(x)``, when given, draws the per-step noise of the stochastic samplers (ddpm,
+ddim with eta > 0) as a tensor like x, in place of ``torch.randn_like``; per-sample
+generators behind it make a sample independent of the batch it is drawn in. The ODE
+samplers (euler, heun) take it for the common signature and draw no noise.
 """
 
 from collections.abc import Callable, Iterable
@@ -73,11 +78,12 @@ def ddpm(
     callback: Callable[[dict], None] | None = None,
     clip_denoised: bool = False,
     denoised_fn: Callable[[Tensor], Tensor] | None = None,
+    noise_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Ancestral sampling: Ho et al. 2020 "DDPM", Algorithm 2, with IDDPM's learned variances."""
     return _gaussian_loop(
         "p_sample", process, model_fn, noise, model_kwargs, num_steps, progress, callback,
-        clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+        clip_denoised=clip_denoised, denoised_fn=denoised_fn, noise_fn=noise_fn,
     )
 
 
@@ -94,11 +100,12 @@ def ddim(
     clip_denoised: bool = False,
     denoised_fn: Callable[[Tensor], Tensor] | None = None,
     eta: float = 0.0,
+    noise_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """DDIM: Song et al. 2021, eq. 12 (deterministic for eta = 0, the probability-flow discretisation)."""
     return _gaussian_loop(
         "ddim_sample", process, model_fn, noise, model_kwargs, num_steps, progress, callback,
-        clip_denoised=clip_denoised, denoised_fn=denoised_fn, eta=eta,
+        clip_denoised=clip_denoised, denoised_fn=denoised_fn, eta=eta, noise_fn=noise_fn,
     )
 
 
@@ -117,6 +124,7 @@ def euler(
     num_steps: int | None = None,
     progress: bool = False,
     callback: Callable[[dict], None] | None = None,
+    noise_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Euler's method on the flow ODE dx/dt = v(x, t) from t = 1 to 0 (Liu et al. 2022, eq. 1; DiT-MoE's sampler).
 
@@ -143,6 +151,7 @@ def heun(
     num_steps: int | None = None,
     progress: bool = False,
     callback: Callable[[dict], None] | None = None,
+    noise_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Heun's 2nd-order method on the flow ODE (Karras et al. 2022 "EDM", Algorithm 1 with no churn).
 
