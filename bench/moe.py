@@ -6,14 +6,18 @@ For DiT-MoE-S (C=384) and -B (C=768) widths, 8 experts, top-2, one shared expert
   ours       MoEFeedForward (loop path on CPU/fp32; grouped GEMM where "auto" picks it)
   ours-gmm   MoEFeedForward with grouped_gemm="on" (torch._grouped_mm), where available
   mask-loop  feizc/DiT-MoE's training path: repeat_interleave the tokens, then
-             `y[idx == e] = expert_e(x[idx == e])` per expert (its MoeMLP with pretraining_tp=1)
+             `y[idx == e] = expert_e(x[idx == e])` per expert, with its MoeMLP as written
+             (projections split in pretraining_tp=2 slices)
+  mask-loop-tp1  the same with unsplit projections (a stricter baseline: same matmuls as ours)
   dense      a SwiGLU FFN with the same active FLOPs: width k * I + shared width
-Prints the median time of each and the ratios mask-loop / ours (speed-up) and ours / dense (overhead).
+Prints the median time of each (variants timed in turns, after one warm-up round) and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import statistics
 import time
 
@@ -27,17 +31,33 @@ from dit_moe.models.moe import MoEFeedForward
 from dit_moe.models.router import TopKRouter
 
 
+class MoeMLP(SwiGLUMLP):
+    """feizc/DiT-MoE's MoeMLP: SwiGLU whose projections are split in `pretraining_tp` slices (2 there)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, pretraining_tp: int) -> None:
+        super().__init__(hidden_size, intermediate_size)
+        self.tp = pretraining_tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp == 1:
+            return super().forward(x)
+        gate = torch.cat([F.linear(x, w) for w in self.gate_proj.weight.chunk(self.tp, dim=0)], dim=-1)
+        up = torch.cat([F.linear(x, w) for w in self.up_proj.weight.chunk(self.tp, dim=0)], dim=-1)
+        h = (F.silu(gate) * up).chunk(self.tp, dim=-1)
+        return sum(F.linear(h_i, w) for h_i, w in zip(h, self.down_proj.weight.chunk(self.tp, dim=1)))
+
+
 class MaskLoopMoE(nn.Module):
     """DiT-MoE's SparseMoeBlock training forward (per-expert nn.Linear MLPs, boolean masks)."""
 
-    def __init__(self, hidden_size: int, args: MoEArgs) -> None:
+    def __init__(self, hidden_size: int, args: MoEArgs, pretraining_tp: int = 2) -> None:
         super().__init__()
         self.k = args.num_experts_per_tok
         self.args = args
         intermediate = int(args.mlp_ratio * hidden_size)
         self.gate = TopKRouter(hidden_size, args.num_experts, self.k)
-        self.experts = nn.ModuleList(SwiGLUMLP(hidden_size, intermediate) for _ in range(args.num_experts))
-        self.shared_experts = SwiGLUMLP(hidden_size, args.n_shared_experts * hidden_size)
+        self.experts = nn.ModuleList(MoeMLP(hidden_size, intermediate, pretraining_tp) for _ in range(args.num_experts))
+        self.shared_experts = MoeMLP(hidden_size, args.n_shared_experts * hidden_size, pretraining_tp)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         weights, ids, scores = self.gate(x)
@@ -64,22 +84,29 @@ class DenseFFN(nn.Module):
         return self.mlp(x), {}
 
 
-def time_fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of one forward + backward (output cotangent `grad`, plus the aux losses)."""
-    times = []
-    for i in range(warmup + repeats):
-        module.zero_grad(set_to_none=True)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        y, aux = module(x)
-        loss = (y * grad).sum() + sum(aux.values())
-        loss.backward()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def fwd_bwd_seconds(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    """Seconds of one forward + backward (output cotangent `grad`, plus the aux losses)."""
+    module.zero_grad(set_to_none=True)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    y, aux = module(x)
+    ((y * grad).sum() + sum(aux.values())).backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def time_round_robin(modules: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds per module; the modules take turns so that a load change on a shared
+    machine hits all of them alike and the ratios stay meaningful."""
+    times: dict[str, list[float]] = {key: [] for key in modules}
+    for i in range(repeats + 1):  # round 0 warms up
+        for key, module in modules.items():
+            seconds = fwd_bwd_seconds(module, x, grad)
+            if i:
+                times[key].append(seconds)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def main() -> None:
@@ -93,7 +120,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"device: {name}; torch {torch.__version__}; {args.tokens} tokens, {args.dtype}, median of {args.repeats}")
+    print(f"device: {name}; torch {torch.__version__}; {args.tokens} tokens, {args.dtype}, median of {args.repeats};"
+          f" load average before: {os.getloadavg()[0]:.2f}")
     for label, hidden in (("DiT-MoE-S", 384), ("DiT-MoE-B", 768)):
         moe_args = MoEArgs(num_experts=8, num_experts_per_tok=2, n_shared_experts=2)
         torch.manual_seed(0)
@@ -101,18 +129,22 @@ def main() -> None:
         grad = torch.randn_like(x)
         modules = {
             "ours": MoEFeedForward(hidden, moe_args),
-            "mask-loop": MaskLoopMoE(hidden, moe_args),
+            "mask-loop": MaskLoopMoE(hidden, moe_args, pretraining_tp=2),
+            "mask-loop-tp1": MaskLoopMoE(hidden, moe_args, pretraining_tp=1),
             "dense": DenseFFN(hidden, moe_args),
         }
         if grouped_mm_available():
-            modules["ours-gmm"] = MoEFeedForward(hidden, MoEArgs(**{**vars(moe_args), "grouped_gemm": "on"}))
-        times = {key: time_fwd_bwd(m.to(device, dtype).train(), x, grad, args.repeats) for key, m in modules.items()}
-        line = "  ".join(f"{key} {1e3 * t:.1f} ms" for key, t in times.items())
-        print(f"{label} (C={hidden}): {line}")
-        print(f"    speed-up over mask-loop: {times['mask-loop'] / times['ours']:.2f}x"
-              f"   overhead over dense: {times['ours'] / times['dense']:.2f}x"
-              + (f"   grouped: speed-up {times['mask-loop'] / times['ours-gmm']:.2f}x,"
-                 f" overhead {times['ours-gmm'] / times['dense']:.2f}x" if "ours-gmm" in times else ""))
+            modules["ours-gmm"] = MoEFeedForward(hidden, dataclasses.replace(moe_args, grouped_gemm="on"))
+        for module in modules.values():
+            module.to(device, dtype).train()
+        t = time_round_robin(modules, x, grad, args.repeats)
+        print(f"{label} [load average {os.getloadavg()[0]:.2f}] (C={hidden}): " + "  ".join(f"{key} {1e3 * v:.1f} ms" for key, v in t.items()))
+        print(f"    ours: {t['mask-loop'] / t['ours']:.2f}x faster than mask-loop,"
+              f" {t['mask-loop-tp1'] / t['ours']:.2f}x faster than mask-loop-tp1,"
+              f" {t['ours'] / t['dense']:.2f}x the time of dense")
+        if "ours-gmm" in t:
+            print(f"    ours-gmm: {t['mask-loop'] / t['ours-gmm']:.2f}x faster than mask-loop,"
+                  f" {t['ours-gmm'] / t['dense']:.2f}x the time of dense")
 
 
 if __name__ == "__main__":

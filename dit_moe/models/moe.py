@@ -32,21 +32,23 @@ class DispatchMeta:
     token_indices [S]: token (row of the [M, C] input) of each buffer row.
     copy_indices  [S]: index into the flattened [M * k] routing slots (weights) of each row.
     counts        [E]: buffer rows per expert, in expert order (int64, on device).
+    routed_counts [E]: token copies routed to each expert, before any capacity drop.
     num_tokens:        M.
     """
 
     token_indices: Tensor
     copy_indices: Tensor
     counts: Tensor
+    routed_counts: Tensor
     num_tokens: int
 
 
 def dispatch(
     x: Tensor, expert_ids: Tensor, num_experts: int, capacity: Optional[int] = None
-) -> tuple[Tensor, DispatchMeta, Tensor]:
+) -> tuple[Tensor, DispatchMeta]:
     """Gather token copies into one buffer sorted by expert.
 
-    x [M, C], expert_ids [M, k] -> buffer [S, C], meta, routed counts [E] (before any dropping).
+    x [M, C], expert_ids [M, k] -> buffer [S, C] and the metadata `combine` needs.
     The sort is stable, so within an expert copies keep token order; with a `capacity`,
     each expert keeps its first `capacity` copies and drops the rest.
     """
@@ -65,7 +67,7 @@ def dispatch(
         counts = routed.clamp(max=capacity)
     token_indices = torch.div(copy_indices, k, rounding_mode="floor")
     buffer = x.index_select(0, token_indices)  # [S, C]
-    return buffer, DispatchMeta(token_indices, copy_indices, counts, x.shape[0]), routed
+    return buffer, DispatchMeta(token_indices, copy_indices, counts, routed, x.shape[0])
 
 
 def combine(expert_out: Tensor, weights: Tensor, meta: DispatchMeta) -> Tensor:
@@ -99,7 +101,8 @@ class MoEFeedForward(nn.Module):
             self.shared_experts = SwiGLUMLP(hidden_size, args.n_shared_experts * hidden_size)
         else:
             self.shared_experts = None
-        self.register_buffer("tokens_per_expert", torch.zeros(args.num_experts), persistent=False)
+        # int64 so that casting the model to half precision cannot round the counts.
+        self.register_buffer("tokens_per_expert", torch.zeros(args.num_experts, dtype=torch.int64), persistent=False)
 
     def capacity(self, num_tokens: int) -> Optional[int]:
         """Buffer rows per expert, ceil(cf * k * M / E), or None when dropless."""
@@ -112,9 +115,9 @@ class MoEFeedForward(nn.Module):
         N, T, C = x.shape
         tokens = x.reshape(N * T, C)  # [N, T, C] -> [M, C]
         weights, expert_ids, scores = self.gate(x)
-        buffer, meta, routed = dispatch(tokens, expert_ids, self.args.num_experts, self.capacity(N * T))
+        buffer, meta = dispatch(tokens, expert_ids, self.args.num_experts, self.capacity(N * T))
         with torch.no_grad():
-            self.tokens_per_expert.copy_(routed)
+            self.tokens_per_expert.copy_(meta.routed_counts)
         y = combine(self.experts(buffer, meta.counts), weights, meta).to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(tokens)
@@ -139,7 +142,7 @@ def moe_load_stats(model: nn.Module) -> dict[str, dict[str, Tensor]]:
     stats = {}
     for name, module in model.named_modules():
         if isinstance(module, MoEFeedForward):
-            counts = module.tokens_per_expert.detach().clone()
+            counts = module.tokens_per_expert.float()
             cv = counts.std(unbiased=False) / counts.mean().clamp_min(1e-9)
             stats[name] = {"tokens_per_expert": counts, "cv": cv}
     return stats
