@@ -146,6 +146,22 @@ def draw_step_randomness(objective, seed: int, step: int, micro: int, global_mic
     return StepRandomness(t[pick], weights[pick], noise[pick], drop[pick].long())
 
 
+def micro_step(engine, objective, x: torch.Tensor, y: torch.Tensor, rnd: StepRandomness,
+               model_dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward, loss and `engine.backward` for one micro-batch; returns (diffusion loss, aux losses)."""
+    aux: dict[str, torch.Tensor] = {}
+
+    def model_fn(x_t, t, y):
+        out, layer_aux = engine(x_t.to(model_dtype), t, y, return_aux=True, force_drop_ids=rnd.drop)
+        aux.update(layer_aux)
+        return out.float()
+
+    terms = objective.loss(model_fn, x.float(), dict(y=y), noise=rnd.noise, timesteps=(rnd.t, rnd.weights))
+    loss = terms["loss"].mean()
+    engine.backward(loss + sum(aux.values()) if aux else loss)
+    return loss, aux
+
+
 class StopRequest:
     """SIGTERM/SIGINT (preemption) sets a flag; ranks agree on it at step boundaries."""
 
@@ -282,17 +298,7 @@ def train(cfg: TrainConfig) -> Optional[Path]:
                     x = codec.encode(x)
             rnd = draw_step_randomness(objective, cfg.run.seed, step, micro, plan.micro_batch * world_size,
                                        sample_shape, model_config.class_dropout_prob, rank, world_size, device)
-            aux: dict[str, torch.Tensor] = {}
-
-            def model_fn(x_t, t, y, _drop=rnd.drop, _aux=aux):
-                out, layer_aux = engine(x_t.to(model_dtype), t, y, return_aux=True, force_drop_ids=_drop)
-                _aux.update(layer_aux)
-                return out.float()
-
-            terms = objective.loss(model_fn, x.float(), dict(y=y), noise=rnd.noise, timesteps=(rnd.t, rnd.weights))
-            loss = terms["loss"].mean()
-            aux_total = sum(aux.values()) if aux else None
-            engine.backward(loss + aux_total if aux_total is not None else loss)
+            loss, aux = micro_step(engine, objective, x, y, rnd, model_dtype)
             engine.step()
             tracker.add()
             for name, value in (("loss", loss), *aux.items()):
