@@ -1,0 +1,183 @@
+"""Counts and summary statistics of recorded routing.
+
+Notation: L recorded MoE layers, E experts, k experts per token, C classes (+1 row for the
+null label), P = grid rows x cols patch positions, U distinct timesteps.
+
+    by_class    [L, C+1, E]   tokens of each class that chose expert e (any of their k slots)
+    by_position [L, P, E]     the same per patch position
+    by_timestep [L, U, E]     the same per timestep tag (rows with no timestep are left out)
+    tokens_*    [C+1], [P], [U]  tokens per class / position / timestep
+
+A frequency `by_x / tokens_x` is the fraction of those tokens whose top-k holds expert e:
+it lies in [0, 1] and sums to k over experts; a balanced router gives k / E everywhere.
+The load share of an expert is its count over all L's M*k assignments of the layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+
+from .store import RoutingFile, RoutingFileError
+
+
+@dataclass
+class RoutingCounts:
+    """Routing histograms of one recording, with the metadata needed to label them."""
+
+    num_experts: int
+    top_k: int
+    moe_layers: list[int]
+    num_classes: int
+    grid_size: Optional[tuple[int, int]]
+    timesteps: np.ndarray  # [U] sorted distinct timestep tags
+    by_class: np.ndarray
+    by_position: np.ndarray
+    by_timestep: np.ndarray
+    tokens_by_class: np.ndarray
+    tokens_by_position: np.ndarray
+    tokens_by_timestep: np.ndarray
+    weight_sum: Optional[np.ndarray]  # [L, E] summed gate weights of each expert's assignments, if recorded
+    num_tokens: int
+    source: str = "recording"
+
+    @property
+    def expert_totals(self) -> np.ndarray:
+        """[L, E] assignments per expert (every token counted once per chosen expert)."""
+        return self.by_position.sum(axis=1)
+
+    def layer_slots(self, layers: Optional[Iterable[int]]) -> list[int]:
+        """Positions in `moe_layers` of the requested layer indices (all when None)."""
+        if layers is None:
+            return list(range(len(self.moe_layers)))
+        slots = []
+        for layer in layers:
+            if layer not in self.moe_layers:
+                raise RoutingFileError(f"MoE layer {layer} is not in {self.source}; it holds layers {self.moe_layers}.")
+            slots.append(self.moe_layers.index(layer))
+        return slots
+
+
+def count_routing(chunks: Iterable[dict[str, np.ndarray]], meta: dict, source: str = "the recording") -> RoutingCounts:
+    """Accumulate RoutingCounts over row chunks (from RoutingRecorder.chunks or RoutingFile.chunks)."""
+    E, k, layers = int(meta["num_experts"]), int(meta["top_k"]), list(meta["moe_layers"])
+    L = len(layers)
+    timesteps = np.asarray(meta["timesteps"], dtype=np.float32)
+    grid = tuple(meta["grid_size"]) if meta.get("grid_size") else None
+    num_classes = meta.get("num_classes")
+    chunks = iter(chunks)
+    first = next(chunks, None)
+    if first is None:
+        raise RoutingFileError(f"{source} holds no token rows; record at least one forward.")
+    if num_classes is None:
+        num_classes = int(first["label"].max())
+    P = grid[0] * grid[1] if grid else int(first["position"].max()) + 1
+    C1, U = num_classes + 1, len(timesteps)
+    by_class = np.zeros(L * C1 * E, np.int64)
+    by_position = np.zeros(L * P * E, np.int64)
+    by_timestep = np.zeros(L * max(U, 1) * E, np.int64)
+    tokens_by_class, tokens_by_position = np.zeros(C1, np.int64), np.zeros(P, np.int64)
+    tokens_by_timestep = np.zeros(max(U, 1), np.int64)
+    weight_sum = np.zeros(L * E, np.float64) if "weights" in first else None
+    layer_offset = np.arange(L).reshape(1, L, 1)  # broadcasts over [R, L, k]
+    num_tokens = 0
+    for chunk in _prepend(first, chunks):
+        ids = chunk["ids"].astype(np.int64)
+        label, position = chunk["label"].astype(np.int64), chunk["position"].astype(np.int64)
+        _check_range(ids, E, "expert ids", source)
+        _check_range(label, C1, "labels", source)
+        _check_range(position, P, "patch positions", source)
+        num_tokens += len(label)
+        by_class += _bincount(((layer_offset * C1 + label[:, None, None]) * E + ids), L * C1 * E)
+        by_position += _bincount(((layer_offset * P + position[:, None, None]) * E + ids), L * P * E)
+        tokens_by_class += np.bincount(label, minlength=C1)
+        tokens_by_position += np.bincount(position, minlength=P)
+        known = np.isfinite(chunk["timestep"])
+        if U and known.any():
+            index = np.searchsorted(timesteps, chunk["timestep"][known])
+            if (index >= U).any() or not np.array_equal(timesteps[np.minimum(index, U - 1)], chunk["timestep"][known]):
+                raise RoutingFileError(f"{source} has timestep tags that its metadata does not list; re-record it.")
+            by_timestep += _bincount(((layer_offset * U + index[:, None, None]) * E + ids[known]), L * U * E)
+            tokens_by_timestep += np.bincount(index, minlength=U)
+        if weight_sum is not None:
+            weights = chunk["weights"].astype(np.float64).reshape(-1)
+            weight_sum += np.bincount((layer_offset * E + ids).reshape(-1), weights=weights, minlength=L * E)
+    return RoutingCounts(
+        num_experts=E, top_k=k, moe_layers=layers, num_classes=num_classes, grid_size=grid, timesteps=timesteps,
+        by_class=by_class.reshape(L, C1, E), by_position=by_position.reshape(L, P, E),
+        by_timestep=by_timestep.reshape(L, max(U, 1), E)[:, :U], tokens_by_class=tokens_by_class,
+        tokens_by_position=tokens_by_position, tokens_by_timestep=tokens_by_timestep[:U],
+        weight_sum=None if weight_sum is None else weight_sum.reshape(L, E), num_tokens=num_tokens, source=source,
+    )
+
+
+def load_counts(path: str) -> RoutingCounts:
+    """RoutingCounts of a routing file, read in row slices."""
+    with RoutingFile(path) as routing:
+        return count_routing(routing.chunks(), routing.meta, source=str(routing.path))
+
+
+def _prepend(first, rest):
+    yield first
+    yield from rest
+
+
+def _bincount(index: np.ndarray, size: int) -> np.ndarray:
+    return np.bincount(index.reshape(-1), minlength=size)
+
+
+def _check_range(values: np.ndarray, upper: int, what: str, source: str) -> None:
+    if values.size and (values.min() < 0 or values.max() >= upper):
+        raise RoutingFileError(
+            f"{source} has {what} outside 0..{upper - 1} (found {values.min()}..{values.max()}), "
+            "so its metadata does not match its rows; re-record it."
+        )
+
+
+def frequencies(counts: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """counts [L, R, E] / tokens [R]: the fraction of each row's tokens choosing each expert (NaN for empty rows)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return counts / np.where(tokens > 0, tokens, np.nan)[None, :, None]
+
+
+def summarize(counts: RoutingCounts) -> dict:
+    """Per layer: load share per expert, coefficient of variation of the loads, entropy of the
+    shares normalised by log E (1 = perfectly balanced), unused experts, mean gate weight per expert."""
+    layers = []
+    E = counts.num_experts
+    for slot, layer in enumerate(counts.moe_layers):
+        load = counts.expert_totals[slot].astype(np.float64)
+        share = load / max(load.sum(), 1.0)
+        nonzero = share[share > 0]
+        entropy = float(-(nonzero * np.log(nonzero)).sum() / math.log(E)) if E > 1 else 1.0
+        entry = dict(
+            layer=layer,
+            load_share=[round(float(s), 6) for s in share],
+            cv=float(load.std() / load.mean()) if load.mean() > 0 else 0.0,
+            entropy=entropy,
+            unused_experts=[int(e) for e in np.flatnonzero(load == 0)],
+        )
+        if counts.weight_sum is not None:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean_weight = counts.weight_sum[slot] / load
+            entry["mean_weight"] = [None if not np.isfinite(w) else round(float(w), 6) for w in mean_weight]
+        layers.append(entry)
+    return dict(num_experts=E, top_k=counts.top_k, num_tokens=int(counts.num_tokens), layers=layers)
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a plain-text table, one line per layer."""
+    E = summary["num_experts"]
+    lines = [
+        f"{summary['num_tokens']} tokens, {E} experts, top-{summary['top_k']}; "
+        "load share per expert (%), CV of loads, entropy / log E, unused experts",
+        f"{'layer':>5}  " + " ".join(f"{f'e{e}':>5}" for e in range(E)) + f"  {'cv':>6}  {'entropy':>7}  unused",
+    ]
+    for entry in summary["layers"]:
+        shares = " ".join(f"{100 * s:5.1f}" for s in entry["load_share"])
+        unused = ",".join(map(str, entry["unused_experts"])) or "-"
+        lines.append(f"{entry['layer']:>5}  {shares}  {entry['cv']:6.3f}  {entry['entropy']:7.3f}  {unused}")
+    return "\n".join(lines)
