@@ -126,8 +126,7 @@ def patch_dominant_heatmap(counts: RoutingCounts, layers: Optional[Iterable[int]
     slots = counts.layer_slots(layers)
     fig, axes = _panels(len(slots))
     base = plt.get_cmap("tab10" if E <= 10 else "tab20" if E <= 20 else "viridis")
-    cmap = ListedColormap([base(e / max(E - 1, 1)) if E > 20 else base(e) for e in range(E)])
-    cmap.set_bad("white")
+    cmap = ListedColormap([base(e / max(E - 1, 1)) if E > 20 else base(e) for e in range(E)]).with_extremes(bad="white")
     norm = BoundaryNorm(np.arange(E + 1) - 0.5, E)
     for ax, slot in zip(axes, slots):
         dominant = np.ma.masked_array(counts.by_position[slot].argmax(axis=1), counts.tokens_by_position == 0)
