@@ -92,6 +92,32 @@ def test_grouped_gemm_equals_loop(expert_type, dtype):
         torch.testing.assert_close(grads_grp[name], grads_loop[name], **tol, msg=name)
 
 
+def test_grouped_gemm_follows_autocast():
+    """_grouped_mm is not autocast-aware: the experts cast to the autocast dtype themselves."""
+    experts = GroupedExperts(4, C, 32)
+    x, counts = torch.randn(7, C), torch.tensor([2, 0, 4, 1])
+    outputs = {}
+    for mode in ("off", "on"):
+        experts.grouped_gemm = mode
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[mode] = experts(x, counts)
+        assert outputs[mode].dtype == torch.bfloat16, mode
+    torch.testing.assert_close(outputs["on"], outputs["off"], rtol=2e-2, atol=2e-2)
+
+
+def test_router_output_is_visible_to_a_forward_hook():
+    moe = build()
+    seen = []
+    handle = moe.gate.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    x = torch.randn(2, 5, C)
+    moe(x)
+    handle.remove()
+    weights, ids, scores = seen[0]
+    assert weights.shape == ids.shape == (10, 2) and scores.shape == (10, 4)
+    torch.testing.assert_close(weights, scores.gather(1, ids))
+    assert torch.equal(torch.bincount(ids.reshape(-1), minlength=4), moe.tokens_per_expert)
+
+
 def test_grouped_layer_backward_accepts_a_broadcast_gradient():
     """`y.sum().backward()` hands a stride-0 gradient on; combine's weighting must densify it
     before it reaches _grouped_mm, whose backward rejects stride-0 operands."""
