@@ -160,8 +160,27 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> DiTCo
             )
         values["num_heads"] = _HEADS_BY_WIDTH[hidden]
     values.update(_infer_ffn(state_dict, hidden, depth))
+    values.update(_infer_decoder(state_dict, overrides.get("decoder_num_heads")))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return DiTConfig(**values)
+
+
+def _infer_decoder(state_dict: dict[str, torch.Tensor], num_heads: Optional[int]) -> dict[str, Any]:
+    """MaskDiT decoder depth and width from `decoder_blocks.*` and `mask_token`; heads from q_norm if present."""
+    indices = {int(m.group(1)) for k in state_dict if (m := re.match(r"decoder_blocks\.(\d+)\.", k))}
+    if not indices:
+        return dict(decoder_depth=0)
+    width = state_dict["mask_token"].shape[-1]
+    q_norm = state_dict.get("decoder_blocks.0.attn.q_norm.weight")
+    if q_norm is not None:
+        num_heads = width // q_norm.shape[0]
+    elif num_heads is None:
+        num_heads = DiTConfig.decoder_num_heads
+        if width % num_heads:
+            raise CheckpointError(
+                f"Cannot infer the head count of a width-{width} decoder; pass decoder_num_heads=... to load_model."
+            )
+    return dict(decoder_depth=1 + max(indices), decoder_hidden_size=width, decoder_num_heads=num_heads)
 
 
 def _infer_ffn(state_dict: dict[str, torch.Tensor], hidden: int, depth: int) -> dict[str, Any]:

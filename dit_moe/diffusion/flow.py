@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .likelihood import mean_flat
+from .likelihood import masked_mean_flat, mean_flat
 
 
 class RectifiedFlow:
@@ -62,10 +62,16 @@ class RectifiedFlow:
         t: Tensor,
         model_kwargs: dict | None = None,
         noise: Tensor | None = None,
+        loss_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Per-sample velocity MSE at times t (N,): {"mse": (N,), "loss": (N,)}, loss = mse."""
+        """Per-sample velocity MSE at times t (N,): {"mse": (N,), "loss": (N,)}, loss = mse.
+
+        ``loss_mask`` (N, 1, H, W), 1 where a pixel counts, averages over those pixels only
+        (masked training: visible patches).
+        """
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.interpolate(x0, noise, t)
-        mse = mean_flat((self.target(x0, noise) - self.velocity(model_fn, x_t, t, model_kwargs)) ** 2)
+        error = (self.target(x0, noise) - self.velocity(model_fn, x_t, t, model_kwargs)) ** 2
+        mse = mean_flat(error) if loss_mask is None else masked_mean_flat(error, loss_mask)
         return {"mse": mse, "loss": mse}

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .likelihood import discretized_gaussian_log_likelihood, masked_mean_flat, mean_flat, normal_kl
 
 
 class ModelMeanType(enum.Enum):
@@ -422,17 +422,22 @@ class GaussianDiffusion:
             clip_denoised=clip_denoised, denoised_fn=denoised_fn, eta=eta, noise_fn=noise_fn,
         )
 
-    def vb_terms_bpd(self, output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    def vb_terms_bpd(self, output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor,
+                     loss_mask: Tensor | None = None) -> Tensor:
         """Per-sample L_t of the variational bound in bits per dimension, from a model output.
 
         KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 and the discretised
         decoder NLL -log p(x_0 | x_1) at t = 0 (IDDPM eq. 4-5); x_0 is not clipped.
+        ``loss_mask`` (N, 1, H, W) averages over the pixels where it is 1 only.
         """
+        def average(x: Tensor) -> Tensor:
+            return mean_flat(x) if loss_mask is None else masked_mean_flat(x, loss_mask)
+
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance_from_output(output, x_t, t, clip_denoised=False)
-        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
+        kl = average(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
         decoder_nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
-        decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
+        decoder_nll = average(decoder_nll) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)
 
     def training_losses(
@@ -442,6 +447,7 @@ class GaussianDiffusion:
         t: Tensor,
         model_kwargs: dict | None = None,
         noise: Tensor | None = None,
+        loss_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Per-sample training losses at timestep indices t, each of shape (N,).
 
@@ -449,6 +455,8 @@ class GaussianDiffusion:
         predict_xstart), "vb" (learned variance only) = L_vlb on an output whose mean half
         is detached, so the vb term trains only the variance (IDDPM section 3.1), times
         T / 1000 for RESCALED_MSE; "loss" = mse + vb. RESCALED_KL: "loss" = T * L_vlb.
+        ``loss_mask`` (N, 1, H, W), 1 where a pixel counts, restricts every mean over pixels
+        to those pixels (masked training: visible patches).
         """
         if noise is None:
             noise = torch.randn_like(x_start)
@@ -456,18 +464,19 @@ class GaussianDiffusion:
         output = self._call_model(model, x_t, t, model_kwargs)
 
         if self.loss_type is LossType.RESCALED_KL:
-            return {"loss": self.vb_terms_bpd(output, x_start, x_t, t) * self.num_timesteps}
+            return {"loss": self.vb_terms_bpd(output, x_start, x_t, t, loss_mask) * self.num_timesteps}
 
         terms = {}
         mean_part, var_values = self._split_output(output, x_t)
         if var_values is not None:
             frozen = torch.cat([mean_part.detach(), var_values], dim=1)
-            terms["vb"] = self.vb_terms_bpd(frozen, x_start, x_t, t)
+            terms["vb"] = self.vb_terms_bpd(frozen, x_start, x_t, t, loss_mask)
             if self.loss_type is LossType.RESCALED_MSE:
                 # Without the 1/1000 the vb term outweighs the mse term (IDDPM's note).
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
         target = x_start if self.model_mean_type is ModelMeanType.START_X else noise
-        terms["mse"] = mean_flat((target - mean_part) ** 2)
+        error = (target - mean_part) ** 2
+        terms["mse"] = mean_flat(error) if loss_mask is None else masked_mean_flat(error, loss_mask)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
 

@@ -17,6 +17,16 @@ def mean_flat(x: Tensor) -> Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
+def masked_mean_flat(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over every dimension but the batch one of the elements where `mask` (broadcastable to x) is 1.
+
+    (N, ...) -> (N,). Masked training counts only visible pixels: mask (N, 1, H, W) for x (N, C, H, W).
+    """
+    weights = mask.to(x.dtype).expand_as(x)
+    dims = tuple(range(1, x.ndim))
+    return (x * weights).sum(dim=dims) / weights.sum(dim=dims)
+
+
 def normal_kl(mean1, logvar1, mean2, logvar2) -> Tensor:
     """KL( N(mean1, exp(logvar1)) || N(mean2, exp(logvar2)) ), elementwise, in nats.
 

@@ -82,6 +82,10 @@ class DiTConfig:
     # How the objective feeds time to the network; recorded so samplers use the same.
     objective: str = "iddpm"                  # "iddpm" | "flow"
     flow_t_scale: float = 1.0                 # flow time t in (0,1) is multiplied by this (DiT-MoE: 1)
+    # MaskDiT decoder: dense DiT blocks over all tokens after the encoder blocks. 0: none (plain DiT).
+    decoder_depth: int = 0                    # MaskDiT: 8
+    decoder_hidden_size: int = 512            # MaskDiT: 512
+    decoder_num_heads: int = 16               # MaskDiT: 16
 
     def __post_init__(self) -> None:
         if self.num_experts is None:
@@ -97,6 +101,13 @@ class DiTConfig:
             raise ValueError(f"attn_backend must be one of {ATTENTION_BACKENDS}, got {self.attn_backend!r}.")
         if self.objective not in ("iddpm", "flow"):
             raise ValueError(f"objective must be 'iddpm' or 'flow', got {self.objective!r}.")
+        if self.decoder_depth < 0:
+            raise ValueError(f"decoder_depth must be >= 0, got {self.decoder_depth}.")
+        if self.decoder_depth and self.decoder_hidden_size % self.decoder_num_heads:
+            raise ValueError(
+                f"decoder_hidden_size={self.decoder_hidden_size} is not divisible by "
+                f"decoder_num_heads={self.decoder_num_heads}."
+            )
         if self.moe_layers is not None:
             self.moe_layers = sorted(int(i) for i in self.moe_layers)
             bad = [i for i in self.moe_layers if not 0 <= i < self.depth]

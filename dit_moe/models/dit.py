@@ -4,7 +4,15 @@ Parameter names and shapes are those of facebookresearch/DiT (dense blocks: `mlp
 and feizc/DiT-MoE (MoE blocks: `moe.gate`, `moe.experts`, `moe.shared_experts`), so their
 checkpoints load key for key. The model is pure: no DeepSpeed, ranks or files.
 
-Shapes: x (N, in_channels, H, W); tokens (N, T, C) with T = (H / p) * (W / p); c (N, C).
+With `decoder_depth > 0` the model is MaskDiT's (Zheng et al., TMLR 2024): the blocks above are
+its encoder, followed by `decoder_embed` (adaLN-modulated LayerNorm + linear to the decoder width),
+a learned `mask_token` in masked positions, fixed sin-cos `decoder_pos_embed`, dense
+`decoder_blocks` conditioned on the same c, and the final layer at the decoder width. Passing a
+`mask` trains on the visible tokens only (see `masking.py`); without one every token is visible,
+which is how such a model fine-tunes and samples.
+
+Shapes: x (N, in_channels, H, W); tokens (N, T, C) with T = (H / p) * (W / p); c (N, C);
+visible tokens (N, T_keep, C); decoder tokens (N, T, D) with D = decoder_hidden_size.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Attention
 from .config import DiTConfig
 from .layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from .masking import MaskInfo, drop_tokens, restore_tokens
 from .moe import MoEFeedForward
 
 AuxLosses = dict[str, torch.Tensor]
@@ -31,20 +40,23 @@ def add_aux(total: AuxLosses, new: AuxLosses) -> AuxLosses:
 class DiTBlock(nn.Module):
     """Pre-norm transformer block whose attention and feed-forward residuals are adaLN-Zero gated.
 
-    The feed-forward is the dense GELU MLP (`mlp`) or a routed MoE layer (`moe`).
+    The feed-forward is the dense GELU MLP (`mlp`) or a routed MoE layer (`moe`). A decoder block
+    (`decoder=True`) is dense, at the decoder width and head count; its adaLN reads c at the
+    encoder width, so c needs no separate projection (MaskDiT).
     """
 
-    def __init__(self, config: DiTConfig, index: int):
+    def __init__(self, config: DiTConfig, index: int, decoder: bool = False):
         super().__init__()
-        hidden = config.hidden_size
+        hidden = config.decoder_hidden_size if decoder else config.hidden_size
+        heads = config.decoder_num_heads if decoder else config.num_heads
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden, config.num_heads, qk_norm=config.qk_norm, backend=config.attn_backend)
+        self.attn = Attention(hidden, heads, qk_norm=config.qk_norm, backend=config.attn_backend)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        if config.is_moe_block(index):
+        if not decoder and config.is_moe_block(index):
             self.moe = MoEFeedForward(hidden, config.moe_args())
         else:
             self.mlp = Mlp(hidden, int(hidden * config.mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden, bias=True))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, 6 * hidden, bias=True))
 
     @property
     def is_moe(self) -> bool:
@@ -64,15 +76,30 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm and a linear map from each token to its p*p*out_channels pixels."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, cond_size: int | None = None):
         super().__init__()
+        cond_size = cond_size or hidden_size
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, 2 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DecoderEmbed(nn.Module):
+    """MaskDiT's encoder-to-decoder bridge: adaLN-modulated LayerNorm, then a linear map to the decoder width."""
+
+    def __init__(self, hidden_size: int, decoder_hidden_size: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, decoder_hidden_size, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
 
 
 class DiT(nn.Module):
@@ -98,7 +125,18 @@ class DiT(nn.Module):
             torch.zeros(1, self.x_embedder.num_patches, config.hidden_size), requires_grad=False
         )
         self.blocks = nn.ModuleList(DiTBlock(config, i) for i in range(config.depth))
-        self.final_layer = FinalLayer(config.hidden_size, config.patch_size, self.out_channels)
+        final_width = config.hidden_size
+        if config.decoder_depth:
+            final_width = config.decoder_hidden_size
+            self.decoder_embed = DecoderEmbed(config.hidden_size, final_width)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, final_width))
+            self.decoder_pos_embed = nn.Parameter(
+                torch.zeros(1, self.x_embedder.num_patches, final_width), requires_grad=False
+            )
+            self.decoder_blocks = nn.ModuleList(
+                DiTBlock(config, i, decoder=True) for i in range(config.decoder_depth)
+            )
+        self.final_layer = FinalLayer(final_width, config.patch_size, self.out_channels, config.hidden_size)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -126,6 +164,25 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.has_decoder:
+            pos = get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.x_embedder.grid_size)
+            self.decoder_pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+            nn.init.normal_(self.mask_token, std=0.02)
+            for block in self.decoder_blocks:
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            # MaskDiT zero-initialises the bridge like the final layer.
+            for layer in (self.decoder_embed.adaLN_modulation[-1], self.decoder_embed.linear):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    @property
+    def has_decoder(self) -> bool:
+        return hasattr(self, "decoder_blocks")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x_embedder.num_patches
 
     @property
     def moe_blocks(self) -> list[int]:
@@ -161,17 +218,36 @@ class DiT(nn.Module):
             add_aux(aux, block_aux)
         return tokens, aux
 
+    def decode(self, tokens: torch.Tensor, c: torch.Tensor, info: MaskInfo | None) -> torch.Tensor:
+        """Encoder output (N, T_keep, C) -> decoder output (N, T, D), mask tokens in masked positions."""
+        tokens = self.decoder_embed(tokens, c)  # (N, T_keep, D)
+        if info is not None:
+            tokens = restore_tokens(tokens, info, self.mask_token.view(-1))  # (N, T, D)
+        tokens = tokens + self.decoder_pos_embed.to(tokens.dtype)
+        tokens, _ = self.run_blocks(tokens, c, self.decoder_blocks)  # dense blocks: no aux losses
+        return tokens
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_aux: bool = False,
-                force_drop_ids: torch.Tensor | None = None):
+                force_drop_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """x (N, in_channels, H, W), t (N,) timesteps, y (N,) labels -> (N, out_channels, H, W).
 
         With `return_aux=True` also returns the dict of weighted MoE aux losses summed over layers.
         `force_drop_ids` (N,) of 0/1 replaces the random label dropout (1: use the null class), so a
-        trainer can draw it reproducibly.
+        trainer can draw it reproducibly. `mask` (N, T) bool (True = masked, the same count in every
+        row) runs the encoder blocks on the visible tokens only; the decoder fills the rest, and
+        without a decoder the masked patches' outputs are zero (MaskDiT).
         """
         tokens, c = self.embed(x, t, y, force_drop_ids)
+        info = MaskInfo.from_mask(mask) if mask is not None else None
+        if info is not None:
+            tokens = drop_tokens(tokens, info)  # (N, T_keep, C), positions already added
         tokens, aux = self.run_blocks(tokens, c)
-        out = self.unpatchify(self.final_layer(tokens, c))  # (N, out_channels, H, W)
+        if self.has_decoder:
+            tokens = self.decode(tokens, c, info)
+        patches = self.final_layer(tokens, c)  # (N, T or T_keep, p*p*out_channels)
+        if info is not None and not self.has_decoder:
+            patches = restore_tokens(patches, info, patches.new_zeros(patches.shape[-1]))  # (N, T, p*p*out)
+        out = self.unpatchify(patches)  # (N, out_channels, H, W)
         return (out, aux) if return_aux else out
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
