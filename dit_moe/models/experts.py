@@ -120,8 +120,10 @@ class GroupedExperts(nn.Module):
         rank run only its local experts. Every expert in the range takes part in autograd even
         with zero rows, so its gradient is a zero tensor, never None (ZeRO reduces need them all).
         """
-        experts = slice(first_expert, first_expert + counts.shape[0])
-        weights = [getattr(self, name)[experts] for name in self.weight_names]
+        local = counts.shape[0]
+        weights = [getattr(self, name) for name in self.weight_names]
+        if local != self.num_experts:  # a slice's backward zero-pads its gradient to [E, ...]: only when needed
+            weights = [w.narrow(0, first_expert, local) for w in weights]
         # Under autocast the matmuls run in the autocast dtype; _grouped_mm is not autocast-aware.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         if self.use_grouped(dtype, x.device):
