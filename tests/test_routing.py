@@ -156,6 +156,22 @@ def test_variable_token_counts_record_the_given_positions():
         assert tuple(data["ids"][row, 0]) == known_choice(int(data["label"][row]), int(data["position"][row]), 0)
 
 
+def test_flat_router_input_splits_tokens_by_the_number_of_labels():
+    moe = known_layer()
+    with torch.no_grad(), RoutingRecorder(moe) as rec:  # no class count or grid given: inferred from the rows
+        rec.set_context(labels=[2, 1], step=1)
+        moe.gate(known_tokens([2, 1], 1).reshape(-1, C))  # [M, C] with M = 2 samples x 4 tokens
+        with pytest.raises(RuntimeError, match="do not split into 3 samples"):
+            rec.set_context(labels=[0, 1, 2])
+            moe.gate(torch.zeros(8, C))
+    data = rec.arrays()
+    np.testing.assert_array_equal(data["label"], [2] * 4 + [1] * 4)
+    np.testing.assert_array_equal(data["position"], [0, 1, 2, 3] * 2)
+    meta = rec.metadata()
+    assert meta["num_classes"] == 3 and meta["num_positions"] == 4 and meta["grid_size"] is None
+    assert count_routing(rec.chunks(), meta).by_position.shape == (1, 4, E)
+
+
 def test_missing_labels_or_mismatched_positions_fail_clearly():
     moe = known_layer()
     with torch.no_grad(), RoutingRecorder(moe) as rec:

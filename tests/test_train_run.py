@@ -1,5 +1,6 @@
 """The DeepSpeed trainer on one CPU process: a short run, exact resume, crash safety, preemption, errors."""
 
+import json
 import os
 import signal
 import subprocess
@@ -114,3 +115,14 @@ def test_bad_input_gives_one_line_error(tmp_path, args, message):
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_masked_training_logs_the_mae_term_and_exports_a_model_that_runs_unmasked(tmp_path):
+    run_train(tmp_path, "--global-batch-size", "8", "--max-steps", "2", "--mask-ratio", "0.5",
+              "--decoder-depth", "1", "--decoder-hidden-size", "64", "--decoder-num-heads", "4")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(rec["mae"] > 0 and rec["loss"] > 0 for rec in records)
+    model = load_model(tmp_path / "export.safetensors")
+    assert model.config.decoder_depth == 1 and model.config.decoder_hidden_size == 64
+    out = model(torch.randn(2, 3, 8, 8), torch.tensor([1, 999]), torch.tensor([0, 9]))  # mask ratio 0: all tokens
+    assert out.shape == (2, 6, 8, 8) and torch.isfinite(out).all()

@@ -6,8 +6,9 @@
 Sampling goes through `dit_moe.sampling.sample_images`, the path `sample.py` uses, so the
 routing is that of real samples: sample i has seed `seed + i`; each forward is tagged
 with the timestep the sampler's per-step callback announces (IDDPM: original-process
-index; flow: t in (0, 1]) and its step index. With guidance, only the conditional half
-is recorded unless `record_uncond`.
+index; flow: t in (0, 1]) and its step index (Heun's second evaluation of a step carries
+the step's tags too). With guidance, only the conditional half is recorded unless
+`record_uncond`.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def collect_routing(
         steps = options.num_steps or objective.default_num_steps
         return recorder.save(
             out, ckpt=str(Path(ckpt).resolve()), vae_path=str(vae_path), classes=classes,
-            samples_per_class=samples_per_class, seeds=[seed, seed + len(labels) - 1], objective=config.objective,
+            samples_per_class=samples_per_class, seed=seed, objective=config.objective,
             sampling=dict(asdict(options), sampler=sampler, num_steps=steps, dtype=dtype),
         )
     finally:

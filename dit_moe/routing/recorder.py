@@ -114,6 +114,7 @@ class RoutingRecorder:
         self._buffer_bytes = 0
         self._chunk_files: list[Path] = []
         self._timesteps: set[float] = set()
+        self._max_label = self._max_position = -1
         self.num_rows = 0
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -216,6 +217,8 @@ class RoutingRecorder:
         keep = np.repeat(keep_sample, t)  # [N] -> [M]
         rows = int(keep.sum())
         self._timesteps.update(float(v) for v in np.unique(timestep[keep_sample]) if np.isfinite(v))
+        self._max_label = max(self._max_label, int(labels.max(initial=-1)))
+        self._max_position = max(self._max_position, int(positions.max(initial=-1)))
         return dict(
             num_tokens=num_tokens,
             keep=torch.from_numpy(keep),
@@ -311,13 +314,18 @@ class RoutingRecorder:
         return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
     def metadata(self) -> dict:
-        """What a routing file needs to be read back: experts, top-k, layers, classes, grid, timesteps."""
+        """What a routing file needs to be read back: experts, top-k, layers, classes, grid, timesteps.
+
+        Without a known class count or grid, the largest label + 1 and position + 1 seen stand in.
+        """
+        num_positions = self.grid_size[0] * self.grid_size[1] if self.grid_size else self._max_position + 1
         return dict(
             num_experts=self.num_experts,
             top_k=self.top_k,
             moe_layers=[i for i, _ in self.layers],
-            num_classes=self.num_classes,
+            num_classes=self.num_classes if self.num_classes is not None else self._max_label + 1,
             grid_size=list(self.grid_size) if self.grid_size else None,
+            num_positions=num_positions,
             timesteps=self.timesteps,
             record_uncond=self.record_uncond,
         )

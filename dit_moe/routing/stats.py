@@ -67,14 +67,14 @@ def count_routing(chunks: Iterable[dict[str, np.ndarray]], meta: dict, source: s
     L = len(layers)
     timesteps = np.asarray(meta["timesteps"], dtype=np.float32)
     grid = tuple(meta["grid_size"]) if meta.get("grid_size") else None
-    num_classes = meta.get("num_classes")
+    num_classes = int(meta["num_classes"])
+    P = grid[0] * grid[1] if grid else int(meta.get("num_positions", 0))
+    if P < 1:
+        raise RoutingFileError(f"{source} records neither a patch grid nor a number of positions; re-record it.")
     chunks = iter(chunks)
     first = next(chunks, None)
     if first is None:
         raise RoutingFileError(f"{source} holds no token rows; record at least one forward.")
-    if num_classes is None:
-        num_classes = int(first["label"].max())
-    P = grid[0] * grid[1] if grid else int(first["position"].max()) + 1
     C1, U = num_classes + 1, len(timesteps)
     by_class = np.zeros(L * C1 * E, np.int64)
     by_position = np.zeros(L * P * E, np.int64)

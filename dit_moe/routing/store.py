@@ -4,7 +4,8 @@ Members (R token rows, L recorded MoE layers, k experts per token; see recorder.
 
     ids [R, L, k]   weights [R, L, k] (optional)   label [R]   position [R]   timestep [R]   step [R]
     meta            0-d unicode array holding JSON: format, num_experts, top_k, moe_layers,
-                    num_classes, grid_size, timesteps, and whatever the collector adds
+                    num_classes, grid_size ([rows, cols] or null), num_positions, timesteps
+                    (sorted distinct tags), and whatever the collector adds
                     (checkpoint, sampler settings, class list)
 
 It is written member by member from the recorder's chunks and read back in row slices,
@@ -26,7 +27,7 @@ import numpy as np
 FORMAT = "dit-moe-routing/1"
 ROW_ARRAYS = ("ids", "label", "position", "timestep", "step")
 OPTIONAL_ARRAYS = ("weights",)
-META_KEYS = ("format", "num_experts", "top_k", "moe_layers", "num_classes", "grid_size", "timesteps")
+META_KEYS = ("format", "num_experts", "top_k", "moe_layers", "num_classes", "grid_size", "num_positions", "timesteps")
 _REMAKE = "re-create it with analysis/expert_data.py"
 
 

@@ -42,10 +42,18 @@ class ModelSection:
     class_dropout_prob: float = 0.1
     learn_sigma: bool = True
     init_from: Optional[str] = None           # weights to start from (export, upcycled model, DiT .pt)
+    # MaskDiT: encoder on 1 - mask_ratio of the patches, a dense decoder over all of them.
+    mask_ratio: float = 0.0                   # 0: no masking (MaskDiT trains at 0.5, fine-tunes at 0)
+    mae_loss_coef: float = 0.1                # weight of the MAE term on masked patches
+    decoder_depth: int = 0                    # 0: no decoder (plain DiT); MaskDiT: 8
+    decoder_hidden_size: int = 512
+    decoder_num_heads: int = 16
 
     def __post_init__(self) -> None:
         if self.model not in DiT_models:
             raise ValueError(f"Unknown --model {self.model!r}; choose one of {sorted(DiT_models)}.")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"--mask-ratio must lie in [0, 1), got {self.mask_ratio}; MaskDiT uses 0.5.")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from ..checkpoint import read_checkpoint, save_export
 from ..data import build_codec, build_train_loader
 from ..diffusion import build_objective
 from ..models import DiT, DiTConfig, preset_config
+from ..models.masking import random_mask
 from ..models.moe import MoEFeedForward
 from . import engine as engine_lib
 from .config import BatchPlan, TrainConfig
@@ -93,7 +94,9 @@ def build_model_config(cfg: TrainConfig, input_channels: int, input_size: int, n
         m.model, input_size=input_size, in_channels=input_channels, num_classes=num_classes,
         learn_sigma=m.learn_sigma, qk_norm=m.qk_norm, num_experts=m.num_experts,
         num_experts_per_tok=m.num_experts_per_tok, n_shared_experts=m.n_shared_experts,
-        expert_type=m.expert_type, moe_layers=m.moe_layers, norm_topk_prob=m.norm_topk_prob, **training,
+        expert_type=m.expert_type, moe_layers=m.moe_layers, norm_topk_prob=m.norm_topk_prob,
+        decoder_depth=m.decoder_depth, decoder_hidden_size=m.decoder_hidden_size,
+        decoder_num_heads=m.decoder_num_heads, **training,
     )
 
 
@@ -119,18 +122,22 @@ def objective_options(cfg: TrainConfig, learn_sigma: bool) -> dict[str, Any]:
 
 @dataclass
 class StepRandomness:
-    """This rank's slice of the global micro-batch's timesteps, weights, noise and label-dropout mask."""
+    """This rank's slice of the global micro-batch's timesteps, weights, noise, label-dropout and patch masks."""
 
     t: torch.Tensor
     weights: torch.Tensor
     noise: torch.Tensor
     drop: torch.Tensor
+    mask: torch.Tensor | None = None          # (N, T) bool, True = masked patch; None: no masking
 
 
 def draw_step_randomness(objective, seed: int, step: int, micro: int, global_micro_batch: int,
                          sample_shape: tuple[int, ...], drop_prob: float, rank: int, world_size: int,
-                         device: torch.device) -> StepRandomness:
+                         device: torch.device, mask_ratio: float = 0.0, num_tokens: int = 0) -> StepRandomness:
     """Draw for the whole global micro-batch from a (seed, step, micro) stream; keep rank's slice.
+
+    With `mask_ratio > 0` also draws per-sample patch masks over `num_tokens` tokens (MaskDiT),
+    after the other draws so unmasked runs keep their streams.
 
     The data loader gives rank r the global positions r, r + W, r + 2W, ... of each global
     micro-batch, so the slice is [r::W]; the same samples get the same noise for any W.
@@ -142,23 +149,32 @@ def draw_step_randomness(objective, seed: int, step: int, micro: int, global_mic
         t, weights = objective.timesteps.sample(global_micro_batch, device)
         noise = torch.randn((global_micro_batch, *sample_shape), device=device)
         drop = torch.rand(global_micro_batch, device=device) < drop_prob
+        mask = random_mask(global_micro_batch, num_tokens, mask_ratio, device=device).mask if mask_ratio else None
     pick = slice(rank, None, world_size)
-    return StepRandomness(t[pick], weights[pick], noise[pick], drop[pick].long())
+    return StepRandomness(t[pick], weights[pick], noise[pick], drop[pick].long(),
+                          mask[pick] if mask is not None else None)
 
 
 def micro_step(engine, objective, x: torch.Tensor, y: torch.Tensor, rnd: StepRandomness,
-               model_dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward, loss and `engine.backward` for one micro-batch; returns (diffusion loss, aux losses)."""
+               model_dtype: torch.dtype, mae_weight: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward, loss and `engine.backward` for one micro-batch; returns (diffusion loss, aux losses).
+
+    With a patch mask in `rnd` the loss includes `mae_weight` x the MAE term, which is also
+    returned (detached, for logging only) as aux "mae" after the backward.
+    """
     aux: dict[str, torch.Tensor] = {}
 
     def model_fn(x_t, t, y):
-        out, layer_aux = engine(x_t.to(model_dtype), t, y, return_aux=True, force_drop_ids=rnd.drop)
+        out, layer_aux = engine(x_t.to(model_dtype), t, y, return_aux=True, force_drop_ids=rnd.drop, mask=rnd.mask)
         aux.update(layer_aux)
         return out.float()
 
-    terms = objective.loss(model_fn, x.float(), dict(y=y), noise=rnd.noise, timesteps=(rnd.t, rnd.weights))
+    terms = objective.loss(model_fn, x.float(), dict(y=y), noise=rnd.noise, timesteps=(rnd.t, rnd.weights),
+                           mask=rnd.mask, mae_weight=mae_weight)
     loss = terms["loss"].mean()
     engine.backward(loss + sum(aux.values()) if aux else loss)
+    if "mae" in terms:
+        aux["mae"] = terms["mae"].mean().detach()
     return loss, aux
 
 
@@ -297,8 +313,9 @@ def train(cfg: TrainConfig) -> Optional[Path]:
                 with torch.no_grad():
                     x = codec.encode(x)
             rnd = draw_step_randomness(objective, cfg.run.seed, step, micro, plan.micro_batch * world_size,
-                                       sample_shape, model_config.class_dropout_prob, rank, world_size, device)
-            loss, aux = micro_step(engine, objective, x, y, rnd, model_dtype)
+                                       sample_shape, model_config.class_dropout_prob, rank, world_size, device,
+                                       cfg.model.mask_ratio, engine.module.num_tokens)
+            loss, aux = micro_step(engine, objective, x, y, rnd, model_dtype, cfg.model.mae_loss_coef)
             engine.step()
             tracker.add()
             for name, value in (("loss", loss), *aux.items()):

@@ -1,0 +1,132 @@
+"""Whole training-step benchmark: the trainer's own micro-step through the DeepSpeed engine.
+
+Prints steps/s, images/s and peak memory for DiT-MoE-S/2 8E2A (default) with gradient
+checkpointing off and on, each in a fresh process, and their ratios measured in the same run.
+Peak memory is torch.cuda.max_memory_allocated on GPU; on CPU it is the growth of the
+process's peak resident set (ru_maxrss) over the training steps, i.e. activations, gradients
+and optimizer state that the steps added on top of the built model.
+
+    python bench/train.py                                  # CPU: DiT-S/2 8E2A, 32x32x4 latents, batch 8
+    python bench/train.py --model DiT-XL/2 --input-size 32 --batch-size 32 --precision bf16   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+WORKER_FLAG = "--worker"
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="DiT-S/2")
+    p.add_argument("--num-experts", type=int, default=8)
+    p.add_argument("--num-experts-per-tok", type=int, default=2)
+    p.add_argument("--input-size", type=int, default=32, help="latent side (256px images -> 32)")
+    p.add_argument("--in-channels", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--zero", default="zero2", help="config/<name>.json")
+    p.add_argument("--grad-checkpointing", default=None, help=argparse.SUPPRESS)
+    p.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def worker(args) -> dict:
+    """One setting, one process: build the engine exactly as the trainer does and time its steps."""
+    import torch
+
+    from dit_moe.diffusion import build_objective
+    from dit_moe.models import DiT, preset_config
+    from dit_moe.train import engine as engine_lib
+    from dit_moe.train.loop import apply_precision, draw_step_randomness, load_deepspeed_config, micro_step
+
+    torch.set_num_threads(args.threads)
+    _, _, _, device = engine_lib.init_distributed()
+    ds_config = load_deepspeed_config(f"config/{args.zero}.json")
+    ds_config.update(train_micro_batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=1,
+                     train_batch_size=args.batch_size)
+    precision = apply_precision(ds_config, args.precision, device)
+    config = preset_config(args.model, input_size=args.input_size, in_channels=args.in_channels,
+                           num_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_tok,
+                           grad_checkpointing=args.grad_checkpointing == "on")
+    torch.manual_seed(0)
+    engine = engine_lib.initialize(DiT(config), ds_config)
+    ema = engine_lib.EMA(engine.module, 0.9999)
+    objective = build_objective("iddpm", learn_sigma=True)
+    dtype = next(engine.module.parameters()).dtype
+    shape = (args.in_channels, args.input_size, args.input_size)
+    x = torch.randn(args.batch_size, *shape, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+
+    def step(i):
+        rnd = draw_step_randomness(objective, 0, i, 0, args.batch_size, shape, 0.1, 0, 1, device)
+        micro_step(engine, objective, x, y, rnd, dtype)
+        engine.step()
+        ema.update()
+
+    engine.train()
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for i in range(args.warmup):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for i in range(args.steps):
+        step(args.warmup + i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # host sync: timing
+    elapsed = time.perf_counter() - start
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        device_name = torch.cuda.get_device_name()
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+        device_name = f"CPU ({args.threads} threads)"
+    return {"steps_per_s": args.steps / elapsed, "images_per_s": args.steps * args.batch_size / elapsed,
+            "peak_mb": peak_mb, "device": device_name, "precision": precision,
+            "params": sum(p.numel() for p in engine.module.parameters())}
+
+
+def run_setting(args, checkpointing: str) -> dict:
+    argv = [sys.executable, __file__, WORKER_FLAG, "--grad-checkpointing", checkpointing]
+    for key in ("model", "num_experts", "num_experts_per_tok", "input_size", "in_channels", "batch_size", "steps",
+                "warmup", "threads", "precision", "zero"):
+        argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"benchmark worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    args = parse()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    results = {mode: run_setting(args, mode) for mode in ("off", "on")}
+    first = results["off"]
+    name = f"{args.model} {args.num_experts}E{args.num_experts_per_tok}A"
+    print(f"{name}, {first['params']:,} params, batch {args.batch_size} of {args.in_channels}x{args.input_size}x"
+          f"{args.input_size}, {first['precision']}, {first['device']}, {args.steps} timed steps")
+    print(f"{'grad ckpt':>10} {'steps/s':>9} {'images/s':>9} {'peak MB':>9}")
+    for mode, r in results.items():
+        print(f"{mode:>10} {r['steps_per_s']:9.3f} {r['images_per_s']:9.2f} {r['peak_mb']:9.0f}")
+    on, off = results["on"], results["off"]
+    print(f"checkpointing on/off: time per step x{off['steps_per_s'] / on['steps_per_s']:.2f}, "
+          f"peak memory x{on['peak_mb'] / max(off['peak_mb'], 1e-9):.2f}")
+
+
+if __name__ == "__main__":
+    main()
