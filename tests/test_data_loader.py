@@ -124,3 +124,13 @@ def test_config_errors_are_one_clear_sentence(tmp_path):
         build_train_loader(DataConfig("folder", data_path=str(tmp_path), vae_path="none", image_size=8), 0, 4, 4, 0)
     with pytest.raises(ValueError, match="raise --num-classes"):
         build_train_loader(DataConfig(num_classes=5), 0, 1, 4, 0)
+
+
+def test_auto_dataset_follows_the_paths_given_as_dit_and_dit_moe_command_lines_do(tmp_path):
+    assert DataConfig().dataset == "digits"
+    assert DataConfig(data_path=str(tmp_path), vae_path="none").dataset == "folder"  # DiT: --data-path images
+    assert DataConfig(features_path=str(tmp_path / "shards")).dataset == "latents"
+    (tmp_path / "imagenet256_features").mkdir()
+    assert DataConfig(features_path=str(tmp_path), num_classes=1000).dataset == "npy"  # fast-DiT's layout
+    with pytest.raises(ValueError, match="needs --vae-path"):  # images without a VAE: the folder's error
+        DataConfig(data_path=str(tmp_path))

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
+from dit_moe.data.npy_features import FEATURES_SUFFIX
 from dit_moe.vae import SD_VAE_SCALE_FACTOR, check_vae_path, is_pixel_space
 
-DATASETS = ("digits", "folder", "latents", "npy")
+DATASETS = ("digits", "folder", "latents", "npy")  # and "auto"
 DEFAULT_IMAGE_SIZE = {"digits": 32, "folder": 256, "latents": 256, "npy": 256}
+
+
+def auto_dataset(data_path: Optional[str], features_path: Optional[str]) -> str:
+    """The dataset kind that the given paths describe: features (fast-DiT .npy or shards), images, or digits."""
+    if features_path:
+        has_npy_pairs = os.path.isdir(features_path) and any(
+            entry.is_dir() and entry.name.endswith(FEATURES_SUFFIX) for entry in os.scandir(features_path)
+        )
+        return "npy" if has_npy_pairs else "latents"
+    return "folder" if data_path else "digits"
 
 
 @dataclass
@@ -17,10 +29,12 @@ class DataConfig:
 
     dataset: "digits" (built-in, pixels), "folder" (class-per-sub-folder images, encoded by
     the VAE on the fly), "latents" (webdataset shards from `python -m dit_moe.data.extract`),
-    "npy" (fast-DiT's extract_features.py output).
+    "npy" (fast-DiT's extract_features.py output), or "auto": chosen from the paths given, so
+    that DiT/DiT-MoE command lines (`--data-path` alone, or `--features-path`) mean what they
+    meant there, and digits when neither path is given.
     """
 
-    dataset: str = "digits"
+    dataset: str = "auto"
     data_path: Optional[str] = None           # image folder ("folder")
     features_path: Optional[str] = None       # shards ("latents") / fast-DiT folder ("npy"); defaults to data_path
     vae_path: Optional[str] = None            # local AutoencoderKL folder, or "none" for pixel space
@@ -34,6 +48,8 @@ class DataConfig:
     sample_latents: bool = True               # latent shards: draw from N(mean, std) rather than use the mean
 
     def __post_init__(self):
+        if self.dataset == "auto":
+            self.dataset = auto_dataset(self.data_path, self.features_path)
         if self.dataset not in DATASETS:
             raise ValueError(f"Unknown dataset {self.dataset!r}; choose one of {DATASETS}.")
         if self.dataset in ("latents", "npy") and self.features_path is None:

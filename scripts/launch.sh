@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Launch train_deepspeed.py with the deepspeed launcher on one node or many; flags go through.
+#
+#   bash scripts/launch.sh --model DiT-S/2 --num_experts 8 ...                 # every GPU of this node
+#   HOSTFILE=scripts/hostfile.example bash scripts/launch.sh ...              # every node in the hostfile
+#   NUM_GPUS=4 bash scripts/launch.sh ...                                      # 4 GPUs of this node
+#
+# Multi-node: the hostfile lists "hostname slots=GPUS" per node; this node must reach the others
+# by passwordless ssh, and the repository and .venv must be at the same path on each (shared
+# file system). MASTER_ADDR (default: first host) and MASTER_PORT (default 29500) can be set.
+# Under SLURM or other schedulers without ssh, start one `torchrun` per node instead (README).
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+if [ -x .venv/bin/python ]; then
+    # shellcheck disable=SC1091
+    . .venv/bin/activate
+fi
+launcher=(deepspeed --master_port "${MASTER_PORT:-29500}")
+if [ -n "${HOSTFILE:-}" ]; then
+    [ -f "$HOSTFILE" ] || { echo "error: HOSTFILE=$HOSTFILE does not exist; write one 'hostname slots=8' line per node." >&2; exit 2; }
+    launcher+=(--hostfile "$HOSTFILE")
+    if [ -n "${MASTER_ADDR:-}" ]; then
+        launcher+=(--master_addr "$MASTER_ADDR")
+    fi
+elif [ -n "${NUM_GPUS:-}" ]; then
+    launcher+=(--num_gpus "$NUM_GPUS")
+fi
+exec "${launcher[@]}" train_deepspeed.py "$@"
