@@ -21,14 +21,8 @@ else
 fi
 
 echo "== 1/4 training DiT-T/2 4E2A on digits for $STEPS steps ($NUM_PROCS process(es)) -> $RUN"
-deepspeed --num_gpus "$NUM_PROCS" train_deepspeed.py \
-    --deepspeed_config config/zero2.json \
-    --model DiT-T/2 --num_experts 4 --num_experts_per_tok 2 \
-    --dataset digits --image-size 16 \
-    --rf True --flow-t-scale 1000 \
-    --global-batch-size 64 --lr 5e-4 --ema-decay 0.995 \
-    --max-steps "$STEPS" --log-every 25 --ckpt-every 400 \
-    --results-dir "$RUN" --resume auto
+deepspeed --num_gpus "$NUM_PROCS" train_deepspeed.py --config config/quickstart.yaml \
+    --deepspeed_config config/zero2.json --max-steps "$STEPS" --results-dir "$RUN"
 
 CKPT="$RUN/export.safetensors"
 echo "== 2/4 sample grid -> $OUT/samples.png"

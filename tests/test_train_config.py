@@ -1,8 +1,11 @@
 """Trainer configuration: DiT-MoE flags, spellings, booleans, YAML + overrides, batch reconciliation."""
 
+from pathlib import Path
+
 import pytest
 
-from dit_moe.train.config import BatchPlan, RunSection, load_config
+from dit_moe.models import DiT_models
+from dit_moe.train.config import BatchPlan, RunSection, build_parser, load_config
 
 DIGITS = ["--dataset", "digits"]
 
@@ -11,13 +14,14 @@ def test_dit_moe_readme_flags_parse_with_both_spellings():
     cfg = load_config([
         "--deepspeed_config", "config/zero2.json", "--model", "DiT-S/2", "--num_experts", "8",
         "--num-experts-per-tok", "2", "--data-path", "/data", "--vae-path", "/vae", "--image-size", "256",
-        "--train_batch_size", "32", "--rf", "True", "--dataset", "folder", "--global_seed", "7",
+        "--train_batch_size", "32", "--rf", "True", "--global_seed", "7",
         "--ckpt-every", "500", "--log_every", "10", "--results_dir", "out", "--epochs", "3",
     ])
     assert cfg.run.deepspeed_config == "config/zero2.json" and cfg.model.model == "DiT-S/2"
     assert (cfg.model.num_experts, cfg.model.num_experts_per_tok) == (8, 2)
     assert (cfg.data.data_path, cfg.data.vae_path, cfg.data.image_size) == ("/data", "/vae", 256)
     assert cfg.run.micro_batch_size == 32 and cfg.run.seed == 7
+    assert cfg.data.dataset == "folder"  # --data-path alone means an image folder, as in DiT-MoE
     assert cfg.objective.objective == "flow"
     assert (cfg.run.ckpt_every, cfg.run.log_every, cfg.run.results_dir, cfg.run.epochs) == (500, 10, "out", 3)
 
@@ -75,3 +79,16 @@ def test_batch_plan_reconciles_and_names_the_numbers():
         BatchPlan.resolve(_run(micro_batch_size=3, global_batch_size=10), world_size=2, ds_config={})
     with pytest.raises(ValueError, match="Set a batch size"):
         BatchPlan.resolve(_run(), world_size=1, ds_config={})
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "config").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_experiment_yamls_load(path):
+    cfg = load_config(["--config", str(path), "--features-path", "/data/latents"] if "latents" in path.read_text()
+                      else ["--config", str(path)])
+    assert cfg.model.model in DiT_models and cfg.run.global_batch_size
+
+
+def test_every_flag_has_help_from_its_commented_default():
+    text = build_parser().format_help()
+    assert "0: dense DiT (default: 8)" in text and "expert-parallel group size (default: 1)" in text

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -151,6 +153,12 @@ def _field_parser(annotation: Any):
     return annotation
 
 
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's trailing `# comment` in the class source: the flag's --help, written once beside its default."""
+    pattern = re.compile(r"^\s+(\w+):[^#]*#\s*(.+)$")
+    return {m.group(1): m.group(2).strip() for m in map(pattern.match, inspect.getsource(cls).splitlines()) if m}
+
+
 def _flag_names(name: str) -> list[str]:
     dashed = name.replace("_", "-")
     return [f"--{name}"] if dashed == name else [f"--{dashed}", f"--{name}"]
@@ -159,18 +167,19 @@ def _flag_names(name: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a DiT / DiT-MoE with DeepSpeed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="experiment YAML (sections model/data/objective/run); flags override it")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
-        hints = typing.get_type_hints(cls)
+        hints, comments = typing.get_type_hints(cls), field_comments(cls)
         for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
             group.add_argument(
                 *_flag_names(f.name), dest=f"{section}.{f.name}", type=_field_parser(hints[f.name]),
                 default=argparse.SUPPRESS, metavar=f.name.upper(),
+                help=f"{comments.get(f.name, '')} (default: {default})".lstrip(),
             )
     aliases = parser.add_argument_group("DiT-MoE spellings")
     aliases.add_argument("--train_batch_size", "--train-batch-size", dest="run.micro_batch_size", type=int,
