@@ -102,6 +102,14 @@ class GroupedExperts(nn.Module):
             for expert_weight in param:  # xavier on [E, out, in] would mix fans across experts
                 nn.init.xavier_uniform_(expert_weight)
 
+    @torch.no_grad()
+    def keep_experts(self, first: int, count: int) -> None:
+        """Keep only experts `first ... first + count - 1` and free the others (an expert-parallel
+        rank's slice); the module then behaves as `count` experts."""
+        for name in self.weight_names:
+            setattr(self, name, nn.Parameter(getattr(self, name)[first : first + count].clone()))
+        self.num_experts = count
+
     def use_grouped(self, dtype: torch.dtype, device: torch.device) -> bool:
         """Grouped GEMM on CUDA half precision ("auto") or always ("on"), if strides allow it."""
         if self.grouped_gemm == "off" or not grouped_mm_available():

@@ -101,6 +101,9 @@ class MoEFeedForward(nn.Module):
             self.shared_experts = SwiGLUMLP(hidden_size, args.n_shared_experts * hidden_size)
         else:
             self.shared_experts = None
+        # Set by expert parallelism (`dit_moe.parallel`): runs this layer's local experts on the
+        # copies every rank routes to them. None: all experts are here.
+        self.expert_parallel = None
         # int64 so that casting the model to half precision cannot round the counts.
         self.register_buffer("tokens_per_expert", torch.zeros(args.num_experts, dtype=torch.int64), persistent=False)
 
@@ -118,7 +121,11 @@ class MoEFeedForward(nn.Module):
         buffer, meta = dispatch(tokens, expert_ids, self.args.num_experts, self.capacity(N * T))
         with torch.no_grad():
             self.tokens_per_expert.copy_(meta.routed_counts)
-        y = combine(self.experts(buffer, meta.counts), weights, meta).to(x.dtype)
+        if self.expert_parallel is None:
+            expert_out = self.experts(buffer, meta.counts)
+        else:
+            expert_out = self.expert_parallel(self.experts, buffer, meta.counts)
+        y = combine(expert_out, weights, meta).to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(tokens)
         return y.reshape(N, T, C), self.aux_losses(x, expert_ids, scores)  # [M, C] -> [N, T, C]
