@@ -37,14 +37,14 @@ class AllToAllStats:
     """Traffic to and from other ranks of the group, summed since the last `take()`.
 
     tokens_*: dispatched token copies (forward only); bytes_*: every all-to-all, forward and
-    backward, dispatch and combine; seconds: wall time inside the all-to-alls (CUDA events on GPU).
+    backward, dispatch and combine; all_to_all_s: wall time inside the all-to-alls (CUDA events on GPU).
     """
 
     tokens_sent: float = 0.0
     tokens_received: float = 0.0
     bytes_sent: float = 0.0
     bytes_received: float = 0.0
-    seconds: float = 0.0
+    all_to_all_s: float = 0.0
 
     def as_tensor(self) -> Tensor:
         return torch.tensor([getattr(self, f.name) for f in fields(self)], dtype=torch.float64)
@@ -75,9 +75,19 @@ class ExpertParallel:
         """The statistics since the last call (waits for pending CUDA timings: a host sync)."""
         for start, end in self._pending_events:
             end.synchronize()
-            self.stats.seconds += start.elapsed_time(end) / 1000.0
+            self.stats.all_to_all_s += start.elapsed_time(end) / 1000.0
         stats, self.stats, self._pending_events = self.stats, AllToAllStats(), []
         return stats
+
+    def gather_experts(self, local: Tensor) -> Tensor:
+        """Full [E, ...] tensor from every rank's [E_l, ...] slice (a collective over the group)."""
+        parts = [torch.empty_like(local) for _ in range(self.size)]
+        dist.all_gather(parts, local.contiguous(), group=self.group)
+        return torch.cat(parts)
+
+    def local_slice(self, full: Tensor) -> Tensor:
+        """This rank's [E_l, ...] slice of a full [E, ...] tensor."""
+        return full[self.first_expert : self.first_expert + self.num_local]
 
     def __call__(self, experts: nn.Module, buffer: Tensor, counts: Tensor) -> Tensor:
         """buffer [S, C] sorted by global expert, counts [E] -> expert outputs [S, C] in the same order."""
@@ -117,7 +127,7 @@ class ExpertParallel:
         else:
             began = time.perf_counter()
             dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group)
-            self.stats.seconds += time.perf_counter() - began
+            self.stats.all_to_all_s += time.perf_counter() - began
         return out
 
 

@@ -1,11 +1,17 @@
-"""The only module that imports DeepSpeed: engine construction, ZeRO-3 leaf modules, EMA,
-checkpoints that survive a kill at any moment, and gathering full weights for export.
+"""The only module that imports DeepSpeed: engine construction, ZeRO-3 leaf modules, expert-parallel
+groups, EMA, checkpoints that survive a kill at any moment, and gathering full weights for export.
+
+Expert parallelism (`--ep-size N`) uses DeepSpeed's own MoE machinery: its expert-parallel and
+expert-data-parallel groups, expert parameters marked as its MoE layer marks them
+(`allreduce = False`, `group_name`), and optimizer groups split by its helper, so ZeRO-1/2
+partitions and reduces expert gradients over the expert-data-parallel group only.
 
 Checkpoint layout under `<results>/checkpoints/`:
     step0000100/            DeepSpeed's files (model, optimizer, client state) plus
         ema.safetensors     full EMA weights (gathered under ZeRO-3)
         dit_config.json     the model's DiTConfig, so `load_model(dir)` works
         rng_rankR.pt        every rank's RNG states
+        experts_epR.safetensors  expert parallelism only: expert-parallel rank R's local experts
         COMPLETE            written last: a tag without it is ignored
     latest                  name of the newest complete tag, replaced atomically
 """
@@ -23,14 +29,20 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
-from deepspeed.utils import set_z3_leaf_modules
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups, set_z3_leaf_modules
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CONFIG_FILE, EMA_FILE
 from ..models.moe import MoEFeedForward
+from ..parallel import ExpertParallel, shard_experts
 
 COMPLETE_MARKER = "COMPLETE"
 TAG_PREFIX = "step"
+EXPERT_SHARD = "experts_ep{rank}.safetensors"
+EXPERT_PARALLEL_STAGES = (1, 2)
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
@@ -59,22 +71,88 @@ def build_optimizer(model: torch.nn.Module, ds_config: dict[str, Any]) -> Option
     params.pop("torch_adam", None)
     params.pop("adam_w_mode", None)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if any(is_moe_param(p) for p in trainable):  # expert parallelism: expert params in their own groups
+        return torch.optim.AdamW(
+            split_params_into_different_moe_groups_for_optimizer({"params": trainable, "name": "params"}),
+            fused=True, **params,
+        )
     return torch.optim.AdamW(trainable, fused=True, **params)
 
 
-def initialize(model: torch.nn.Module, ds_config: dict[str, Any]):
+def check_expert_parallel(ep_size: int, ds_config: dict[str, Any], world_size: int) -> None:
+    """Start-up check of --ep-size against the ZeRO stage and the number of processes."""
+    if ep_size == 1:
+        return
+    if zero_stage(ds_config) not in EXPERT_PARALLEL_STAGES:
+        raise ValueError(
+            f"--ep-size {ep_size} works with ZeRO stage 1 or 2 (config/zero1.json, config/zero2.json), "
+            f"not with stage {zero_stage(ds_config)}; pick one of those configs or use --ep-size 1."
+        )
+    if world_size % ep_size:
+        raise ValueError(f"--ep-size {ep_size} must divide the number of processes ({world_size}).")
+
+
+def setup_expert_parallel(model: torch.nn.Module, ep_size: int) -> Optional[ExpertParallel]:
+    """Create DeepSpeed's expert-parallel groups, keep this rank's experts and mark them as DeepSpeed's
+    MoE layer marks expert parameters; None when ep_size is 1 (nothing changes)."""
+    if ep_size == 1:
+        return None
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    if not layers:
+        raise ValueError(f"--ep-size {ep_size} needs an MoE model; set --num-experts > 0 or use --ep-size 1.")
+    num_experts = layers[0].args.num_experts
+    if num_experts % ep_size:
+        raise ValueError(f"--ep-size {ep_size} must divide the number of experts ({num_experts}).")
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    ep = ExpertParallel(groups._get_expert_parallel_group(name), num_experts)
+    for param in shard_experts(model, ep):
+        param.allreduce = False  # reduce over the expert-data-parallel group only
+        param.group_name = name
+    return ep
+
+
+class _MoEFlag(DeepSpeedMoE):
+    """A parameter-free stand-in that makes DeepSpeed's engine see an MoE model.
+
+    DeepSpeed turns on its expert handling (`has_moe_layers`: ZeRO-1/2 partition and reduce the
+    marked expert parameters over their expert-data-parallel group) only when the module tree
+    holds an instance of its own `MoE` class. This one is attached for `deepspeed.initialize`
+    only. It declares no local experts, so DeepSpeed writes and reads no per-expert files:
+    `save_checkpoint` stores each rank's expert shard itself.
+    """
+
+    def __init__(self, num_experts: int, ep_size: int) -> None:
+        torch.nn.Module.__init__(self)
+        self.num_experts = num_experts
+        self.ep_size = ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
+        self.num_local_experts = 0
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Nothing to do: `setup_expert_parallel` created the groups."""
+
+
+def initialize(model: torch.nn.Module, ds_config: dict[str, Any], ep: Optional[ExpertParallel] = None):
     """Wrap `model` in a DeepSpeed engine; MoE layers become ZeRO-3 leaf modules (gathered whole)."""
     if zero_stage(ds_config) == 3:
         set_z3_leaf_modules(model, [MoEFeedForward])
     optimizer = build_optimizer(model, ds_config)
     if optimizer is not None:
         ds_config["zero_allow_untested_optimizer"] = True
+    if ep is not None:
+        model.add_module("_deepspeed_moe_flag", _MoEFlag(ep.num_experts, ep.size))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad],
         config=ds_config,
     )
+    if ep is not None:
+        del model._deepspeed_moe_flag
+        if not engine.has_moe_layers:
+            raise RuntimeError("DeepSpeed did not enable its MoE handling; expert gradients would be reduced wrongly.")
     return engine
 
 
@@ -89,8 +167,9 @@ class EMA:
     communication per step); the full average is gathered only to save or export.
     """
 
-    def __init__(self, module: torch.nn.Module, decay: float):
+    def __init__(self, module: torch.nn.Module, decay: float, ep: Optional[ExpertParallel] = None):
         self.decay = decay
+        self.ep = ep  # expert parallelism: expert tensors hold this rank's experts, gathered to save
         self.params = dict(module.named_parameters())
         self.shadow = {name: self._local(p).detach().float().clone() for name, p in self.params.items()}
 
@@ -107,12 +186,17 @@ class EMA:
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 EMA tensors (collective under ZeRO-3: every rank must call it)."""
+        if self.ep is not None:
+            return {name: (self.ep.gather_experts(self.shadow[name]) if is_moe_param(p) else self.shadow[name]).cpu()
+                    for name, p in self.params.items()}
         return {name: _gather_partition(self.shadow[name], p) for name, p in self.params.items()}
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, param in self.params.items():
             full = state[name].float()
+            if self.ep is not None and is_moe_param(param):
+                full = self.ep.local_slice(full)
             self.shadow[name].copy_(_local_partition(full, param) if _is_partitioned(param) else full)
 
 
@@ -133,13 +217,17 @@ def _local_partition(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Ten
 
 
 @torch.no_grad()
-def full_model_state_dict(engine) -> dict[str, torch.Tensor]:
-    """Full weights of the engine's module in fp32 on CPU (collective under ZeRO-3)."""
+def full_model_state_dict(engine, ep: Optional[ExpertParallel] = None) -> dict[str, torch.Tensor]:
+    """Full weights of the engine's module in fp32 on CPU (collective under ZeRO-3 or expert parallelism)."""
     module = engine.module
     params = list(module.parameters())
     if any(_is_partitioned(p) for p in params):
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    if ep is not None:
+        experts = {name for name, p in module.named_parameters() if is_moe_param(p)}
+        return {k: (ep.gather_experts(v) if k in experts else v).detach().float().cpu().clone()
+                for k, v in module.state_dict().items()}
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
@@ -182,7 +270,7 @@ def latest_complete_tag(checkpoint_dir: Path) -> Optional[str]:
 
 
 def save_checkpoint(engine, ema: EMA, checkpoint_dir: Path, step: int, client_state: dict[str, Any],
-                    model_config: dict[str, Any], keep_last: int) -> str:
+                    model_config: dict[str, Any], keep_last: int, ep: Optional[ExpertParallel] = None) -> str:
     """Collective: write tag `stepNNNNNNN`, mark it complete, point `latest` at it, prune old tags."""
     tag = tag_for_step(step)
     tag_dir = checkpoint_dir / tag
@@ -193,6 +281,8 @@ def save_checkpoint(engine, ema: EMA, checkpoint_dir: Path, step: int, client_st
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
     ema_state = ema.full_state_dict()
     torch.save(_rng_state(), tag_dir / f"rng_rank{rank}.pt")
+    if ep is not None:
+        _save_expert_shard(engine.module, ep, tag_dir)
     if rank == 0:
         save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tag_dir / EMA_FILE))
         (tag_dir / CONFIG_FILE).write_text(json.dumps(model_config, indent=2))
@@ -209,6 +299,26 @@ def save_checkpoint(engine, ema: EMA, checkpoint_dir: Path, step: int, client_st
     return tag
 
 
+def _save_expert_shard(module: torch.nn.Module, ep: ExpertParallel, tag_dir: Path) -> None:
+    """This expert-parallel rank's experts (DeepSpeed's model file holds rank 0's only); the first
+    rank of each expert-data-parallel group writes, the others hold the same weights."""
+    name = f"ep_size_{ep.size}"
+    if groups._get_expert_data_parallel_rank(name) != 0:
+        return
+    shard = {k: p.detach().cpu().contiguous() for k, p in module.named_parameters() if is_moe_param(p)}
+    metadata = {"ep_size": str(ep.size), "ep_rank": str(ep.rank), "num_experts": str(ep.num_experts)}
+    save_file(shard, str(tag_dir / EXPERT_SHARD.format(rank=ep.rank)), metadata=metadata)
+
+
+def saved_ep_size(tag_dir: Path) -> int:
+    """The --ep-size a checkpoint tag was written with (1 when it holds no expert shards)."""
+    shard = tag_dir / EXPERT_SHARD.format(rank=0)
+    if not shard.is_file():
+        return 1
+    with safe_open(str(shard), framework="pt") as f:
+        return int(f.metadata()["ep_size"])
+
+
 def _fsync_dir(directory: Path) -> None:
     for path in directory.rglob("*"):
         if path.is_file():
@@ -216,13 +326,27 @@ def _fsync_dir(directory: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def load_checkpoint(engine, ema: EMA, checkpoint_dir: Path, tag: str) -> dict[str, Any]:
+def load_checkpoint(engine, ema: EMA, checkpoint_dir: Path, tag: str,
+                    ep: Optional[ExpertParallel] = None) -> dict[str, Any]:
     """Restore engine (model, optimizer, scheduler), EMA and this rank's RNG; returns the client state."""
+    saved, current = saved_ep_size(checkpoint_dir / tag), 1 if ep is None else ep.size
+    if saved != current:
+        raise ValueError(
+            f"Checkpoint {checkpoint_dir / tag} was written with --ep-size {saved} and ZeRO's optimizer shards "
+            f"follow that layout: resume it with --ep-size {saved}, or start a new run from its weights "
+            f"with --init-from {checkpoint_dir / tag} --ep-size {current}."
+        )
     load_path, client_state = engine.load_checkpoint(
         str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir / tag}.")
+    if ep is not None:
+        shard = load_file(str(checkpoint_dir / tag / EXPERT_SHARD.format(rank=ep.rank)))
+        with torch.no_grad():
+            for name, param in engine.module.named_parameters():
+                if is_moe_param(param):
+                    param.copy_(shard[name])
     ema.load_full_state_dict(load_file(str(checkpoint_dir / tag / EMA_FILE)))
     rng_file = checkpoint_dir / tag / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():

@@ -15,7 +15,7 @@ import json
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +30,7 @@ from ..diffusion import build_objective
 from ..models import DiT, DiTConfig, preset_config
 from ..models.masking import random_mask
 from ..models.moe import MoEFeedForward
+from ..parallel import AllToAllStats, ExpertParallel
 from . import engine as engine_lib
 from .config import BatchPlan, TrainConfig
 from .metrics import MetricsWriter, plot_loss_curve
@@ -219,6 +220,15 @@ class LoadTracker:
                 "expert_load_cv": cv.mean().item()}
 
 
+def expert_parallel_record(ep: ExpertParallel, steps: int, device: torch.device) -> dict[str, list[float]]:
+    """Every rank's all-to-all traffic and time per optimizer step since the last log (a collective)."""
+    local = ep.take_stats().as_tensor().to(device)
+    per_rank = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(per_rank, local)
+    table = (torch.stack(per_rank) / steps).T.tolist()  # host sync: logging; [rank, stat] -> [stat][rank]
+    return {f"ep_{f.name}": values for f, values in zip(fields(AllToAllStats), table)}
+
+
 def _setup_logging(results_dir: Path, rank: int) -> None:
     if rank != 0:
         logging.basicConfig(level=logging.WARNING)
@@ -235,10 +245,9 @@ def train(cfg: TrainConfig) -> Optional[Path]:
     results_dir = Path(cfg.run.results_dir)
     checkpoint_dir = results_dir / "checkpoints"
     _setup_logging(results_dir, rank)
-    if cfg.run.ep_size != 1:
-        raise ValueError("--ep-size > 1 (expert parallelism) is not available yet; use --ep-size 1.")
 
     ds_config = load_deepspeed_config(cfg.run.deepspeed_config)
+    engine_lib.check_expert_parallel(cfg.run.ep_size, ds_config, world_size)
     plan = BatchPlan.resolve(cfg.run, world_size, ds_config)
     ds_config.update(train_micro_batch_size_per_gpu=plan.micro_batch, gradient_accumulation_steps=plan.grad_accum,
                      train_batch_size=plan.global_batch)
@@ -251,9 +260,10 @@ def train(cfg: TrainConfig) -> Optional[Path]:
     codec = build_codec(cfg.data).to(device) if loader.needs_encoding else None
     model_config = build_model_config(cfg, loader.input_channels, loader.input_size, loader.num_classes)
     model = build_model(cfg, model_config)
+    ep = engine_lib.setup_expert_parallel(model, cfg.run.ep_size)
     objective = build_objective(model_config.objective, **objective_options(cfg, model_config.learn_sigma))
-    engine = engine_lib.initialize(model, ds_config)
-    ema = engine_lib.EMA(engine.module, cfg.run.ema_decay)
+    engine = engine_lib.initialize(model, ds_config, ep)
+    ema = engine_lib.EMA(engine.module, cfg.run.ema_decay, ep)
     model_dtype = next(engine.module.parameters()).dtype
 
     step = 0
@@ -266,7 +276,7 @@ def train(cfg: TrainConfig) -> Optional[Path]:
         if tag is None and cfg.run.resume != "auto":
             raise FileNotFoundError(f"--resume {cfg.run.resume}: no complete checkpoint found there.")
         if tag is not None:
-            client = engine_lib.load_checkpoint(engine, ema, resume_dir, tag)
+            client = engine_lib.load_checkpoint(engine, ema, resume_dir, tag, ep)
             step = client["step"]
             loader.load_state_dict(client["data"])
             log.info("Resumed from %s at step %d.", resume_dir / tag, step)
@@ -277,9 +287,12 @@ def train(cfg: TrainConfig) -> Optional[Path]:
                  cfg.model.model, f"{n_params:,}", model_config.num_experts, model_config.num_experts_per_tok,
                  model_config.objective, world_size, precision, plan.global_batch, plan.micro_batch,
                  plan.grad_accum, world_size)
+        if ep is not None:
+            log.info("Expert parallelism: %d ranks per group, %d of %d experts per rank.", ep.size, ep.num_local,
+                     ep.num_experts)
 
     def export() -> Optional[Path]:
-        model_state, ema_state = engine_lib.full_model_state_dict(engine), ema.full_state_dict()
+        model_state, ema_state = engine_lib.full_model_state_dict(engine, ep), ema.full_state_dict()
         if rank != 0:
             return None
         return save_export(results_dir / f"export.{cfg.run.export_format}", model_config, model_state, ema_state)
@@ -302,7 +315,7 @@ def train(cfg: TrainConfig) -> Optional[Path]:
     def save(at_step: int) -> None:
         client = {"step": at_step, "data": loader.state_dict()}
         engine_lib.save_checkpoint(engine, ema, checkpoint_dir, at_step, client, model_config.to_dict(),
-                                   cfg.run.keep_last)
+                                   cfg.run.keep_last, ep)
 
     engine.train()
     while step < total_steps:
@@ -343,6 +356,8 @@ def train(cfg: TrainConfig) -> Optional[Path]:
                 images_per_s=window_steps * plan.global_batch / elapsed,
                 **tracker.summary(load),
             )
+            if ep is not None:
+                record.update(expert_parallel_record(ep, window_steps, device))
             metrics.write(step, record)
             progress.set_postfix(loss=f"{record['loss']:.4f}")
             running, window_start, window_steps = {}, time.perf_counter(), 0

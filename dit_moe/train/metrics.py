@@ -33,6 +33,9 @@ class MetricsWriter:
         for key, value in values.items():
             if isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(key, value, step)
+            elif isinstance(value, list):  # one value per rank
+                for rank, item in enumerate(value):
+                    self.tensorboard.add_scalar(f"{key}/rank{rank}", item, step)
 
     def close(self) -> None:
         if self.tensorboard is not None:
