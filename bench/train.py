@@ -1,7 +1,11 @@
 """Whole training-step benchmark: the trainer's own micro-step through the DeepSpeed engine.
 
-Prints steps/s, images/s and peak memory for DiT-MoE-S/2 8E2A (default) with gradient
-checkpointing off and on, each in a fresh process, and their ratios measured in the same run.
+Prints steps/s, images/s and peak memory for DiT-MoE-S/2 8E2A (default), each setting in a
+fresh process, and ratios against the plain run measured in the same invocation:
+  plain       no gradient checkpointing, no masking
+  grad-ckpt   gradient checkpointing of the blocks
+  mask-0.5    MaskDiT: encoder on half the patches + a light decoder (--decoder-*) and the MAE term
+  decoder     the same MaskDiT model unmasked (mask ratio 0), i.e. what the decoder alone costs
 Peak memory is torch.cuda.max_memory_allocated on GPU; on CPU it is the growth of the
 process's peak resident set (ru_maxrss) over the training steps, i.e. activations, gradients
 and optimizer state that the steps added on top of the built model.
@@ -36,7 +40,13 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--zero", default="zero2", help="config/<name>.json")
-    p.add_argument("--grad-checkpointing", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--decoder-depth", type=int, default=2, help="MaskDiT decoder blocks (MaskDiT-XL: 8)")
+    p.add_argument("--decoder-hidden-size", type=int, default=256, help="MaskDiT decoder width (MaskDiT-XL: 512)")
+    p.add_argument("--decoder-num-heads", type=int, default=4)
+    p.add_argument("--settings", default="plain,grad-ckpt,mask-0.5,decoder", help="comma-separated subset")
+    p.add_argument("--grad-checkpointing", default="off", help=argparse.SUPPRESS)
+    p.add_argument("--mask-ratio", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--with-decoder", default="off", help=argparse.SUPPRESS)
     p.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -58,7 +68,9 @@ def worker(args) -> dict:
     precision = apply_precision(ds_config, args.precision, device)
     config = preset_config(args.model, input_size=args.input_size, in_channels=args.in_channels,
                            num_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_tok,
-                           grad_checkpointing=args.grad_checkpointing == "on")
+                           grad_checkpointing=args.grad_checkpointing == "on",
+                           decoder_depth=args.decoder_depth if args.with_decoder == "on" else 0,
+                           decoder_hidden_size=args.decoder_hidden_size, decoder_num_heads=args.decoder_num_heads)
     torch.manual_seed(0)
     engine = engine_lib.initialize(DiT(config), ds_config)
     ema = engine_lib.EMA(engine.module, 0.9999)
@@ -69,7 +81,8 @@ def worker(args) -> dict:
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
 
     def step(i):
-        rnd = draw_step_randomness(objective, 0, i, 0, args.batch_size, shape, 0.1, 0, 1, device)
+        rnd = draw_step_randomness(objective, 0, i, 0, args.batch_size, shape, 0.1, 0, 1, device,
+                                   args.mask_ratio, engine.module.num_tokens)
         micro_step(engine, objective, x, y, rnd, dtype)
         engine.step()
         ema.update()
@@ -98,11 +111,22 @@ def worker(args) -> dict:
             "params": sum(p.numel() for p in engine.module.parameters())}
 
 
-def run_setting(args, checkpointing: str) -> dict:
-    argv = [sys.executable, __file__, WORKER_FLAG, "--grad-checkpointing", checkpointing]
+SETTINGS = {
+    "plain": dict(grad_checkpointing="off", mask_ratio=0.0, with_decoder="off"),
+    "grad-ckpt": dict(grad_checkpointing="on", mask_ratio=0.0, with_decoder="off"),
+    "mask-0.5": dict(grad_checkpointing="off", mask_ratio=0.5, with_decoder="on"),
+    "decoder": dict(grad_checkpointing="off", mask_ratio=0.0, with_decoder="on"),
+}
+
+
+def run_setting(args, setting: dict) -> dict:
+    argv = [sys.executable, __file__, WORKER_FLAG]
     for key in ("model", "num_experts", "num_experts_per_tok", "input_size", "in_channels", "batch_size", "steps",
-                "warmup", "threads", "precision", "zero"):
+                "warmup", "threads", "precision", "zero", "decoder_depth", "decoder_hidden_size",
+                "decoder_num_heads"):
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    for key, value in setting.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -115,17 +139,25 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    results = {mode: run_setting(args, mode) for mode in ("off", "on")}
-    first = results["off"]
-    name = f"{args.model} {args.num_experts}E{args.num_experts_per_tok}A"
-    print(f"{name}, {first['params']:,} params, batch {args.batch_size} of {args.in_channels}x{args.input_size}x"
-          f"{args.input_size}, {first['precision']}, {first['device']}, {args.steps} timed steps")
-    print(f"{'grad ckpt':>10} {'steps/s':>9} {'images/s':>9} {'peak MB':>9}")
-    for mode, r in results.items():
-        print(f"{mode:>10} {r['steps_per_s']:9.3f} {r['images_per_s']:9.2f} {r['peak_mb']:9.0f}")
-    on, off = results["on"], results["off"]
-    print(f"checkpointing on/off: time per step x{off['steps_per_s'] / on['steps_per_s']:.2f}, "
-          f"peak memory x{on['peak_mb'] / max(off['peak_mb'], 1e-9):.2f}")
+    names = ["plain"] + [n for n in args.settings.split(",") if n != "plain"]
+    unknown = sorted(set(names) - set(SETTINGS))
+    if unknown:
+        raise SystemExit(f"unknown --settings {unknown}; choose from {sorted(SETTINGS)}.")
+    results = {name: run_setting(args, SETTINGS[name]) for name in names}
+    plain = results["plain"]
+    print(f"{args.model} {args.num_experts}E{args.num_experts_per_tok}A, {plain['params']:,} params, batch "
+          f"{args.batch_size} of {args.in_channels}x{args.input_size}x{args.input_size}, {plain['precision']}, "
+          f"{plain['device']}, {args.steps} timed steps; decoder {args.decoder_depth}x{args.decoder_hidden_size}")
+    print(f"{'setting':>10} {'steps/s':>9} {'images/s':>9} {'peak MB':>9} {'time x':>8} {'memory x':>9}")
+    for name, r in results.items():
+        print(f"{name:>10} {r['steps_per_s']:9.3f} {r['images_per_s']:9.2f} {r['peak_mb']:9.0f} "
+              f"{plain['steps_per_s'] / r['steps_per_s']:8.2f} {r['peak_mb'] / max(plain['peak_mb'], 1e-9):9.2f}")
+    print("time x / memory x: step time and peak memory relative to 'plain' (below 1 is better)")
+    if "mask-0.5" in results and "decoder" in results:
+        masked, unmasked = results["mask-0.5"], results["decoder"]
+        print(f"mask 0.5 vs the same MaskDiT model unmasked: time per step x"
+              f"{unmasked['steps_per_s'] / masked['steps_per_s']:.2f}, "
+              f"peak memory x{masked['peak_mb'] / max(unmasked['peak_mb'], 1e-9):.2f}")
 
 
 if __name__ == "__main__":
