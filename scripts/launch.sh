@@ -7,7 +7,8 @@
 #
 # Multi-node: the hostfile lists "hostname slots=GPUS" per node; this node must reach the others
 # by passwordless ssh, and the repository and .venv must be at the same path on each (shared
-# file system). MASTER_ADDR (default: first host) and MASTER_PORT (default 29500) can be set.
+# file system). MASTER_ADDR (default: first host) and MASTER_PORT (default 29500) can be set;
+# DEEPSPEED names the launcher to use (default: `deepspeed` from .venv or PATH).
 # Under SLURM or other schedulers without ssh, start one `torchrun` per node instead (README).
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,7 +17,7 @@ if [ -x .venv/bin/python ]; then
     # shellcheck disable=SC1091
     . .venv/bin/activate
 fi
-launcher=(deepspeed --master_port "${MASTER_PORT:-29500}")
+launcher=("${DEEPSPEED:-deepspeed}" --master_port "${MASTER_PORT:-29500}")
 if [ -n "${HOSTFILE:-}" ]; then
     [ -f "$HOSTFILE" ] || { echo "error: HOSTFILE=$HOSTFILE does not exist; write one 'hostname slots=8' line per node." >&2; exit 2; }
     launcher+=(--hostfile "$HOSTFILE")
