@@ -288,8 +288,8 @@ def train(cfg: TrainConfig) -> Optional[Path]:
                  model_config.objective, world_size, precision, plan.global_batch, plan.micro_batch,
                  plan.grad_accum, world_size)
         if ep is not None:
-            log.info("Expert parallelism: %d ranks per group, %d of %d experts per rank.", ep.size, ep.num_local,
-                     ep.num_experts)
+            log.info("Expert parallelism: %d ranks per group, %d of %d experts per rank (the parameter count "
+                     "above is this rank's).", ep.size, ep.num_local, ep.num_experts)
 
     def export() -> Optional[Path]:
         model_state, ema_state = engine_lib.full_model_state_dict(engine, ep), ema.full_state_dict()
