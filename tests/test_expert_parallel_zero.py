@@ -66,17 +66,17 @@ def _check_stage(stage: int, rank: int, world: int) -> None:
     engine.backward(engine(x[mine], target[mine]))
     expected = {name: p for name, p in reference.named_parameters()}
 
-    def local(name, tensor, param):
+    def local(tensor, param):
         return ep.local_slice(tensor) if is_moe_param(param) else tensor
 
     for name, param in engine.module.named_parameters():
         grad = safe_get_full_grad(param)
-        torch.testing.assert_close(grad, local(name, expected[name].grad, param), rtol=1e-5, atol=1e-7,
+        torch.testing.assert_close(grad, local(expected[name].grad, param), rtol=1e-5, atol=1e-7,
                                    msg=f"stage {stage} grad {name}")
 
     engine.step()
     for name, param in engine.module.named_parameters():
-        torch.testing.assert_close(param, local(name, expected[name], param), rtol=1e-5, atol=1e-7,
+        torch.testing.assert_close(param, local(expected[name], param), rtol=1e-5, atol=1e-7,
                                    msg=f"stage {stage} weight {name}")
 
     zero = engine.optimizer
