@@ -27,6 +27,7 @@ EXPORT_FORMAT = "dit-moe-export"
 CONFIG_FILE = "dit_config.json"
 EMA_FILE = "ema.safetensors"
 MODEL_FILE = "model.safetensors"
+EXPERT_SHARD = "experts_ep{rank}.safetensors"  # expert parallelism: rank R's local experts (training weights)
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 _HEADS_BY_WIDTH = {hidden: heads for _, hidden, heads in MODEL_SIZES.values()}
 
@@ -86,12 +87,14 @@ def _read_deepspeed_dir(directory: Path, prefer_ema: bool) -> tuple[Optional[DiT
         if candidate.is_file():
             config = DiTConfig.from_dict(json.loads(candidate.read_text()))
             break
-    for name in ((EMA_FILE, MODEL_FILE) if prefer_ema else (MODEL_FILE, EMA_FILE)):
-        if (tag_dir / name).is_file():
-            tensors, _ = _read_safetensors(tag_dir / name)
-            return config, tensors
+    if prefer_ema and (tag_dir / EMA_FILE).is_file():
+        return config, _read_safetensors(tag_dir / EMA_FILE)[0]
+    if (tag_dir / MODEL_FILE).is_file():
+        return config, _read_safetensors(tag_dir / MODEL_FILE)[0]
     states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not states:
+        if (tag_dir / EMA_FILE).is_file():
+            return config, _read_safetensors(tag_dir / EMA_FILE)[0]
         raise CheckpointError(f"{tag_dir} holds no model weights (no {MODEL_FILE}, {EMA_FILE} or mp_rank_*_model_states.pt).")
     blob = torch.load(states[0], map_location="cpu", weights_only=False)
     module = blob.get("module") if isinstance(blob, dict) else None
@@ -100,7 +103,15 @@ def _read_deepspeed_dir(directory: Path, prefer_ema: bool) -> tuple[Optional[DiT
             f"{states[0]} holds ZeRO-3 partitioned weights only; export the run with the trainer "
             "(`--export-only`) or convert it with DeepSpeed's zero_to_fp32.py first."
         )
-    return config, module
+    return config, {**_clean_keys(module), **_gather_expert_shards(tag_dir)}
+
+
+def _gather_expert_shards(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Full [E, ...] expert weights from an expert-parallel checkpoint's per-rank shards (none: {})."""
+    shards = []
+    while (tag_dir / EXPERT_SHARD.format(rank=len(shards))).is_file():
+        shards.append(_read_safetensors(tag_dir / EXPERT_SHARD.format(rank=len(shards)))[0])
+    return {key: torch.cat([shard[key] for shard in shards]) for key in shards[0]} if shards else {}
 
 
 def read_checkpoint(path: str | os.PathLike, prefer_ema: bool = True) -> tuple[Optional[DiTConfig], dict[str, torch.Tensor]]:

@@ -76,6 +76,11 @@ def test_resume_with_ep_reproduces_the_uninterrupted_run(ep2_zero2, tmp_path):
     run_train(tmp_path, *RUN, "--ep-size", "2", "--resume", "auto", launcher="deepspeed")
     assert losses(tmp_path)[3] == losses(ep2_zero2)[3]
     assert_same_exports(tmp_path, ep2_zero2, exact=True)
+    for prefer_ema in (False, True):  # the checkpoint folder itself reads on one process: experts gathered from shards
+        from_dir = load_model(tmp_path / "checkpoints", prefer_ema=prefer_ema).state_dict()
+        exported = load_model(tmp_path / "export.safetensors", prefer_ema=prefer_ema).state_dict()
+        assert from_dir.keys() == exported.keys()
+        assert all(torch.equal(from_dir[k], exported[k]) for k in from_dir), prefer_ema
 
     # Resuming with another ep size stops before DeepSpeed touches the checkpoint.
     from dit_moe.train import engine as engine_lib

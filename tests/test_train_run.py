@@ -37,6 +37,9 @@ def test_short_run_writes_metrics_curve_checkpoints_and_export(reference_run):
     torch.testing.assert_close(from_dir(x, t, y), model(x, t, y))
     raw = load_model(out / "export.safetensors", prefer_ema=False)
     assert not torch.equal(raw.final_layer.linear.weight, model.final_layer.linear.weight)  # EMA != weights
+    raw_from_dir = load_model(ckpts, prefer_ema=False)  # the training weights of the last checkpoint
+    for (name, a), b in zip(raw_from_dir.state_dict().items(), raw.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path):

@@ -35,13 +35,12 @@ from deepspeed.utils import groups, set_z3_leaf_modules
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import CONFIG_FILE, EMA_FILE
+from ..checkpoint import CONFIG_FILE, EMA_FILE, EXPERT_SHARD
 from ..models.moe import MoEFeedForward
 from ..parallel import ExpertParallel, shard_experts
 
 COMPLETE_MARKER = "COMPLETE"
 TAG_PREFIX = "step"
-EXPERT_SHARD = "experts_ep{rank}.safetensors"
 EXPERT_PARALLEL_STAGES = (1, 2)
 
 
