@@ -70,10 +70,14 @@ def default_labels(num_classes: int) -> list[int]:
     return [i % num_classes for i in range(count)]
 
 
-def image_grid(images: torch.Tensor | np.ndarray, nrow: int = GRID_NROW, padding: int = GRID_PADDING) -> np.ndarray:
+def image_grid(images: torch.Tensor | np.ndarray, nrow: int = GRID_NROW, padding: int = GRID_PADDING,
+               scale: int = 1) -> np.ndarray:
     """One uint8 HWC image holding `images` (float NCHW in [-1, 1], or uint8 NHWC) in rows of `nrow`,
-    `padding` black pixels around and between them (torchvision's make_grid layout)."""
+    `padding` black pixels around and between them (torchvision's make_grid layout); `scale`
+    enlarges each image by pixel repetition first, so tiny samples (8x8 digits) stay visible."""
     tiles = to_uint8_nhwc(images)
+    if scale > 1:
+        tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)  # (N, H*s, W*s, C), nearest neighbour
     n, h, w, c = tiles.shape
     cols = min(nrow, n)
     rows = math.ceil(n / cols)
@@ -84,11 +88,11 @@ def image_grid(images: torch.Tensor | np.ndarray, nrow: int = GRID_NROW, padding
     return grid
 
 
-def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int = GRID_NROW) -> Path:
-    """Write `image_grid(images, nrow)` as a PNG, atomically; returns the path."""
+def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int = GRID_NROW, scale: int = 1) -> Path:
+    """Write `image_grid(images, nrow, scale=scale)` as a PNG, atomically; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(image_grid(images, nrow), path)
+    save_png(image_grid(images, nrow, scale=scale), path)
     return path
 
 
@@ -220,6 +224,8 @@ def sample_grid(
     dtype: str = "fp32",
     device: Optional[str] = None,
     progress: bool = False,
+    nrow: int = GRID_NROW,
+    scale: int = 1,
 ) -> SampleGrid:
     """Sample one image per class label (default: `default_labels`) from `ckpt` and write them as a PNG grid.
 
@@ -229,6 +235,8 @@ def sample_grid(
     FileNotFoundError with one sentence that says how to fix it, before any sampling.
     """
     options = options or SamplingOptions(cfg_scale=DEFAULT_CFG_SCALE)
+    if nrow < 1 or scale < 1:
+        raise ValueError(f"--nrow and --scale must be at least 1, got {nrow} and {scale}.")
     if options.num_steps is not None and options.num_steps < 1:
         raise ValueError(f"--num-sampling-steps must be at least 1, got {options.num_steps}.")
     if dtype not in DTYPES:
@@ -261,7 +269,7 @@ def sample_grid(
         model, codec, labels, [seed + i for i in range(len(labels))], options,
         device=device, dtype=DTYPES[dtype], progress=progress, objective=objective,
     )
-    path = save_grid(images, out)
+    path = save_grid(images, out, nrow=nrow, scale=scale)
     sampler = options.sampler or objective.samplers[0]
     return SampleGrid(path, images, labels, objective_name, sampler, options.num_steps or objective.default_num_steps)
 
@@ -304,6 +312,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser.add_argument(*_flag("num-experts-per-tok"), type=int, default=None,
                         help="top-k override (feizc/DiT-MoE files do not record it; default 2)")
     parser.add_argument(*_flag("seed"), type=int, default=0, help="image i uses seed + i")
+    parser.add_argument(*_flag("nrow"), type=int, default=GRID_NROW, help=f"images per grid row (default {GRID_NROW}, as DiT)")
+    parser.add_argument(*_flag("scale"), type=int, default=1,
+                        help="enlarge each image this many times by pixel repetition (for tiny images)")
     parser.add_argument(*_flag("dtype"), choices=sorted(DTYPES), default="fp32", help="bf16/fp16: CUDA autocast only")
     parser.add_argument(*_flag("device"), default=None, help="default: cuda when a GPU is present, else cpu")
     return parser
@@ -322,6 +333,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
             args.ckpt, args.out, vae_path=args.vae_path, class_labels=args.class_labels, options=options, rf=args.rf,
             seed=args.seed, num_experts_per_tok=args.num_experts_per_tok, image_size=args.image_size,
             model_name=args.model, num_classes=args.num_classes, dtype=args.dtype, device=args.device, progress=True,
+            nrow=args.nrow, scale=args.scale,
         )
     except (FileNotFoundError, ValueError) as err:  # bad checkpoint, VAE, flags: one sentence, no traceback
         parser.exit(2, f"{parser.prog}: error: {err}\n")

@@ -10,7 +10,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 OUT="${OUT:-results/quickstart}"
-STEPS="${STEPS:-800}"
+STEPS="${STEPS:-1500}"
 RUN="$OUT/run"
 mkdir -p "$OUT"
 
@@ -27,8 +27,8 @@ deepspeed --num_gpus "$NUM_PROCS" train_deepspeed.py --config config/quickstart.
 CKPT="$RUN/export.safetensors"
 echo "== 2/4 sample grid -> $OUT/samples.png"
 python sample.py --ckpt "$CKPT" --out "$OUT/samples.png" \
-    --class-labels 0,1,2,3,4,5,6,7,8,9,0,1,2,3,4,5,6,7,8,9,0,1,2,3,4,5,6,7,8,9 \
-    --sampler euler --num-sampling-steps 50 --cfg-scale 1.5 --seed 0
+    --class-labels 0,1,2,3,4,5,6,7,8,9,0,1,2,3,4,5,6,7,8,9,0,1,2,3,4,5,6,7,8,9,0,1,2,3,4,5,6,7,8,9 \
+    --nrow 10 --scale 4 --sampler euler --num-sampling-steps 50 --cfg-scale 1.5 --seed 0
 
 echo "== 3/4 routing: record while sampling, then heatmaps and summary -> $OUT"
 python analysis/expert_data.py --ckpt "$CKPT" --out "$OUT/routing.npz" \

@@ -149,3 +149,6 @@ def test_default_labels_and_grid_layout():
     assert grid.shape == (3 * 3 + 1, 2 * 4 + 1, 1)
     assert (grid[1:3, 5:8] == 20).all() and (grid[7:9, 1:4] == 50).all() and not grid[7:9, 5:8].any()
     assert not grid[0].any() and not grid[:, 4].any()
+    big = image_grid(tiles[:2], nrow=2, padding=1, scale=3)  # each pixel repeated 3x3
+    assert big.shape == (1 + 6 + 1, 1 + 2 * (9 + 1), 1)
+    assert (big[1:7, 1:10] == 10).all() and (big[1:7, 11:20] == 20).all() and not big[:, 10].any()
