@@ -10,7 +10,10 @@ For DiT-MoE-S (C=384) and -B (C=768) widths, 8 experts, top-2, one shared expert
              (projections split in pretraining_tp=2 slices)
   mask-loop-tp1  the same with unsplit projections (a stricter baseline: same matmuls as ours)
   dense      a SwiGLU FFN with the same active FLOPs: width k * I + shared width
-Prints the median time of each (variants timed in turns, after one warm-up round) and the ratios.
+Prints the median time of each (variants timed in turns, after one warm-up round) and the ratios,
+then the compute bound: the layer's matmul FLOPs (forward + backward = 3x forward) at the best
+throughput this device reaches on a large square GEMM in the same run, i.e. the shortest time any
+implementation could take, and so the largest speed-up over mask-loop that is possible at all.
 """
 
 from __future__ import annotations
@@ -109,6 +112,28 @@ def time_round_robin(modules: dict[str, nn.Module], x: torch.Tensor, grad: torch
     return {key: statistics.median(values) for key, values in times.items()}
 
 
+def active_flops(tokens: int, hidden: int, args: MoEArgs) -> float:
+    """Matmul FLOPs of forward + backward: k routed SwiGLU experts and the shared one per token, plus the router."""
+    routed = args.num_experts_per_tok * 3 * hidden * int(args.mlp_ratio * hidden)
+    shared = 3 * hidden * args.n_shared_experts * hidden
+    router = hidden * args.num_experts
+    return 3 * 2 * tokens * (routed + shared + router)
+
+
+def gemm_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a large square matmul: the practical ceiling of this device and dtype."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=2048)
@@ -145,6 +170,12 @@ def main() -> None:
         if "ours-gmm" in t:
             print(f"    ours-gmm: {t['mask-loop'] / t['ours-gmm']:.2f}x faster than mask-loop,"
                   f" {t['ours-gmm'] / t['dense']:.2f}x the time of dense")
+        flops, peak = active_flops(args.tokens, hidden, moe_args), gemm_peak_flops(device, dtype)
+        floor = flops / peak
+        print(f"    compute bound: {flops / 1e9:.1f} GFLOP per forward+backward; ours {flops / t['ours'] / 1e9:.0f},"
+              f" mask-loop {flops / t['mask-loop'] / 1e9:.0f}, dense {flops / t['dense'] / 1e9:.0f} GFLOP/s;"
+              f" square-GEMM ceiling {peak / 1e9:.0f} GFLOP/s -> at best {1e3 * floor:.1f} ms,"
+              f" {t['mask-loop'] / floor:.2f}x faster than mask-loop")
 
 
 if __name__ == "__main__":
