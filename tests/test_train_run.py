@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -129,3 +130,21 @@ def test_masked_training_logs_the_mae_term_and_exports_a_model_that_runs_unmaske
     assert model.config.decoder_depth == 1 and model.config.decoder_hidden_size == 64
     out = model(torch.randn(2, 3, 8, 8), torch.tensor([1, 999]), torch.tensor([0, 9]))  # mask ratio 0: all tokens
     assert out.shape == (2, 6, 8, 8) and torch.isfinite(out).all()
+
+
+def test_init_from_an_upcycled_dense_run_starts_where_the_dense_model_was(tmp_path):
+    dense = tmp_path / "dense"
+    run_train(dense, "--global-batch-size", "8", "--max-steps", "2", "--num_experts", "0")
+    moe_file = tmp_path / "moe.safetensors"
+    subprocess.run([sys.executable, "upcycle.py", "--ckpt", str(dense / "export.safetensors"), "--num_experts", "4",
+                    "--num_experts_per_tok", "2", "--out", str(moe_file)], cwd=REPO, env=env(), check=True,
+                   capture_output=True)
+    continued, upcycled = tmp_path / "continued", tmp_path / "upcycled"
+    common = ("--global-batch-size", "8", "--max-steps", "1", "--seed", "5")
+    run_train(continued, *common, "--init-from", str(dense / "export.safetensors"))
+    run_train(upcycled, *common, "--init-from", str(moe_file))
+    # same data, noise and timesteps; the upcycled model computes the dense function at step 0
+    assert losses(upcycled)[1] == pytest.approx(losses(continued)[1], rel=1e-5)
+    model = load_model(upcycled / "export.safetensors")
+    assert model.config.num_experts == 4 and model.config.input_size == 8  # shape from the file, not the flags
+    assert load_model(continued / "export.safetensors").config.num_experts == 0

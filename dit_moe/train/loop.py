@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..checkpoint import read_checkpoint, save_export
+from ..checkpoint import infer_config, read_checkpoint, save_export
 from ..data import build_codec, build_train_loader
 from ..diffusion import build_objective
 from ..models import DiT, DiTConfig, preset_config
@@ -79,8 +79,6 @@ def build_model_config(cfg: TrainConfig, input_channels: int, input_size: int, n
         class_dropout_prob=m.class_dropout_prob, objective=o.objective, flow_t_scale=o.flow_t_scale,
     )
     if m.init_from:
-        from ..checkpoint import infer_config
-
         stored, state = read_checkpoint(m.init_from)
         base = stored or infer_config(state)
         config = base.replace(**training)
