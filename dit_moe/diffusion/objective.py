@@ -56,6 +56,7 @@ class Objective:
         timesteps: tuple[Tensor, Tensor] | None = None,
         mask: Tensor | None = None,
         mae_weight: float = 0.1,
+        loss_feedback: Callable[[Tensor, Tensor], None] | None = None,
     ) -> dict[str, Tensor]:
         """Per-sample training terms for a batch x0, timesteps drawn by ``self.timesteps``.
 
@@ -70,6 +71,10 @@ class Objective:
         terms above then average over visible patches, and "mae" (N,), MaskDiT's reconstruction
         term on masked patches, is returned and added to "loss" as ``mae_weight * mae``
         (after the timestep weights, as MaskDiT does).
+
+        ``loss_feedback(t, unweighted_losses)`` receives the per-sample losses an adaptive
+        timestep sampler learns from; by default ``self.timesteps.update`` (a distributed
+        trainer passes a function that gathers them from every rank first).
         """
         t, weights = timesteps if timesteps is not None else self.timesteps.sample(x0.shape[0], x0.device)
         if mask is None:
@@ -83,7 +88,7 @@ class Objective:
                 return seen["output"]
 
             terms = self._losses(recorded_fn, x0, t, model_kwargs, noise, visible_pixels(mask, x0.shape))
-        self.timesteps.update(t, terms["loss"].detach())
+        (loss_feedback or self.timesteps.update)(t, terms["loss"].detach())
         if self.timesteps.weight_target == "mse" and "mse" in terms:
             weighted = weights * terms["mse"] + (terms["loss"] - terms["mse"])
         else:

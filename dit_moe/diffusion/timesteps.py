@@ -30,6 +30,7 @@ class TimestepSampler:
     """Base class: draws (t, weights) for a batch; see the module docstring."""
 
     weight_target = "loss"
+    learns_from_losses = False                # True: `update` changes what `sample` draws
 
     def sample(self, batch_size: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -91,9 +92,11 @@ class LossSecondMomentTimesteps(TimestepSampler):
     Uniform until every step has ``history`` recorded losses; then p mixes in
     ``uniform_prob`` of the uniform distribution, and weights 1 / (T p_t) keep the
     objective's expectation unchanged. ``update`` moves the losses to the CPU (a host
-    sync) and records only this process's losses; gather them across ranks first to
-    share one history.
+    sync) and records the losses it is given: a distributed trainer gathers every rank's
+    (t, loss) first, so that all ranks keep one history and draw the same timesteps.
     """
+
+    learns_from_losses = True
 
     def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001):
         self.num_timesteps = num_timesteps

@@ -154,6 +154,24 @@ def draw_step_randomness(objective, seed: int, step: int, micro: int, global_mic
                           mask[pick] if mask is not None else None)
 
 
+def share_timestep_losses(objective, t: torch.Tensor, losses: torch.Tensor) -> None:
+    """Feed an adaptive timestep sampler every rank's (t, loss), in global-batch order.
+
+    Rank r holds global positions r, r + W, ... (see `draw_step_randomness`), so every rank
+    then keeps the same history as one process would, and keeps drawing the same global
+    timesteps. Samplers that do not learn from losses cost no collective.
+    """
+    if not objective.timesteps.learns_from_losses:
+        return
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        parts = [torch.empty_like(t) for _ in range(world)], [torch.empty_like(losses) for _ in range(world)]
+        dist.all_gather(parts[0], t.contiguous())
+        dist.all_gather(parts[1], losses.contiguous())
+        t, losses = (torch.stack(p, dim=1).reshape(-1) for p in parts)  # [n, W] -> global order r + W * i
+    objective.timesteps.update(t, losses)
+
+
 def micro_step(engine, objective, x: torch.Tensor, y: torch.Tensor, rnd: StepRandomness,
                model_dtype: torch.dtype, mae_weight: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward, loss and `engine.backward` for one micro-batch; returns (diffusion loss, aux losses).
@@ -169,7 +187,8 @@ def micro_step(engine, objective, x: torch.Tensor, y: torch.Tensor, rnd: StepRan
         return out.float()
 
     terms = objective.loss(model_fn, x.float(), dict(y=y), noise=rnd.noise, timesteps=(rnd.t, rnd.weights),
-                           mask=rnd.mask, mae_weight=mae_weight)
+                           mask=rnd.mask, mae_weight=mae_weight,
+                           loss_feedback=lambda t, losses: share_timestep_losses(objective, t, losses))
     loss = terms["loss"].mean()
     engine.backward(loss + sum(aux.values()) if aux else loss)
     if "mae" in terms:
