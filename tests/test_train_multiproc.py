@@ -8,6 +8,8 @@ The load-balancing loss is off here: it is computed over each rank's tokens, whi
 differs from the loss over the whole batch of a single process.
 """
 
+import shutil
+
 import pytest
 import torch
 
@@ -37,3 +39,12 @@ def test_two_ranks_match_single_process(single, tmp_path, zero):
     assert exported.config.input_size == 2 and exported.config.num_experts == 4
     for (name, a), b in zip(exported.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_resuming_on_another_number_of_processes_says_how_to_continue(single, tmp_path):
+    shutil.copytree(single / "checkpoints", tmp_path / "checkpoints")
+    proc = run_train(tmp_path, *ONE_TOKEN[:-4], "--max-steps", "4", "--aux-loss-coef", "0", "--resume", "auto",
+                     launcher="deepspeed", check=False)
+    assert proc.returncode != 0
+    assert "was written by 1 process(es) and this run has 2" in proc.stdout + proc.stderr
+    assert "--init-from" in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr

@@ -335,6 +335,13 @@ def load_checkpoint(engine, ema: EMA, checkpoint_dir: Path, tag: str,
             f"follow that layout: resume it with --ep-size {saved}, or start a new run from its weights "
             f"with --init-from {checkpoint_dir / tag} --ep-size {current}."
         )
+    written_by, world_size = len(list((checkpoint_dir / tag).glob("rng_rank*.pt"))), dist.get_world_size()
+    if written_by and written_by != world_size and engine.zero_optimization_stage() > 0:
+        raise ValueError(
+            f"Checkpoint {checkpoint_dir / tag} was written by {written_by} process(es) and this run has {world_size}: "
+            f"ZeRO's optimizer shards cannot be re-split, so resume it with {written_by} process(es), or start a new "
+            f"run from its weights with --init-from {checkpoint_dir / tag} (the optimizer state restarts)."
+        )
     load_path, client_state = engine.load_checkpoint(
         str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
