@@ -92,3 +92,9 @@ def test_shipped_experiment_yamls_load(path):
 def test_every_flag_has_help_from_its_commented_default():
     text = build_parser().format_help()
     assert "0: dense DiT (default: 8)" in text and "expert-parallel group size (default: 1)" in text
+
+
+def test_fast_dit_feature_path_spelling_means_features_path(tmp_path):
+    (tmp_path / "imagenet256_features").mkdir()
+    cfg = load_config(["--feature-path", str(tmp_path), "--num-classes", "1000"])
+    assert cfg.data.features_path == str(tmp_path) and cfg.data.dataset == "npy"

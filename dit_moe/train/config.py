@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     aliases.add_argument("--train_batch_size", "--train-batch-size", dest="run.micro_batch_size", type=int,
                          default=argparse.SUPPRESS, help="per-process micro batch (DiT-MoE's meaning)")
     aliases.add_argument("--global-seed", "--global_seed", dest="run.seed", type=int, default=argparse.SUPPRESS)
+    aliases.add_argument("--feature-path", "--feature_path", dest="data.features_path", default=argparse.SUPPRESS,
+                         help="fast-DiT's spelling of --features-path")
     aliases.add_argument("--rf", dest="rf", type=_parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
                          help="rectified flow (same as --objective flow); --rf False keeps IDDPM")
     return parser
