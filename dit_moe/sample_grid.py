@@ -39,7 +39,7 @@ from .evaluation.npz import to_uint8_nhwc
 from .models import DiT_models, DiTConfig, preset_name
 from .sample_many import DTYPES, save_png
 from .sampling import SamplingOptions, build_sampling_objective, check_codec, sample_images
-from .vae import PIXEL_SPACE, check_vae_path, is_pixel_space, load_codec
+from .vae import PIXEL_SPACE, check_vae_path, dit_vae_flag, is_pixel_space, load_codec
 
 IMAGENET_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample.py default classes
 DEFAULT_CFG_SCALE = 1.5
@@ -291,6 +291,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser.add_argument(*_flag("vae-path"), default=None,
                         help="diffusers AutoencoderKL folder, or 'none' for pixel space "
                              "(default: none for 1/3-channel models)")
+    parser.add_argument("--vae", dest="vae_path", type=dit_vae_flag, default=argparse.SUPPRESS,
+                        help="DiT's flag: 'none' or a local AutoencoderKL folder (ema/mse would download: use --vae-path)")
     parser.add_argument(*_flag("model"), choices=sorted(DiT_models), metavar="NAME", default=None,
                         help="for DiT's command line: must match the checkpoint's architecture when given")
     parser.add_argument(*_flag("image-size"), type=int, default=None, help="pixels; checked against the checkpoint and VAE")

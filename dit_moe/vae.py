@@ -12,6 +12,8 @@ Pixel space (`vae_path="none"`) is the identity codec: the model trains on image
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 from typing import Tuple
@@ -134,3 +136,13 @@ def load_codec(vae_path: str | None, scale_factor: float = SD_VAE_SCALE_FACTOR, 
     if is_pixel_space(vae_path):
         return PixelCodec(channels)
     return LatentCodec.from_pretrained(vae_path, scale_factor)
+
+
+def dit_vae_flag(text: str) -> str:
+    """DiT's `--vae ema|mse` downloads stabilityai/sd-vae-ft-<name>; here VAEs come from local folders."""
+    if text in ("ema", "mse"):
+        raise argparse.ArgumentTypeError(
+            f"DiT's --vae {text} downloads stabilityai/sd-vae-ft-{text}; nothing is downloaded here: fetch it once "
+            f"(e.g. huggingface-cli download stabilityai/sd-vae-ft-{text} --local-dir DIR) and pass --vae-path DIR"
+        )
+    return text

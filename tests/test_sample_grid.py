@@ -152,3 +152,11 @@ def test_default_labels_and_grid_layout():
     big = image_grid(tiles[:2], nrow=2, padding=1, scale=3)  # each pixel repeated 3x3
     assert big.shape == (1 + 6 + 1, 1 + 2 * (9 + 1), 1)
     assert (big[1:7, 1:10] == 10).all() and (big[1:7, 11:20] == 20).all() and not big[:, 10].any()
+
+
+def test_dit_vae_flag_takes_none_and_explains_that_nothing_is_downloaded(ckpts, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--ckpt", str(ckpts["latent"]), "--vae", "ema", "--out", str(tmp_path / "g.png")])
+    assert "nothing is downloaded here" in capsys.readouterr().err
+    assert main(["--ckpt", str(ckpts["iddpm"]), "--vae", "none", "--num-sampling-steps", "2",
+                 "--out", str(tmp_path / "g.png")]) == 0

@@ -98,3 +98,11 @@ def test_fast_dit_feature_path_spelling_means_features_path(tmp_path):
     (tmp_path / "imagenet256_features").mkdir()
     cfg = load_config(["--feature-path", str(tmp_path), "--num-classes", "1000"])
     assert cfg.data.features_path == str(tmp_path) and cfg.data.dataset == "npy"
+
+
+def test_dit_vae_flag_takes_none_or_a_folder_and_explains_ema_mse(capsys):
+    assert load_config(["--vae", "none"]).data.vae_path == "none"
+    assert load_config(["--vae", "/models/vae", "--data-path", "/d"]).data.vae_path == "/models/vae"
+    with pytest.raises(SystemExit):
+        load_config(["--vae", "mse", "--data-path", "/d"])
+    assert "nothing is downloaded here" in capsys.readouterr().err

@@ -23,6 +23,7 @@ import yaml
 
 from ..data import DataConfig
 from ..models import DiT_models
+from ..vae import dit_vae_flag
 
 
 @dataclass
@@ -185,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     aliases.add_argument("--train_batch_size", "--train-batch-size", dest="run.micro_batch_size", type=int,
                          default=argparse.SUPPRESS, help="per-process micro batch (DiT-MoE's meaning)")
     aliases.add_argument("--global-seed", "--global_seed", dest="run.seed", type=int, default=argparse.SUPPRESS)
+    aliases.add_argument("--vae", dest="data.vae_path", type=dit_vae_flag, default=argparse.SUPPRESS,
+                         help="DiT's flag: 'none' (pixel space) or a local AutoencoderKL folder; "
+                              "DiT's ema/mse names would download, so they ask for --vae-path")
     aliases.add_argument("--feature-path", "--feature_path", dest="data.features_path", default=argparse.SUPPRESS,
                          help="fast-DiT's spelling of --features-path")
     aliases.add_argument("--rf", dest="rf", type=_parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
