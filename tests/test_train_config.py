@@ -15,12 +15,13 @@ def test_dit_moe_readme_flags_parse_with_both_spellings():
         "--deepspeed_config", "config/zero2.json", "--model", "DiT-S/2", "--num_experts", "8",
         "--num-experts-per-tok", "2", "--data-path", "/data", "--vae-path", "/vae", "--image-size", "256",
         "--train_batch_size", "32", "--rf", "True", "--global_seed", "7",
-        "--ckpt-every", "500", "--log_every", "10", "--results_dir", "out", "--epochs", "3",
+        "--ckpt-every", "500", "--log_every", "10", "--results_dir", "out", "--epochs", "3", "--accum_iter", "4",
     ])
     assert cfg.run.deepspeed_config == "config/zero2.json" and cfg.model.model == "DiT-S/2"
     assert (cfg.model.num_experts, cfg.model.num_experts_per_tok) == (8, 2)
     assert (cfg.data.data_path, cfg.data.vae_path, cfg.data.image_size) == ("/data", "/vae", 256)
     assert cfg.run.micro_batch_size == 32 and cfg.run.seed == 7
+    assert cfg.run.grad_accum_steps == 4
     assert cfg.data.dataset == "folder"  # --data-path alone means an image folder, as in DiT-MoE
     assert cfg.objective.objective == "flow"
     assert (cfg.run.ckpt_every, cfg.run.log_every, cfg.run.results_dir, cfg.run.epochs) == (500, 10, "out", 3)

@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     aliases = parser.add_argument_group("DiT-MoE spellings")
     aliases.add_argument("--train_batch_size", "--train-batch-size", dest="run.micro_batch_size", type=int,
                          default=argparse.SUPPRESS, help="per-process micro batch (DiT-MoE's meaning)")
+    aliases.add_argument("--accum_iter", "--accum-iter", dest="run.grad_accum_steps", type=int,
+                         default=argparse.SUPPRESS, help="gradient accumulation steps (DiT-MoE's name)")
     aliases.add_argument("--global-seed", "--global_seed", dest="run.seed", type=int, default=argparse.SUPPRESS)
     aliases.add_argument("--vae", dest="data.vae_path", type=dit_vae_flag, default=argparse.SUPPRESS,
                          help="DiT's flag: 'none' (pixel space) or a local AutoencoderKL folder; "
