@@ -13,7 +13,6 @@ Pixel space (`vae_path="none"`) is the identity codec: the model trains on image
 from __future__ import annotations
 
 import argparse
-
 import json
 import os
 from typing import Tuple

@@ -1,7 +1,6 @@
 """Sharded, resumable sampling with per-sample seeds, and the shared `sample_images` path."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from dit_moe.models import DiT_models
 from dit_moe.sample_many import main, shard_indices
 from dit_moe.sampling import SamplingOptions, per_sample_noise, sample_images, sample_labels
 from dit_moe.vae import PixelCodec
+from trainer_runs import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 5  # odd: the two ranks get uneven shards
@@ -90,17 +90,11 @@ def test_resume_skips_existing_pngs(ckpt, single_run):
         main(_args(ckpt, out, "--batch-size", "4", "--cfg-scale", "3.0"))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiproc
 def test_two_processes_match_one_process(ckpt, single_run, tmp_path):
     single = single_run[1]
     out = tmp_path / "sharded"
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",

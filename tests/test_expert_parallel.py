@@ -8,7 +8,6 @@ all-to-all), must equal the reference's.
 """
 
 import copy
-import socket
 
 import pytest
 import torch
@@ -18,15 +17,10 @@ import torch.multiprocessing as mp
 from dit_moe.models.config import MoEArgs
 from dit_moe.models.moe import MoEFeedForward
 from dit_moe.parallel import ExpertParallel, shard_experts
+from trainer_runs import free_port
 
 pytestmark = pytest.mark.multiproc
 C, WORLD, E = 16, 2, 4
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _layer_and_batch(case: str):
@@ -88,4 +82,4 @@ def _worker(rank: int, port: int, case: str) -> None:
 
 @pytest.mark.parametrize("case", ["random", "cross", "gelu"])
 def test_expert_parallel_matches_single_process(case):
-    mp.spawn(_worker, args=(_port(), case), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), case), nprocs=WORLD, join=True)

@@ -13,10 +13,8 @@ state sizes, and the weights after one step, with the unsharded layer on the who
 
 import copy
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +22,10 @@ from torch import nn
 
 from dit_moe.models.config import MoEArgs
 from dit_moe.models.moe import MoEFeedForward
+from trainer_runs import REPO, free_port
+from trainer_runs import env as trainer_env
 
 C, EP_SIZE, PER_RANK, LR = 16, 2, 2, 1e-3
-REPO = Path(__file__).resolve().parents[1]
 
 
 class _Net(nn.Module):
@@ -104,16 +103,9 @@ def _worker() -> None:
 @pytest.mark.multiproc
 @pytest.mark.parametrize("world", [2, 4])  # 4: two expert-data-parallel ranks share each expert slice
 def test_deepspeed_reduces_and_partitions_experts_like_plain_torch(world):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = dict(trainer_env(), PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
-                           "--master_port", str(port), __file__], cwd=REPO, env=env, capture_output=True,
+                           "--master_port", str(free_port()), __file__], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 

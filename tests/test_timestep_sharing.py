@@ -1,7 +1,5 @@
 """Adaptive timestep sampling under data parallelism: every rank learns from the whole global batch."""
 
-import socket
-
 import numpy as np
 import pytest
 import torch
@@ -10,6 +8,7 @@ import torch.multiprocessing as mp
 
 from dit_moe.diffusion.timesteps import LossSecondMomentTimesteps, UniformTimesteps
 from dit_moe.train.loop import share_timestep_losses
+from trainer_runs import free_port
 
 WORLD, T, HISTORY = 2, 4, 2
 GLOBAL_T = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 3, 0])
@@ -33,11 +32,8 @@ def _worker(rank: int, port: int, out) -> None:
 
 @pytest.mark.multiproc
 def test_two_ranks_keep_the_history_one_process_would():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(port, out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
     single = LossSecondMomentTimesteps(T, history=HISTORY)
     single.update(GLOBAL_T, GLOBAL_LOSS)
     for rank in range(WORLD):

@@ -23,11 +23,12 @@ def train_cmd(results_dir, *args, zero="zero2", launcher=None):
             str(results_dir), *args]
     if launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                "--master_port", str(_port()), *base]
+                "--master_port", str(free_port()), *base]
     return [sys.executable, *base]
 
 
-def _port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a test's process group)."""
     import socket
 
     with socket.socket() as sock:

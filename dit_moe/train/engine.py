@@ -91,6 +91,11 @@ def check_expert_parallel(ep_size: int, ds_config: dict[str, Any], world_size: i
         raise ValueError(f"--ep-size {ep_size} must divide the number of processes ({world_size}).")
 
 
+def expert_group_name(ep_size: int) -> str:
+    """DeepSpeed's name for the expert-parallel groups of size `ep_size` (its MoE layer's `group_name`)."""
+    return f"ep_size_{ep_size}"
+
+
 def setup_expert_parallel(model: torch.nn.Module, ep_size: int) -> Optional[ExpertParallel]:
     """Create DeepSpeed's expert-parallel groups, keep this rank's experts and mark them as DeepSpeed's
     MoE layer marks expert parameters; None when ep_size is 1 (nothing changes)."""
@@ -102,7 +107,7 @@ def setup_expert_parallel(model: torch.nn.Module, ep_size: int) -> Optional[Expe
     num_experts = layers[0].args.num_experts
     if num_experts % ep_size:
         raise ValueError(f"--ep-size {ep_size} must divide the number of experts ({num_experts}).")
-    name = f"ep_size_{ep_size}"
+    name = expert_group_name(ep_size)
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)
     ep = ExpertParallel(groups._get_expert_parallel_group(name), num_experts)
@@ -126,7 +131,7 @@ class _MoEFlag(DeepSpeedMoE):
         torch.nn.Module.__init__(self)
         self.num_experts = num_experts
         self.ep_size = ep_size
-        self.expert_group_name = f"ep_size_{ep_size}"
+        self.expert_group_name = expert_group_name(ep_size)
         self.num_local_experts = 0
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
@@ -301,7 +306,7 @@ def save_checkpoint(engine, ema: EMA, checkpoint_dir: Path, step: int, client_st
 def _save_expert_shard(module: torch.nn.Module, ep: ExpertParallel, tag_dir: Path) -> None:
     """This expert-parallel rank's experts (DeepSpeed's model file holds rank 0's only); the first
     rank of each expert-data-parallel group writes, the others hold the same weights."""
-    name = f"ep_size_{ep.size}"
+    name = expert_group_name(ep.size)
     if groups._get_expert_data_parallel_rank(name) != 0:
         return
     shard = {k: p.detach().cpu().contiguous() for k, p in module.named_parameters() if is_moe_param(p)}
