@@ -6,9 +6,9 @@
 train_preset() {
     local data
     if [ -n "${FEATURES_PATH:-}" ]; then
-        data=(--dataset latents --features-path "$FEATURES_PATH")
+        data=(--features-path "$FEATURES_PATH")  # shards or a fast-DiT .npy folder: the trainer tells them apart
     elif [ -n "${DATA_PATH:-}" ]; then
-        data=(--dataset folder --data-path "$DATA_PATH")
+        data=(--data-path "$DATA_PATH")
     else
         echo "error: set FEATURES_PATH (latent shards from scripts/extract_features.sh) or DATA_PATH (an image folder)." >&2
         exit 2

@@ -21,7 +21,7 @@ else
 fi
 
 echo "== 1/4 training DiT-T/2 4E2A on digits for $STEPS steps ($NUM_PROCS process(es)) -> $RUN"
-deepspeed --num_gpus "$NUM_PROCS" train_deepspeed.py --config config/quickstart.yaml \
+NUM_GPUS="$NUM_PROCS" bash scripts/launch.sh --config config/quickstart.yaml \
     --deepspeed_config config/zero2.json --max-steps "$STEPS" --results-dir "$RUN"
 
 CKPT="$RUN/export.safetensors"

@@ -69,3 +69,13 @@ def test_missing_settings_stop_with_one_sentence(fake_deepspeed, env_extra, mess
     proc = run_script("train_xl_rf.sh", env_extra, bin_dir)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not record.exists()
+
+
+def test_a_fast_dit_feature_folder_is_read_as_npy_features(fake_deepspeed, tmp_path):
+    bin_dir, record = fake_deepspeed
+    (tmp_path / "imagenet256_features").mkdir()
+    proc = run_script("train_s.sh", dict(FEATURES_PATH=str(tmp_path), VAE_PATH="/models/vae"), bin_dir,
+                      "--num-classes", "1000")
+    assert proc.returncode == 0, proc.stderr
+    argv = record.read_text().split("\n")[:-1]
+    assert load_config(argv[argv.index("train_deepspeed.py") + 1:]).data.dataset == "npy"
