@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -223,6 +224,15 @@ def _infer_ffn(state_dict: dict[str, torch.Tensor], hidden: int, depth: int) -> 
     return values
 
 
+@dataclass
+class LoadedModel:
+    """A model built from a checkpoint, with what the file says about how it was trained."""
+
+    model: DiT
+    objective: Optional[str]  # the recorded objective; None: the file records none (DiT, feizc/DiT-MoE)
+    config_source: str  # "stored": the file holds the model config; "inferred": rebuilt from tensor shapes
+
+
 def load_model(
     path: str | os.PathLike,
     num_experts_per_tok: Optional[int] = None,
@@ -235,6 +245,17 @@ def load_model(
     feizc/DiT-MoE files do not record top-k: it defaults to 2 (every published DiT-MoE model);
     `num_experts_per_tok` and any other DiTConfig field can be overridden.
     """
+    return load_checkpoint_model(path, num_experts_per_tok, prefer_ema, device, **overrides).model
+
+
+def load_checkpoint_model(
+    path: str | os.PathLike,
+    num_experts_per_tok: Optional[int] = None,
+    prefer_ema: bool = True,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> LoadedModel:
+    """`load_model`, reading the file once, plus the recorded objective and where the config came from."""
     stored, state_dict = read_checkpoint(path, prefer_ema=prefer_ema)
     if num_experts_per_tok is not None:
         overrides["num_experts_per_tok"] = num_experts_per_tok
@@ -247,7 +268,8 @@ def load_model(
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             f"{'...' if len(unexpected) > 5 else ''}."
         )
-    return model.to(device).eval()
+    return LoadedModel(model.to(device).eval(), stored.objective if stored is not None else None,
+                       "stored" if stored is not None else "inferred")
 
 
 def save_export(
