@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         dense, moe, path = upcycle_checkpoint(src, out, **args)
     except (CheckpointError, UpcycleError) as err:
         parser.exit(2, f"upcycle.py: error: {err}\n")
-    blocks = "all" if moe.moe_layers is None else ",".join(map(str, moe.moe_layers))
+    blocks = "all" if moe.moe.moe_layers is None else ",".join(map(str, moe.moe.moe_layers))
     print(
         f"Upcycled {src} ({dense.depth} blocks, width {dense.hidden_size}) -> {path}: "
-        f"{moe.num_experts} {moe.expert_type} experts, top-{moe.num_experts_per_tok}, MoE blocks {blocks}."
+        f"{moe.num_experts} {moe.moe.expert_type} experts, top-{moe.moe.num_experts_per_tok}, MoE blocks {blocks}."
     )
     return 0
 

@@ -33,6 +33,8 @@ from dit_moe.models.experts import SwiGLUMLP, grouped_mm_available
 from dit_moe.models.moe import MoEFeedForward
 from dit_moe.models.router import TopKRouter
 
+MLP_RATIO = 4.0  # DiT-MoE: routed expert width = 4 x hidden
+
 
 class MoeMLP(SwiGLUMLP):
     """feizc/DiT-MoE's MoeMLP: SwiGLU whose projections are split in `pretraining_tp` slices (2 there)."""
@@ -57,7 +59,7 @@ class MaskLoopMoE(nn.Module):
         super().__init__()
         self.k = args.num_experts_per_tok
         self.args = args
-        intermediate = int(args.mlp_ratio * hidden_size)
+        intermediate = int(MLP_RATIO * hidden_size)
         self.gate = TopKRouter(hidden_size, args.num_experts, self.k)
         self.experts = nn.ModuleList(MoeMLP(hidden_size, intermediate, pretraining_tp) for _ in range(args.num_experts))
         self.shared_experts = MoeMLP(hidden_size, args.n_shared_experts * hidden_size, pretraining_tp)
@@ -80,7 +82,7 @@ class DenseFFN(nn.Module):
 
     def __init__(self, hidden_size: int, args: MoEArgs) -> None:
         super().__init__()
-        width = args.num_experts_per_tok * int(args.mlp_ratio * hidden_size) + args.n_shared_experts * hidden_size
+        width = args.num_experts_per_tok * int(MLP_RATIO * hidden_size) + args.n_shared_experts * hidden_size
         self.mlp = SwiGLUMLP(hidden_size, width)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -114,7 +116,7 @@ def time_round_robin(modules: dict[str, nn.Module], x: torch.Tensor, grad: torch
 
 def active_flops(tokens: int, hidden: int, args: MoEArgs) -> float:
     """Matmul FLOPs of forward + backward: k routed SwiGLU experts and the shared one per token, plus the router."""
-    routed = args.num_experts_per_tok * 3 * hidden * int(args.mlp_ratio * hidden)
+    routed = args.num_experts_per_tok * 3 * hidden * int(MLP_RATIO * hidden)
     shared = 3 * hidden * args.n_shared_experts * hidden
     router = hidden * args.num_experts
     return 3 * 2 * tokens * (routed + shared + router)
@@ -153,13 +155,13 @@ def main() -> None:
         x = torch.randn(args.tokens // 256, 256, hidden, device=device, dtype=dtype)  # [N, T, C]
         grad = torch.randn_like(x)
         modules = {
-            "ours": MoEFeedForward(hidden, moe_args),
+            "ours": MoEFeedForward(hidden, int(MLP_RATIO * hidden), moe_args),
             "mask-loop": MaskLoopMoE(hidden, moe_args, pretraining_tp=2),
             "mask-loop-tp1": MaskLoopMoE(hidden, moe_args, pretraining_tp=1),
             "dense": DenseFFN(hidden, moe_args),
         }
         if grouped_mm_available():
-            modules["ours-gmm"] = MoEFeedForward(hidden, dataclasses.replace(moe_args, grouped_gemm="on"))
+            modules["ours-gmm"] = MoEFeedForward(hidden, int(MLP_RATIO * hidden), dataclasses.replace(moe_args, grouped_gemm="on"))
         for module in modules.values():
             module.to(device, dtype).train()
         t = time_round_robin(modules, x, grad, args.repeats)

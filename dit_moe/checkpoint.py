@@ -3,7 +3,9 @@
 Formats read by `load_model` / `read_checkpoint`:
 - facebookresearch/DiT: a plain state dict (released weights) or train.py's {"model", "ema", "opt", "args"};
 - feizc/DiT-MoE: the same containers with per-expert keys `blocks.N.moe.experts.K.*` (stacked at load);
-- our exports (`.safetensors` or `.pt`): weights + EMA + the DiTConfig that built them;
+- our exports (`.safetensors` or `.pt`): weights + EMA + the DiTConfig that built them and the
+  ObjectiveConfig it was trained with (files written before the objective config record only
+  the objective and its flow time scale, inside a flat model config: remapped here);
 - DeepSpeed checkpoint directories written by our trainer (the tag in `latest`, or a tag dir).
 Architecture is inferred from tensor shapes when the file stores no config.
 """
@@ -22,10 +24,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_path
+from .diffusion import ObjectiveConfig
 from .models import MODEL_SIZES, DiT, DiTConfig
 
 EXPORT_FORMAT = "dit-moe-export"
 CONFIG_FILE = "dit_config.json"
+OBJECTIVE_FILE = "objective_config.json"
 EMA_FILE = "ema.safetensors"
 MODEL_FILE = "model.safetensors"
 EXPERT_SHARD = "experts_ep{rank}.safetensors"  # expert parallelism: rank R's local experts (training weights)
@@ -37,6 +42,30 @@ torch.serialization.add_safe_globals([argparse.Namespace])
 
 class CheckpointError(ValueError):
     """A file that is not a checkpoint this package can read."""
+
+
+@dataclass
+class CheckpointContents:
+    """What one read of a checkpoint gives: weights and whatever configs the file records."""
+
+    state_dict: dict[str, torch.Tensor]
+    model_config: Optional[DiTConfig]  # None: the file records none (infer_config rebuilds it)
+    objective: Optional[ObjectiveConfig]  # None: the file records none (official DiT, feizc/DiT-MoE)
+    # "stored": the whole ObjectiveConfig; "legacy": a file written before it, which recorded the
+    # objective and flow time scale only (its noise schedule and diffusion steps were never saved).
+    objective_source: Optional[str]
+
+
+def _parse_configs(model: Optional[dict], objective: Optional[dict]) -> tuple[Optional[DiTConfig], Optional[ObjectiveConfig], Optional[str]]:
+    """(model config, objective config, objective source) from the stored dicts, old flat layout included."""
+    if objective is not None:
+        return DiTConfig.from_dict(model) if model is not None else None, ObjectiveConfig.from_dict(objective), "stored"
+    if model is None:
+        return None, None, None
+    if "moe" not in model:  # the flat layout recorded the objective inside the model config
+        legacy = ObjectiveConfig(objective=model.get("objective", "iddpm"), flow_t_scale=model.get("flow_t_scale", 1.0))
+        return DiTConfig.from_dict(model), legacy, "legacy"
+    return DiTConfig.from_dict(model), None, None
 
 
 def _clean_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -81,21 +110,26 @@ def _latest_tag_dir(directory: Path) -> Path:
     )
 
 
-def _read_deepspeed_dir(directory: Path, prefer_ema: bool) -> tuple[Optional[DiTConfig], dict[str, torch.Tensor]]:
+def _read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _read_deepspeed_dir(directory: Path, prefer_ema: bool) -> tuple[Optional[dict], Optional[dict], dict[str, torch.Tensor]]:
+    """(stored model config dict, stored objective config dict, state dict) of the tag `directory` resolves to."""
     tag_dir = _latest_tag_dir(directory)
-    config = None
-    for candidate in (tag_dir / CONFIG_FILE, tag_dir.parent / CONFIG_FILE):
-        if candidate.is_file():
-            config = DiTConfig.from_dict(json.loads(candidate.read_text()))
-            break
+    configs = _read_json(tag_dir / CONFIG_FILE), _read_json(tag_dir / OBJECTIVE_FILE)
+    return (*configs, _read_deepspeed_weights(tag_dir, prefer_ema))
+
+
+def _read_deepspeed_weights(tag_dir: Path, prefer_ema: bool) -> dict[str, torch.Tensor]:
     if prefer_ema and (tag_dir / EMA_FILE).is_file():
-        return config, _read_safetensors(tag_dir / EMA_FILE)[0]
+        return _read_safetensors(tag_dir / EMA_FILE)[0]
     if (tag_dir / MODEL_FILE).is_file():
-        return config, _read_safetensors(tag_dir / MODEL_FILE)[0]
+        return _read_safetensors(tag_dir / MODEL_FILE)[0]
     states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not states:
         if (tag_dir / EMA_FILE).is_file():
-            return config, _read_safetensors(tag_dir / EMA_FILE)[0]
+            return _read_safetensors(tag_dir / EMA_FILE)[0]
         raise CheckpointError(f"{tag_dir} holds no model weights (no {MODEL_FILE}, {EMA_FILE} or mp_rank_*_model_states.pt).")
     blob = torch.load(states[0], map_location="cpu", weights_only=False)
     module = blob.get("module") if isinstance(blob, dict) else None
@@ -104,7 +138,7 @@ def _read_deepspeed_dir(directory: Path, prefer_ema: bool) -> tuple[Optional[DiT
             f"{states[0]} holds ZeRO-3 partitioned weights only; export the run with the trainer "
             "(`--export-only`) or convert it with DeepSpeed's zero_to_fp32.py first."
         )
-    return config, {**_clean_keys(module), **_gather_expert_shards(tag_dir)}
+    return {**_clean_keys(module), **_gather_expert_shards(tag_dir)}
 
 
 def _gather_expert_shards(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -116,29 +150,40 @@ def _gather_expert_shards(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def read_checkpoint(path: str | os.PathLike, prefer_ema: bool = True) -> tuple[Optional[DiTConfig], dict[str, torch.Tensor]]:
-    """Return (stored config or None, state dict with `module.`/`_orig_mod.` prefixes removed)."""
+    """Return (stored model config or None, state dict with `module.`/`_orig_mod.` prefixes removed)."""
+    contents = read_checkpoint_file(path, prefer_ema)
+    return contents.model_config, contents.state_dict
+
+
+def read_checkpoint_file(path: str | os.PathLike, prefer_ema: bool = True) -> CheckpointContents:
+    """Read any supported checkpoint once: weights (EMA preferred) and the configs it records."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"Checkpoint {path} does not exist; pass the path of a .pt/.safetensors file or checkpoint directory.")
     if path.is_dir():
-        config, state_dict = _read_deepspeed_dir(path, prefer_ema)
-        return config, _clean_keys(state_dict)
-    if path.suffix == ".safetensors":
-        tensors, metadata = _read_safetensors(path)
-        config = DiTConfig.from_dict(json.loads(metadata["config"])) if "config" in metadata else None
+        model, objective, state_dict = _read_deepspeed_dir(path, prefer_ema)
+    elif path.suffix == ".safetensors":
+        state_dict, metadata = _read_safetensors(path)
+        model, objective = (json.loads(metadata[key]) if key in metadata else None for key in ("config", "objective"))
         if metadata.get("format") == EXPORT_FORMAT:
-            ema = _split_prefixed(tensors, "ema.")
-            tensors = ema if (prefer_ema and ema) else _split_prefixed(tensors, "model.")
-        return config, _clean_keys(tensors)
+            ema = _split_prefixed(state_dict, "ema.")
+            state_dict = ema if (prefer_ema and ema) else _split_prefixed(state_dict, "model.")
+    else:
+        model, objective, state_dict = _read_torch_file(path, prefer_ema)
+    return CheckpointContents(_clean_keys(state_dict), *_parse_configs(model, objective))
+
+
+def _read_torch_file(path: Path, prefer_ema: bool) -> tuple[Optional[dict], Optional[dict], dict[str, torch.Tensor]]:
+    """(model config dict, objective config dict, state dict) of a `.pt`: a state dict or a checkpoint dict."""
     blob = _torch_load(path)
     if not isinstance(blob, dict):
         raise CheckpointError(f"{path} holds a {type(blob).__name__}, not a state dict or checkpoint dict.")
-    config = DiTConfig.from_dict(blob["config"]) if isinstance(blob.get("config"), dict) else None
+    model, objective = (blob.get(key) if isinstance(blob.get(key), dict) else None for key in ("config", "objective"))
     state_dict = blob
     if "ema" in blob or "model" in blob or "module" in blob:
         choice = ("ema", "model", "module") if prefer_ema else ("model", "module", "ema")
         state_dict = next(blob[key] for key in choice if isinstance(blob.get(key), dict))
-    return config, _clean_keys(state_dict)
+    return model, objective, state_dict
 
 
 def infer_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> DiTConfig:
@@ -174,7 +219,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> DiTCo
     values.update(_infer_ffn(state_dict, hidden, depth))
     values.update(_infer_decoder(state_dict, overrides.get("decoder_num_heads")))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return DiTConfig(**values)
+    return DiTConfig.from_flat(**values)
 
 
 def _infer_decoder(state_dict: dict[str, torch.Tensor], num_heads: Optional[int]) -> dict[str, Any]:
@@ -229,7 +274,8 @@ class LoadedModel:
     """A model built from a checkpoint, with what the file says about how it was trained."""
 
     model: DiT
-    objective: Optional[str]  # the recorded objective; None: the file records none (DiT, feizc/DiT-MoE)
+    objective: Optional[ObjectiveConfig]  # None: the file records none (official DiT, feizc/DiT-MoE)
+    objective_source: Optional[str]  # "stored" | "legacy" | None, as in CheckpointContents
     config_source: str  # "stored": the file holds the model config; "inferred": rebuilt from tensor shapes
 
 
@@ -256,7 +302,8 @@ def load_checkpoint_model(
     **overrides: Any,
 ) -> LoadedModel:
     """`load_model`, reading the file once, plus the recorded objective and where the config came from."""
-    stored, state_dict = read_checkpoint(path, prefer_ema=prefer_ema)
+    contents = read_checkpoint_file(path, prefer_ema=prefer_ema)
+    stored, state_dict = contents.model_config, contents.state_dict
     if num_experts_per_tok is not None:
         overrides["num_experts_per_tok"] = num_experts_per_tok
     config = stored.replace(**overrides) if stored is not None else infer_config(state_dict, **overrides)
@@ -268,7 +315,7 @@ def load_checkpoint_model(
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             f"{'...' if len(unexpected) > 5 else ''}."
         )
-    return LoadedModel(model.to(device).eval(), stored.objective if stored is not None else None,
+    return LoadedModel(model.to(device).eval(), contents.objective, contents.objective_source,
                        "stored" if stored is not None else "inferred")
 
 
@@ -277,22 +324,27 @@ def save_export(
     config: DiTConfig,
     model_state: dict[str, torch.Tensor],
     ema_state: Optional[dict[str, torch.Tensor]] = None,
+    objective: Optional[ObjectiveConfig] = None,
 ) -> Path:
-    """Write a self-describing export atomically (temp file + rename): `.safetensors` or `.pt`."""
+    """Write a self-describing export atomically: `.safetensors` or `.pt` (by suffix) holding the
+    weights, the EMA, the model config and the objective config (when known: an upcycled
+    official DiT file records none)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
-        if ema_state is not None:
-            tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema_state.items()})
-        save_file(tensors, str(tmp), metadata={"format": EXPORT_FORMAT, "config": json.dumps(config.to_dict())})
-    else:
-        blob = {"format": EXPORT_FORMAT, "config": config.to_dict(), "model": _cpu(model_state)}
-        if ema_state is not None:
-            blob["ema"] = _cpu(ema_state)
-        torch.save(blob, tmp)
-    os.replace(tmp, path)
+    configs = {"config": config.to_dict()}
+    if objective is not None:
+        configs["objective"] = objective.to_dict()
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
+            if ema_state is not None:
+                tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema_state.items()})
+            metadata = {"format": EXPORT_FORMAT, **{key: json.dumps(value) for key, value in configs.items()}}
+            save_file(tensors, str(tmp), metadata=metadata)
+        else:
+            blob = {"format": EXPORT_FORMAT, **configs, "model": _cpu(model_state)}
+            if ema_state is not None:
+                blob["ema"] = _cpu(ema_state)
+            torch.save(blob, tmp)
     return path
 
 

@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, infer_config, read_checkpoint, save_export
+from .checkpoint import CheckpointError, infer_config, read_checkpoint_file, save_export
 from .models import MODEL_SIZES, DiT_models, DiTConfig, preset_name
 from .models.experts import GELU_KEYS, SWIGLU_KEYS
 
@@ -76,7 +76,7 @@ def dense_ffn_layout(state: dict[str, torch.Tensor], block: int) -> str:
 
 
 def _require_dense(config: DiTConfig, state: dict[str, torch.Tensor]) -> None:
-    if config.num_experts or any(".moe." in key for key in state):
+    if config.moe is not None or any(".moe." in key for key in state):
         raise UpcycleError(
             "This checkpoint is already an MoE model (it has blocks.N.moe.* weights); "
             "upcycle a dense DiT checkpoint, or train this one directly with --init-from."
@@ -202,8 +202,7 @@ def _infer_dense_config(state: dict[str, torch.Tensor], num_heads: Optional[int]
     for key, value in state.items():
         if key.endswith(".mlp.gate_proj.weight"):
             view.setdefault(key.replace(".mlp.gate_proj.", ".mlp.fc1."), value)
-    # num_heads only when given: infer_config skips its own head inference for a num_heads key even if None.
-    return infer_config(view, **({} if num_heads is None else {"num_heads": num_heads}))
+    return infer_config(view, num_heads=num_heads)  # None: inferred from the width or q_norm
 
 
 def _check_request(
@@ -270,15 +269,16 @@ def upcycle_checkpoint(
     tensor shapes. `model`, `image_size` (pixels; input size = image_size // 8 for a
     4-channel latent model, image_size otherwise), `input_size` and `num_classes` are
     checked against the file. `num_heads` is needed only for non-preset widths. The export
-    (`.safetensors` by suffix, else a torch `.pt`) holds the weights and the MoE config;
-    the source file is only read. Returns (dense_config, moe_config, written path).
+    (`.safetensors` by suffix, else a torch `.pt`) holds the weights, the MoE config and the
+    source's objective config when it records one; the source file is only read. Returns (dense_config, moe_config, written path).
     """
     src, out = Path(src_path), Path(out_path)
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise UpcycleError(f"--out {out} is the source checkpoint; write the upcycled model to another path.")
     if moe_layers is not None and moe_every is not None:
         raise UpcycleError("Pass either --moe-layers or --moe-every, not both.")
-    stored, state = read_checkpoint(src, prefer_ema=True)
+    contents = read_checkpoint_file(src, prefer_ema=True)
+    stored, state = contents.model_config, contents.state_dict
     dense_config = stored if stored is not None else _infer_dense_config(state, num_heads)
     _require_dense(dense_config, state)
     _check_request(dense_config, src, model, image_size, input_size, num_classes)
@@ -295,7 +295,7 @@ def upcycle_checkpoint(
         seed=seed,
         aux_loss_coef=aux_loss_coef,
     )
-    return dense_config, moe_config, save_export(out, moe_config, moe_state)
+    return dense_config, moe_config, save_export(out, moe_config, moe_state, objective=contents.objective)
 
 
 __all__ = [

@@ -66,7 +66,7 @@ def test_flash_attention_key_layout_loads(tmp_path):
 def test_infer_config_moe_layout():
     model = _tiny(num_experts=4, num_experts_per_tok=1, n_shared_experts=0, moe_layers=[1, 3])
     cfg = infer_config(model.state_dict(), num_experts_per_tok=1)
-    assert (cfg.num_experts, cfg.moe_layers, cfg.n_shared_experts, cfg.expert_type) == (4, [1, 3], 0, "swiglu")
+    assert (cfg.num_experts, cfg.moe.moe_layers, cfg.moe.n_shared_experts, cfg.moe.expert_type) == (4, [1, 3], 0, "swiglu")
 
 
 def test_errors_are_clear(tmp_path):

@@ -25,7 +25,7 @@ C, WORLD, E = 16, 2, 4
 
 def _layer_and_batch(case: str):
     torch.manual_seed(0)
-    layer = MoEFeedForward(C, MoEArgs(num_experts=E, num_experts_per_tok=2, mlp_ratio=2.0, n_shared_experts=1,
+    layer = MoEFeedForward(C, 2 * C, MoEArgs(num_experts=E, num_experts_per_tok=2, n_shared_experts=1,
                                       expert_type="gelu" if case == "gelu" else "swiglu")).train()
     x = torch.randn(2 * WORLD, 5, C)  # [N, T, C]: 2 samples per rank
     if case == "cross":

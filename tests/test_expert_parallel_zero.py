@@ -31,8 +31,7 @@ C, EP_SIZE, PER_RANK, LR = 16, 2, 2, 1e-3
 class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.moe = MoEFeedForward(C, MoEArgs(num_experts=4, num_experts_per_tok=2, mlp_ratio=2.0,
-                                             n_shared_experts=1, aux_loss_coef=0.0))
+        self.moe = MoEFeedForward(C, 2 * C, MoEArgs(num_experts=4, num_experts_per_tok=2, n_shared_experts=1, aux_loss_coef=0.0))
 
     def forward(self, x, target):
         y, _ = self.moe(x)

@@ -20,7 +20,7 @@ T = 16  # (8 / 2) ** 2 tokens
 
 def randomized(**overrides) -> DiT:
     """A tiny model with every trainable parameter random (the zero-initialised output layers included)."""
-    model = DiT(DiTConfig(**{**TINY, **overrides}))
+    model = DiT(DiTConfig.from_flat(**{**TINY, **overrides}))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -174,7 +174,7 @@ def test_a_few_masked_training_steps_on_digits_lower_the_loss():
 
     images, labels = digits_arrays("train", image_size=8, channels=1)
     x_all, y_all = torch.from_numpy(images[:64]), torch.from_numpy(labels[:64])
-    model = DiT(DiTConfig(**{**TINY, "in_channels": 1}))
+    model = DiT(DiTConfig.from_flat(**{**TINY, "in_channels": 1}))
     obj = build_objective("iddpm")
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
 

@@ -19,7 +19,8 @@ def build(seed=0, **overrides):
     torch.manual_seed(seed)
     args = dict(num_experts=4, num_experts_per_tok=2, mlp_ratio=2.0, n_shared_experts=1)
     args.update(overrides)
-    return MoEFeedForward(C, MoEArgs(**args))
+    intermediate = int(args.pop("mlp_ratio") * C)
+    return MoEFeedForward(C, intermediate, MoEArgs(**args))
 
 
 def expert_fn(experts, e):

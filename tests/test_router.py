@@ -67,7 +67,7 @@ def hand_balance_loss_and_logit_grad(ids, scores, N, per_sample):
 def test_load_balancing_loss_value_and_gradient(per_sample):
     N, T, C, E, k, coef = 2, 3, 5, 4, 2, 0.01
     torch.manual_seed(1)
-    moe = MoEFeedForward(C, MoEArgs(num_experts=E, num_experts_per_tok=k, mlp_ratio=1.0, n_shared_experts=0,
+    moe = MoEFeedForward(C, C, MoEArgs(num_experts=E, num_experts_per_tok=k, n_shared_experts=0,
                                     aux_loss_coef=coef, aux_loss_per_sample=per_sample)).train()
     x = torch.randn(N, T, C)
     _, aux = moe(x)
@@ -93,7 +93,7 @@ def test_per_sample_and_global_loss_differ_when_samples_differ():
 def test_z_loss_value_and_gradient():
     torch.manual_seed(3)
     C, coef = 4, 1e-3
-    moe = MoEFeedForward(C, MoEArgs(num_experts=3, num_experts_per_tok=1, mlp_ratio=1.0, n_shared_experts=0,
+    moe = MoEFeedForward(C, C, MoEArgs(num_experts=3, num_experts_per_tok=1, n_shared_experts=0,
                                     aux_loss_coef=0.0, z_loss_coef=coef)).train()
     x = torch.randn(2, 3, C)
     _, aux = moe(x)
@@ -108,11 +108,11 @@ def test_z_loss_value_and_gradient():
 
 
 def test_no_aux_losses_in_eval_or_with_zero_coefficients():
-    moe = MoEFeedForward(4, MoEArgs(num_experts=2, num_experts_per_tok=1, mlp_ratio=1.0, z_loss_coef=0.1))
+    moe = MoEFeedForward(4, 4, MoEArgs(num_experts=2, num_experts_per_tok=1, z_loss_coef=0.1))
     x = torch.randn(1, 3, 4)
     assert set(moe.train()(x)[1]) == {"moe_aux_loss", "moe_z_loss"}
     assert moe.eval()(x)[1] == {}
-    off = MoEFeedForward(4, MoEArgs(num_experts=2, num_experts_per_tok=1, mlp_ratio=1.0, aux_loss_coef=0.0))
+    off = MoEFeedForward(4, 4, MoEArgs(num_experts=2, num_experts_per_tok=1, aux_loss_coef=0.0))
     assert off.train()(x)[1] == {}
 
 

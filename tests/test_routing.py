@@ -39,7 +39,7 @@ def known_choice(label: int, position: int, step: int) -> tuple[int, int]:
 
 def known_layer() -> MoEFeedForward:
     """Router logits = the first E input coordinates, so a token's top-2 is its two largest ones."""
-    moe = MoEFeedForward(C, MoEArgs(num_experts=E, num_experts_per_tok=K, n_shared_experts=0, mlp_ratio=1.0))
+    moe = MoEFeedForward(C, C, MoEArgs(num_experts=E, num_experts_per_tok=K, n_shared_experts=0))
     with torch.no_grad():
         moe.gate.weight.zero_()
         moe.gate.weight[:, :E] = torch.eye(E)

@@ -107,3 +107,26 @@ def test_dit_vae_flag_takes_none_or_a_folder_and_explains_ema_mse(capsys):
     with pytest.raises(SystemExit):
         load_config(["--vae", "mse", "--data-path", "/d"])
     assert "nothing is downloaded here" in capsys.readouterr().err
+
+
+def test_every_model_field_is_a_flag_and_reaches_the_config():
+    cfg = load_config(DIGITS + ["--model", "DiT-T/2", "--mlp-ratio", "2", "--grouped-gemm", "off",
+                                "--qk_norm_eps", "1e-6", "--num-experts", "4", "--hidden-size", "64"])
+    config = cfg.model.architecture(input_size=8, in_channels=1, num_classes=10)
+    assert (config.mlp_ratio, config.qk_norm_eps, config.hidden_size, config.depth) == (2.0, 1e-6, 64, 6)
+    assert (config.moe.grouped_gemm, config.moe.num_experts) == ("off", 4)
+    assert config.moe.num_experts_per_tok == 2  # DiT-MoE's default top-k, from MoEArgs
+    model = DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=10, mlp_ratio=2.0, hidden_size=64,
+                                  num_experts=4)
+    assert model.blocks[0].moe.experts.gate_proj.shape == (4, 128, 64)  # [E, mlp_ratio x hidden, hidden]
+    dense = load_config(DIGITS + ["--num-experts", "0"]).model.architecture(32, 4, 1000)
+    assert dense.moe is None
+    with pytest.raises(ValueError, match="grouped_gemm"):
+        load_config(DIGITS + ["--grouped-gemm", "sometimes"])
+
+
+def test_yaml_accepts_every_model_field(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("model:\n  model: DiT-T/2\n  mlp_ratio: 3.0\n  z_loss_coef: 0.001\n")
+    config = load_config(["--config", str(path)] + DIGITS).model.architecture(8, 1, 10)
+    assert config.mlp_ratio == 3.0 and config.moe.z_loss_coef == 0.001

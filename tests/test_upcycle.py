@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dit_moe.checkpoint import CheckpointError, infer_config, load_model, read_checkpoint, save_export
+from dit_moe.checkpoint import CheckpointError, infer_config, load_model, read_checkpoint_file, save_export
+from dit_moe.diffusion import ObjectiveConfig
 from dit_moe.models import DiT, DiT_models, DiTConfig
 from dit_moe.upcycle import UpcycleError, moe_layers_every, upcycle_checkpoint, upcycle_state_dict
 from reference_dit import randomize_
@@ -55,9 +56,9 @@ def test_upcycled_equals_dense(config, experts):
     dense = _dense(config)
     before = {k: v.clone() for k, v in dense.state_dict().items()}
     moe_config, state = upcycle_state_dict(dense.state_dict(), dense.config, *experts)
-    assert (moe_config.num_experts, moe_config.num_experts_per_tok) == experts
-    assert (moe_config.expert_type, moe_config.n_shared_experts, moe_config.norm_topk_prob) == ("gelu", 0, True)
-    assert (moe_config.class_dropout_prob, moe_config.aux_loss_coef, moe_config.moe_layers) == (0.1, 0.01, None)
+    assert (moe_config.num_experts, moe_config.moe.num_experts_per_tok) == experts
+    assert (moe_config.moe.expert_type, moe_config.moe.n_shared_experts, moe_config.moe.norm_topk_prob) == ("gelu", 0, True)
+    assert (moe_config.class_dropout_prob, moe_config.moe.aux_loss_coef, moe_config.moe.moe_layers) == (0.1, 0.01, None)
     moe = _build(moe_config, state)
     assert moe.moe_blocks == list(range(dense.config.depth))
     for train in (False, True):
@@ -70,10 +71,10 @@ def test_partial_upcycling_keeps_other_blocks_dense():
     dense = _dense()
     assert moe_layers_every(6, 2) == [1, 3, 5] and moe_layers_every(6, 1) == list(range(6))
     moe_config, state = upcycle_state_dict(dense.state_dict(), dense.config, 4, 2, moe_layers=moe_layers_every(6, 2))
-    assert moe_config.moe_layers == [1, 3, 5]
+    assert moe_config.moe.moe_layers == [1, 3, 5]
     assert "blocks.0.mlp.fc1.weight" in state and "blocks.1.mlp.fc1.weight" not in state
     assert state["blocks.1.moe.experts.fc1_weight"].shape == (4, 512, 128)
-    assert infer_config(state).moe_layers == [1, 3, 5]  # files without a config still load
+    assert infer_config(state).moe.moe_layers == [1, 3, 5]  # files without a config still load
     moe = _build(moe_config, state)
     assert moe.moe_blocks == [1, 3, 5]
     torch.testing.assert_close(_outputs(moe, False), _outputs(dense, False))
@@ -174,7 +175,7 @@ def test_swiglu_dense_source_upcycles_to_swiglu_experts(tmp_path):
     oracle, dense_state = _swiglu_oracle()
     dense_config = oracle.config.replace(num_experts=0)
     moe_config, state = upcycle_state_dict(dense_state, dense_config, 4, 2)
-    assert moe_config.expert_type == "swiglu" and state["blocks.0.moe.experts.gate_proj"].shape == (4, 96, 48)
+    assert moe_config.moe.expert_type == "swiglu" and state["blocks.0.moe.experts.gate_proj"].shape == (4, 96, 48)
     torch.testing.assert_close(_outputs(_build(moe_config, state), False), _outputs(oracle, False))
 
     torch.save(dense_state, tmp_path / "swiglu.pt")
@@ -186,13 +187,16 @@ def test_swiglu_dense_source_upcycles_to_swiglu_experts(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_own_export_round_trip_keeps_config(tmp_path, suffix):
-    dense = _dense(CUSTOM.replace(objective="flow"))
-    src = save_export(tmp_path / f"dense{suffix}", dense.config, dense.state_dict())
+    dense = _dense(CUSTOM)
+    src = save_export(tmp_path / f"dense{suffix}", dense.config, dense.state_dict(),
+                      objective=ObjectiveConfig(objective="flow", flow_t_scale=1000.0))
     digest = _sha(src)
     _, moe_config, out = upcycle_checkpoint(src, tmp_path / f"moe{suffix}", 4, 2, moe_layers=[0, 2])
     assert _sha(src) == digest
-    stored, _ = read_checkpoint(out)
-    assert stored == moe_config and stored.objective == "flow" and stored.qk_norm and stored.moe_layers == [0, 2]
+    stored = read_checkpoint_file(out)
+    assert stored.model_config == moe_config and stored.model_config.qk_norm
+    assert stored.model_config.moe.moe_layers == [0, 2]
+    assert stored.objective == ObjectiveConfig(objective="flow", flow_t_scale=1000.0)
     torch.testing.assert_close(_outputs(load_model(out), False), _outputs(dense, False))
 
 
@@ -213,7 +217,7 @@ def test_cli_end_to_end_uses_ema_and_leaves_source_untouched(tmp_path):
     assert "MoE blocks 1,3,5" in result.stdout
     assert _sha(src) == digest
     upcycled = load_model(out)
-    assert upcycled.config.moe_layers == [1, 3, 5] and upcycled.config.num_experts == 4
+    assert upcycled.config.moe.moe_layers == [1, 3, 5] and upcycled.config.num_experts == 4
     torch.testing.assert_close(_outputs(upcycled, False), _outputs(ema, False))
 
 

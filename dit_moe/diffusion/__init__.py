@@ -3,6 +3,7 @@
     from dit_moe.diffusion import create_diffusion, build_objective, guided
 """
 
+from .config import ObjectiveConfig
 from .flow import RectifiedFlow
 from .gaussian import GaussianDiffusion, create_diffusion, space_timesteps
 from .guidance import guided
@@ -23,6 +24,7 @@ __all__ = [
     "space_timesteps",
     "RectifiedFlow",
     "Objective",
+    "ObjectiveConfig",
     "IDDPMObjective",
     "FlowObjective",
     "build_objective",

@@ -75,6 +75,9 @@ def cosine_alpha_bar(s: float) -> float:
     return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
 
+NOISE_SCHEDULES = ("linear", "cosine")
+
+
 def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
     """Betas for "linear" or "cosine" (alias "squaredcos_cap_v2", DiT's name for it)."""
     if name == "linear":

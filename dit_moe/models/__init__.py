@@ -4,7 +4,7 @@
                                   learn_sigma=True, num_experts=8, num_experts_per_tok=2)
 
 Sizes are those of DiT (S, B, L, XL) and DiT-MoE (G/2); `DiT-T/2` is a tiny laptop/test preset.
-Every DiTConfig field (MoE shape, router options, attention backend, ...) is a keyword override.
+Every DiTConfig and MoEArgs field (MoE shape, router options, attention backend, ...) is a keyword override.
 """
 
 from __future__ import annotations
@@ -27,12 +27,14 @@ PATCH_SIZES = {"T": (2,), "S": (2, 4, 8), "B": (2, 4, 8), "L": (2, 4, 8), "XL": 
 
 
 def preset_config(name: str, **overrides) -> DiTConfig:
-    """DiTConfig of a registry name such as "DiT-XL/2", with keyword overrides."""
+    """DiTConfig of a registry name such as "DiT-XL/2", with keyword overrides: any DiTConfig field,
+    and the MoE fields flat (`num_experts=8, num_experts_per_tok=2`; 0 experts is the dense DiT)."""
     if name not in DiT_models:
         raise ValueError(f"Unknown model {name!r}; choose one of {sorted(DiT_models)}.")
     size, patch = name[len("DiT-"):].split("/")
     depth, hidden, heads = MODEL_SIZES[size]
-    return DiTConfig(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch), **overrides)
+    return DiTConfig.from_flat(**{"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": int(patch),
+                                  **overrides})
 
 
 def _build(name: str, **overrides) -> DiT:

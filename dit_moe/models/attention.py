@@ -24,7 +24,8 @@ def flash_attn_available() -> bool:
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False, backend: str = "sdpa"):
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False, backend: str = "sdpa",
+                 qk_norm_eps: float = 1e-5):
         super().__init__()
         if backend == "flash" and not flash_attn_available():
             raise RuntimeError(
@@ -35,8 +36,8 @@ class Attention(nn.Module):
         self.head_dim = hidden_size // num_heads
         self.backend = backend
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=True)
-        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=qk_norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=qk_norm_eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden_size, hidden_size, bias=True)
         self._register_load_state_dict_pre_hook(_rename_flash_keys)
 

@@ -50,10 +50,11 @@ class DiTBlock(nn.Module):
         hidden = config.decoder_hidden_size if decoder else config.hidden_size
         heads = config.decoder_num_heads if decoder else config.num_heads
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden, heads, qk_norm=config.qk_norm, backend=config.attn_backend)
+        self.attn = Attention(hidden, heads, qk_norm=config.qk_norm, backend=config.attn_backend,
+                              qk_norm_eps=config.qk_norm_eps)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         if not decoder and config.is_moe_block(index):
-            self.moe = MoEFeedForward(hidden, config.moe_args())
+            self.moe = MoEFeedForward(hidden, int(hidden * config.mlp_ratio), config.moe)
         else:
             self.mlp = Mlp(hidden, int(hidden * config.mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, 6 * hidden, bias=True))

@@ -22,54 +22,64 @@ from typing import Any, Optional
 import yaml
 
 from ..data import DataConfig
-from ..models import DiT_models
+from ..diffusion.config import ObjectiveConfig
+from ..models import DiT_models, DiTConfig, MoEArgs, preset_config
 from ..vae import dit_vae_flag
 
 
+# Architecture fields the --model preset sets (None: the preset's value) and those the data sets.
+PRESET_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads")
+DATA_FIELDS = ("input_size", "in_channels", "num_classes")
+# The trainer builds DiT-MoE's 8-expert model unless told otherwise (--num-experts 0: dense DiT).
+TRAINER_DEFAULTS = {"num_experts": 8}
+# Model options that change training, not weights: an --init-from run takes them from the flags.
+TRAINING_FIELDS = ("grad_checkpointing", "attn_backend", "grouped_gemm", "aux_loss_coef", "aux_loss_per_sample",
+                   "z_loss_coef", "capacity_factor", "class_dropout_prob")
+
+
 @dataclass
-class ModelSection:
+class ModelChoice:
+    """The model section's own fields; `ModelSection` adds every DiTConfig / MoEArgs field to them."""
+
     model: str = "DiT-S/2"                    # registry name, e.g. "DiT-XL/2"; "DiT-T/2" for laptops
-    num_experts: int = 8                      # 0: dense DiT
-    num_experts_per_tok: int = 2
-    n_shared_experts: int = 2                 # DiT-MoE: one shared SwiGLU expert of width 2 * hidden
-    expert_type: str = "swiglu"
-    moe_layers: Optional[list[int]] = None    # None: every block is MoE
-    norm_topk_prob: bool = False
-    aux_loss_coef: float = 0.01
-    aux_loss_per_sample: bool = False
-    z_loss_coef: float = 0.0
-    capacity_factor: Optional[float] = None   # None: dropless
-    qk_norm: bool = False
-    attn_backend: str = "sdpa"
-    grad_checkpointing: bool = False
-    class_dropout_prob: float = 0.1
-    learn_sigma: bool = True
     init_from: Optional[str] = None           # weights to start from (export, upcycled model, DiT .pt)
     # MaskDiT: encoder on 1 - mask_ratio of the patches, a dense decoder over all of them.
     mask_ratio: float = 0.0                   # 0: no masking (MaskDiT trains at 0.5, fine-tunes at 0)
     mae_loss_coef: float = 0.1                # weight of the MAE term on masked patches
-    decoder_depth: int = 0                    # 0: no decoder (plain DiT); MaskDiT: 8
-    decoder_hidden_size: int = 512
-    decoder_num_heads: int = 16
 
     def __post_init__(self) -> None:
         if self.model not in DiT_models:
             raise ValueError(f"Unknown --model {self.model!r}; choose one of {sorted(DiT_models)}.")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"--mask-ratio must lie in [0, 1), got {self.mask_ratio}; MaskDiT uses 0.5.")
+        self.architecture(input_size=32, in_channels=4, num_classes=1000)  # every architecture value, checked now
+
+    def architecture(self, input_size: int, in_channels: int, num_classes: int) -> DiTConfig:
+        """The DiTConfig of the --model preset with this section's fields, for the data's shape."""
+        overrides = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+        overrides = {k: v for k, v in overrides.items() if not (k in PRESET_FIELDS and v is None)}
+        return preset_config(self.model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                             **overrides)
 
 
-@dataclass
-class ObjectiveSection:
-    objective: str = "iddpm"                  # "iddpm" (DiT) or "flow" (rectified flow, DiT-MoE's --rf True)
-    noise_schedule: str = "linear"
-    diffusion_steps: int = 1000
-    timestep_sampler: str = "auto"            # auto: uniform (iddpm) / logit-normal (flow); or speedit, ...
-    flow_t_scale: float = 1.0                 # DiT-MoE feeds raw t in (0, 1); 1000 matches the embedder range
+def _architecture_fields() -> list[tuple[str, Any, Any]]:
+    """(name, type, field) of every DiTConfig and MoEArgs field the trainer exposes, defaults included."""
+    generated = []
+    for cls in (DiTConfig, MoEArgs):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in DATA_FIELDS or f.name == "moe":
+                continue
+            if f.name in PRESET_FIELDS:
+                generated.append((f.name, Optional[hints[f.name]], field(default=None)))
+            else:
+                generated.append((f.name, hints[f.name], field(default=TRAINER_DEFAULTS.get(f.name, f.default))))
+    return generated
 
-    def __post_init__(self) -> None:
-        if self.objective not in ("iddpm", "flow"):
-            raise ValueError(f"--objective must be 'iddpm' or 'flow', got {self.objective!r}.")
+
+ModelSection = dataclasses.make_dataclass("ModelSection", _architecture_fields(), bases=(ModelChoice,))
+ModelSection.__doc__ = "The model: a --model preset, its overrides (every DiTConfig / MoEArgs field) and how to start."
+ARCHITECTURE_FIELDS = tuple(name for name, _, _ in _architecture_fields())
 
 
 @dataclass
@@ -107,7 +117,7 @@ class RunSection:
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
-    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     run: RunSection = field(default_factory=RunSection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,7 +127,10 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-SECTIONS = {"model": ModelSection, "data": DataConfig, "objective": ObjectiveSection, "run": RunSection}
+SECTIONS = {"model": ModelSection, "data": DataConfig, "objective": ObjectiveConfig, "run": RunSection}
+# Where each section's fields are declared, for their --help text (the trailing comments there).
+FIELD_SOURCES = {"model": (ModelChoice, DiTConfig, MoEArgs), "data": (DataConfig,), "objective": (ObjectiveConfig,),
+                 "run": (RunSection,)}
 
 def _parse_bool(text: str) -> bool:
     lowered = str(text).strip().lower()
@@ -174,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
-        hints, comments = typing.get_type_hints(cls), field_comments(cls)
+        hints = typing.get_type_hints(cls)
+        comments = {k: v for source in FIELD_SOURCES[section] for k, v in field_comments(source).items()}
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else None
             group.add_argument(

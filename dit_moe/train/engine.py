@@ -35,7 +35,7 @@ from deepspeed.utils import groups, set_z3_leaf_modules
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import CONFIG_FILE, EMA_FILE, EXPERT_SHARD
+from ..checkpoint import CONFIG_FILE, EMA_FILE, EXPERT_SHARD, OBJECTIVE_FILE
 from ..models.moe import MoEFeedForward
 from ..parallel import ExpertParallel, shard_experts
 
@@ -274,7 +274,8 @@ def latest_complete_tag(checkpoint_dir: Path) -> Optional[str]:
 
 
 def save_checkpoint(engine, ema: EMA, checkpoint_dir: Path, step: int, client_state: dict[str, Any],
-                    model_config: dict[str, Any], keep_last: int, ep: Optional[ExpertParallel] = None) -> str:
+                    model_config: dict[str, Any], objective_config: dict[str, Any], keep_last: int,
+                    ep: Optional[ExpertParallel] = None) -> str:
     """Collective: write tag `stepNNNNNNN`, mark it complete, point `latest` at it, prune old tags."""
     tag = tag_for_step(step)
     tag_dir = checkpoint_dir / tag
@@ -290,6 +291,7 @@ def save_checkpoint(engine, ema: EMA, checkpoint_dir: Path, step: int, client_st
     if rank == 0:
         save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tag_dir / EMA_FILE))
         (tag_dir / CONFIG_FILE).write_text(json.dumps(model_config, indent=2))
+        (tag_dir / OBJECTIVE_FILE).write_text(json.dumps(objective_config, indent=2))
     dist.barrier()
     if rank == 0:
         _fsync_dir(tag_dir)

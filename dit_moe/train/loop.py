@@ -24,25 +24,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..checkpoint import infer_config, read_checkpoint, save_export
+from ..checkpoint import CheckpointContents, infer_config, read_checkpoint_file, save_export
 from ..data import build_codec, build_train_loader
 from ..diffusion import build_objective
-from ..models import DiT, DiTConfig, preset_config
+from ..models import DiT, DiTConfig
 from ..models.masking import random_mask
 from ..models.moe import MoEFeedForward
 from ..parallel import AllToAllStats, ExpertParallel
 from . import engine as engine_lib
-from .config import BatchPlan, TrainConfig
+from .config import TRAINING_FIELDS, BatchPlan, TrainConfig
 from .metrics import MetricsWriter, plot_loss_curve
 
 log = logging.getLogger("dit_moe.train")
-
-# Options that may differ from an --init-from checkpoint's config: they change training, not weights.
-TRAINING_ONLY_FIELDS = (
-    "grad_checkpointing", "attn_backend", "aux_loss_coef", "aux_loss_per_sample", "z_loss_coef",
-    "capacity_factor", "class_dropout_prob", "objective", "flow_t_scale",
-)
-
 
 def load_deepspeed_config(path: str) -> dict[str, Any]:
     file = Path(path)
@@ -70,53 +63,30 @@ def apply_precision(ds_config: dict[str, Any], precision: str, device: torch.dev
     return precision
 
 
-def build_model_config(cfg: TrainConfig, input_channels: int, input_size: int, num_classes: int) -> DiTConfig:
-    """The DiTConfig for this run: from --init-from's file when given, else the preset + flags."""
-    m, o = cfg.model, cfg.objective
-    training = dict(
-        grad_checkpointing=m.grad_checkpointing, attn_backend=m.attn_backend, aux_loss_coef=m.aux_loss_coef,
-        aux_loss_per_sample=m.aux_loss_per_sample, z_loss_coef=m.z_loss_coef, capacity_factor=m.capacity_factor,
-        class_dropout_prob=m.class_dropout_prob, objective=o.objective, flow_t_scale=o.flow_t_scale,
-    )
-    if m.init_from:
-        stored, state = read_checkpoint(m.init_from)
-        base = stored or infer_config(state)
-        config = base.replace(**training)
-        got = (config.in_channels, config.input_size, config.num_classes)
-        if got != (input_channels, input_size, num_classes):
-            raise ValueError(
-                f"--init-from {m.init_from} is a model for (channels, size, classes) = {got}, but the data gives "
-                f"{(input_channels, input_size, num_classes)}; use matching --image-size / --num-classes / --vae-path."
-            )
-        return config
-    return preset_config(
-        m.model, input_size=input_size, in_channels=input_channels, num_classes=num_classes,
-        learn_sigma=m.learn_sigma, qk_norm=m.qk_norm, num_experts=m.num_experts,
-        num_experts_per_tok=m.num_experts_per_tok, n_shared_experts=m.n_shared_experts,
-        expert_type=m.expert_type, moe_layers=m.moe_layers, norm_topk_prob=m.norm_topk_prob,
-        decoder_depth=m.decoder_depth, decoder_hidden_size=m.decoder_hidden_size,
-        decoder_num_heads=m.decoder_num_heads, **training,
-    )
+def build_model_config(cfg: TrainConfig, input_channels: int, input_size: int, num_classes: int,
+                       init: Optional[CheckpointContents] = None) -> DiTConfig:
+    """The DiTConfig for this run: the --init-from file's architecture (`init`) with this run's
+    training options, else the preset + flags."""
+    if init is None:
+        return cfg.model.architecture(input_size, input_channels, num_classes)
+    base = init.model_config or infer_config(init.state_dict)
+    config = base.replace(**{name: getattr(cfg.model, name) for name in TRAINING_FIELDS})
+    got = (config.in_channels, config.input_size, config.num_classes)
+    if got != (input_channels, input_size, num_classes):
+        raise ValueError(
+            f"--init-from {cfg.model.init_from} is a model for (channels, size, classes) = {got}, but the data gives "
+            f"{(input_channels, input_size, num_classes)}; use matching --image-size / --num-classes / --vae-path."
+        )
+    return config
 
 
-def build_model(cfg: TrainConfig, config: DiTConfig) -> DiT:
-    """Same weights on every rank (ZeRO-3 partitions each rank's own copy), from --init-from if given."""
+def build_model(cfg: TrainConfig, config: DiTConfig, init: Optional[CheckpointContents] = None) -> DiT:
+    """Same weights on every rank (ZeRO-3 partitions each rank's own copy), from --init-from (`init`) if given."""
     torch.manual_seed(cfg.run.seed)
     model = DiT(config)
-    if cfg.model.init_from:
-        _, state = read_checkpoint(cfg.model.init_from, prefer_ema=True)
-        model.load_state_dict(state)
+    if init is not None:
+        model.load_state_dict(init.state_dict)
     return model
-
-
-def objective_options(cfg: TrainConfig, learn_sigma: bool) -> dict[str, Any]:
-    o = cfg.objective
-    if o.objective == "iddpm":
-        sampler = "uniform" if o.timestep_sampler == "auto" else o.timestep_sampler
-        return dict(noise_schedule=o.noise_schedule, diffusion_steps=o.diffusion_steps, learn_sigma=learn_sigma,
-                    timestep_sampler=sampler)
-    sampler = "logit-normal" if o.timestep_sampler == "auto" else o.timestep_sampler
-    return dict(learn_sigma=learn_sigma, t_scale=o.flow_t_scale, timestep_sampler=sampler)
 
 
 @dataclass
@@ -275,10 +245,13 @@ def train(cfg: TrainConfig) -> Optional[Path]:
 
     loader = build_train_loader(cfg.data, rank, world_size, plan.micro_batch, cfg.run.seed)
     codec = build_codec(cfg.data).to(device) if loader.needs_encoding else None
-    model_config = build_model_config(cfg, loader.input_channels, loader.input_size, loader.num_classes)
-    model = build_model(cfg, model_config)
+    init = read_checkpoint_file(cfg.model.init_from) if cfg.model.init_from else None  # read once: may be GBs
+    model_config = build_model_config(cfg, loader.input_channels, loader.input_size, loader.num_classes, init)
+    model = build_model(cfg, model_config, init)
+    del init
     ep = engine_lib.setup_expert_parallel(model, cfg.run.ep_size)
-    objective = build_objective(model_config.objective, **objective_options(cfg, model_config.learn_sigma))
+    objective_config = cfg.objective.resolved()
+    objective = build_objective(objective_config.objective, **objective_config.build_options(model_config.learn_sigma))
     engine = engine_lib.initialize(model, ds_config, ep)
     ema = engine_lib.EMA(engine.module, cfg.run.ema_decay, ep)
     model_dtype = next(engine.module.parameters()).dtype
@@ -300,9 +273,9 @@ def train(cfg: TrainConfig) -> Optional[Path]:
     if rank == 0:
         cfg.save_yaml(results_dir / "config.yaml")
         n_params = sum(p.numel() for p in model.parameters())
-        log.info("%s: %s parameters, %s experts x top-%d; %s on %d process(es), %s, global batch %d = %d x %d x %d.",
-                 cfg.model.model, f"{n_params:,}", model_config.num_experts, model_config.num_experts_per_tok,
-                 model_config.objective, world_size, precision, plan.global_batch, plan.micro_batch,
+        log.info("%s %s: %s parameters; %s on %d process(es), %s, global batch %d = %d x %d x %d.",
+                 cfg.model.model, model_config.moe_shape, f"{n_params:,}",
+                 objective_config.objective, world_size, precision, plan.global_batch, plan.micro_batch,
                  plan.grad_accum, world_size)
         if ep is not None:
             log.info("Expert parallelism: %d ranks per group, %d of %d experts per rank (the parameter count "
@@ -312,7 +285,8 @@ def train(cfg: TrainConfig) -> Optional[Path]:
         model_state, ema_state = engine_lib.full_model_state_dict(engine, ep), ema.full_state_dict()
         if rank != 0:
             return None
-        return save_export(results_dir / f"export.{cfg.run.export_format}", model_config, model_state, ema_state)
+        return save_export(results_dir / f"export.{cfg.run.export_format}", model_config, model_state, ema_state,
+                           objective=objective_config)
 
     if cfg.run.export_only:
         path = export()
@@ -332,7 +306,7 @@ def train(cfg: TrainConfig) -> Optional[Path]:
     def save(at_step: int) -> None:
         client = {"step": at_step, "data": loader.state_dict()}
         engine_lib.save_checkpoint(engine, ema, checkpoint_dir, at_step, client, model_config.to_dict(),
-                                   cfg.run.keep_last, ep)
+                                   objective_config.to_dict(), cfg.run.keep_last, ep)
 
     engine.train()
     while step < total_steps:
@@ -392,8 +366,8 @@ def train(cfg: TrainConfig) -> Optional[Path]:
     path = export() if step >= total_steps else None
     if rank == 0:
         plot_loss_curve(results_dir / "metrics.jsonl", results_dir / "loss_curve.png",
-                        title=f"{cfg.model.model} {model_config.num_experts}E{model_config.num_experts_per_tok}A "
-                              f"({model_config.objective})")
+                        title=f"{cfg.model.model} {model_config.moe_shape} "
+                              f"({objective_config.objective})")
         if path is not None:
             log.info("Exported %s", path)
     dist.barrier()
