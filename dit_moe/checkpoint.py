@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,10 +80,19 @@ def _clean_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _torch_load(path: Path) -> Any:
+    """torch.load with weights_only=True: tensors and plain containers, never arbitrary objects."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint we read"
-        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint ({type(err).__name__}: {err}).") from err
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f"a {refused.group(1)} object" if refused else "Python objects"
+        raise CheckpointError(
+            f"{path} holds {what}, which safe loading (weights_only) refuses to unpickle; if you trust the file, "
+            "re-save its state dict with torch.save(state_dict, path) and pass that."
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any other read failure means "not a checkpoint we read"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint ({first_line}).") from None
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

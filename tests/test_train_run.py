@@ -116,7 +116,7 @@ def test_bad_input_gives_one_line_error(tmp_path, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     proc = run_train(tmp_path / "out", "--max-steps", "1", "--global-batch-size", "8", *args, check=False)
     assert proc.returncode == 2
-    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("train_deepspeed.py: error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 

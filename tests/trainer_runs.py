@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dit_moe.cli import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "DiT-T/2", "--num_experts", "4", "--num_experts_per_tok", "2", "--dataset", "digits",
         "--image-size", "8", "--log-every", "1"]
@@ -25,15 +27,6 @@ def train_cmd(results_dir, *args, zero="zero2", launcher=None):
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
                 "--master_port", str(free_port()), *base]
     return [sys.executable, *base]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (for a test's process group)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_train(results_dir, *args, zero="zero2", launcher=None, check=True, timeout=600):

@@ -24,6 +24,7 @@ import yaml
 from ..data import DataConfig
 from ..diffusion.config import ObjectiveConfig
 from ..models import DiT_models, DiTConfig, MoEArgs, preset_config
+from ..cli import flag, parse_bool, parse_optional_int_list
 from ..vae import dit_vae_flag
 
 
@@ -99,6 +100,7 @@ class RunSection:
     seed: int = 0
     results_dir: str = "results"
     resume: Optional[str] = None              # "auto": latest checkpoint in results_dir; or a checkpoint dir
+    overwrite: bool = False                   # a fresh run may delete the run already in results_dir
     export_format: str = "safetensors"        # "safetensors" | "pt"
     export_only: bool = False                 # load --resume, write the export, exit
     ep_size: int = 1                          # expert-parallel group size
@@ -132,21 +134,6 @@ SECTIONS = {"model": ModelSection, "data": DataConfig, "objective": ObjectiveCon
 FIELD_SOURCES = {"model": (ModelChoice, DiTConfig, MoEArgs), "data": (DataConfig,), "objective": (ObjectiveConfig,),
                  "run": (RunSection,)}
 
-def _parse_bool(text: str) -> bool:
-    lowered = str(text).strip().lower()
-    if lowered in ("1", "true", "yes", "y", "on"):
-        return True
-    if lowered in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {text!r}")
-
-
-def _parse_int_list(text: str) -> Optional[list[int]]:
-    if text.strip().lower() in ("", "none", "all"):
-        return None
-    return [int(part) for part in text.replace(" ", "").split(",") if part]
-
-
 def _field_parser(annotation: Any):
     """argparse `type=` for a dataclass field annotation (resolved type hints)."""
     origin = typing.get_origin(annotation)
@@ -161,9 +148,9 @@ def _field_parser(annotation: Any):
 
         return optional
     if annotation is bool:
-        return _parse_bool
+        return parse_bool
     if origin is list:
-        return _parse_int_list
+        return parse_optional_int_list
     return annotation
 
 
@@ -171,11 +158,6 @@ def field_comments(cls: type) -> dict[str, str]:
     """Each field's trailing `# comment` in the class source: the flag's --help, written once beside its default."""
     pattern = re.compile(r"^\s+(\w+):[^#]*#\s*(.+)$")
     return {m.group(1): m.group(2).strip() for m in map(pattern.match, inspect.getsource(cls).splitlines()) if m}
-
-
-def _flag_names(name: str) -> list[str]:
-    dashed = name.replace("_", "-")
-    return [f"--{name}"] if dashed == name else [f"--{dashed}", f"--{name}"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else None
             group.add_argument(
-                *_flag_names(f.name), dest=f"{section}.{f.name}", type=_field_parser(hints[f.name]),
+                *flag(f.name), dest=f"{section}.{f.name}", type=_field_parser(hints[f.name]),
                 default=argparse.SUPPRESS, metavar=f.name.upper(),
                 help=f"{comments.get(f.name, '')} (default: {default})".lstrip(),
             )
@@ -207,16 +189,76 @@ def build_parser() -> argparse.ArgumentParser:
                               "DiT's ema/mse names would download, so they ask for --vae-path")
     aliases.add_argument("--feature-path", "--feature_path", dest="data.features_path", default=argparse.SUPPRESS,
                          help="fast-DiT's spelling of --features-path")
-    aliases.add_argument("--rf", dest="rf", type=_parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
+    aliases.add_argument("--rf", dest="rf", type=parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
                          help="rectified flow (same as --objective flow); --rf False keeps IDDPM")
     return parser
 
 
-def _check_keys(cls: type, values: dict[str, Any], where: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+def _type_name(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if typing.get_origin(hint) is list:
+        return "a list of integers such as [1, 3]"
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _yaml_value(value: Any, hint: Any, where: str) -> Any:
+    """`value` as the field type `hint` wants (ints are numbers too; YAML 1.1 reads 1e-3 as a
+    string, so numeric strings count as numbers); a wrong type raises one sentence naming `where`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return None if value is None else _yaml_value(value, args[0], where)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    fits = {bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
+            int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+            float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if typing.get_origin(hint) is list:
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    else:
+        ok = fits.get(hint, lambda v: True)(value)
+    if not ok:
+        raise ValueError(f"{where}: expected {_type_name(hint)}, got {value!r}; fix the value in the file.")
+    return float(value) if hint is float else value
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    """The experiment file's mapping; a missing file or a syntax error is one sentence with its line."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--config {path} does not exist; pass an experiment YAML such as config/quickstart.yaml.")
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ValueError(f"{path}: YAML syntax error{line} ({problem}); fix the file.") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected sections {sorted(SECTIONS)} at the top level, got {type(raw).__name__}.")
+    return raw or {}
+
+
+def _yaml_sections(path: str) -> dict[str, dict[str, Any]]:
+    """Each section's values from the experiment file, keys and types checked against its dataclass."""
+    raw = _read_yaml(path)
+    unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; valid keys are {sorted(known)}.")
+        raise ValueError(f"{path}: unknown sections {unknown}; use {sorted(SECTIONS)}.")
+    sections = {}
+    for name, section_values in raw.items():
+        section_values = section_values or {}
+        if not isinstance(section_values, dict):
+            raise ValueError(f"{path} [{name}]: expected key: value lines, got {section_values!r}.")
+        hints = typing.get_type_hints(SECTIONS[name])
+        unknown = sorted(set(section_values) - set(hints))
+        if unknown:
+            raise ValueError(f"{path} [{name}]: unknown keys {unknown}; valid keys are {sorted(hints)}.")
+        sections[name] = {key: _yaml_value(value, hints[key], f"{path} [{name}] {key}")
+                          for key, value in section_values.items()}
+    return sections
 
 
 def load_config(argv: Optional[list[str]] = None) -> TrainConfig:
@@ -224,13 +266,8 @@ def load_config(argv: Optional[list[str]] = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if args.get("config"):
-        raw = yaml.safe_load(Path(args["config"]).read_text()) or {}
-        unknown = sorted(set(raw) - set(SECTIONS))
-        if unknown:
-            raise ValueError(f"{args['config']}: unknown sections {unknown}; use {sorted(SECTIONS)}.")
-        for name, section_values in raw.items():
-            _check_keys(SECTIONS[name], section_values or {}, f"{args['config']} [{name}]")
-            values[name].update(section_values or {})
+        for name, section_values in _yaml_sections(args["config"]).items():
+            values[name].update(section_values)
     for dest, value in args.items():
         if "." in dest:
             section, key = dest.split(".", 1)
