@@ -1,4 +1,4 @@
-"""sample.py / dit_moe.sample_grid: PNG grids from tiny checkpoints, every sampler, the --rf trap, clear errors."""
+"""sample.py / dit_moe.sampling.grid: PNG grids from tiny checkpoints, every sampler, the --rf trap, clear errors."""
 
 import subprocess
 import sys
@@ -12,8 +12,8 @@ from PIL import Image
 from dit_moe.checkpoint import save_export
 from dit_moe.models import DiT_models
 from dit_moe.models.experts import unstack_expert_state_dict
-from dit_moe.sample_grid import SampleGrid, default_labels, image_grid, main, sample_grid
 from dit_moe.sampling import SamplingOptions
+from dit_moe.sampling.grid import SampleGrid, default_labels, image_grid, main, sample_grid
 from reference_dit import randomize_
 from test_vae import save_tiny_vae
 
@@ -65,7 +65,7 @@ def test_each_sampler_writes_a_grid(ckpts, tmp_path, capsys, kind, sampler):
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * (8 + 2) + 2, 4 * (8 + 2) + 2, 3)  # 5 images, 4 per row, 2-pixel padding
     assert grid[12:20, 2:10].std() > 0 and not grid[12:20, 12:20].any()  # image 4 drawn, slot 5 empty
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob(".*tmp*"))  # dit_moe.atomic's temporary names
 
 
 def test_readme_command_with_a_vae(ckpts, tmp_path, capsys):

@@ -1,7 +1,9 @@
-"""Sample images from a trained DiT for given labels and per-sample seeds: the one code path
-that `sample.py` (image grids), `dit_moe.sample_many` (FID batches) and the trainer share.
+"""How an image is made: noise from per-sample seeds, the objective's sampler under guidance, the codec's decode.
 
     images = sample_images(model, codec, labels, seeds, SamplingOptions(sampler="euler", cfg_scale=1.5))
+
+Every sampling tool (the PNG grid behind `sample.py`, the FID sampler `dit_moe.sampling.many`,
+the routing collector) calls `sample_images` through the prepare step (prepare.py).
 
 Reproducibility (EDM's `StackedRandomGenerator`): every sample owns a CPU generator seeded
 with its seed, which draws its initial noise and then, for the stochastic samplers (DDPM,
@@ -21,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .diffusion import Objective, build_objective, guided
-from .models import DiT, DiTConfig
+from ..diffusion import Objective, build_objective, guided
+from ..models import DiT, DiTConfig
 
 LABEL_MODES = ("cycle", "random")
 _LABEL_STREAM = 1  # keeps label draws apart from the noise stream of the same seed
@@ -44,9 +46,9 @@ class SamplingOptions:
             raise ValueError(f"cfg_scale must be >= 1 (1 disables guidance), got {self.cfg_scale}.")
 
 
-def build_sampling_objective(config: DiTConfig, options: SamplingOptions) -> Objective:
-    """The objective a model was trained with, from what its config records plus the IDDPM schedule options."""
-    if config.objective == "flow":
+def build_sampling_objective(config: DiTConfig, options: SamplingOptions, name: Optional[str] = None) -> Objective:
+    """The objective `name` (default: the one the config records) for this model, with the IDDPM schedule options."""
+    if (name or config.objective) == "flow":
         return build_objective("flow", learn_sigma=config.learn_sigma, t_scale=config.flow_t_scale)
     return build_objective(
         "iddpm", learn_sigma=config.learn_sigma, noise_schedule=options.noise_schedule, diffusion_steps=options.diffusion_steps
