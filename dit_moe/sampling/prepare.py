@@ -91,13 +91,12 @@ class PreparedSampler:
 
     def check_labels(self, labels: Sequence[int], flag: str = "--class-labels") -> list[int]:
         """`labels` as ints, after checking that there is one and that each is a class of this model."""
-        labels = [int(label) for label in labels]
-        bad = [label for label in labels if not 0 <= label < self.config.num_classes]
-        if bad or not labels:
-            raise UserError(
-                f"Class labels {bad or labels} are outside this model's 0..{self.config.num_classes - 1}; "
-                f"pick {flag} in that range."
-            )
+        labels, last = [int(label) for label in labels], self.config.num_classes - 1
+        if not labels:
+            raise UserError(f"No class labels were given; pick {flag} from this model's 0..{last}.")
+        bad = [label for label in labels if not 0 <= label <= last]
+        if bad:
+            raise UserError(f"Class labels {bad} are outside this model's 0..{last}; pick {flag} in that range.")
         return labels
 
     def sample(self, labels: Sequence[int], seeds: Sequence[int], progress: bool = False,
