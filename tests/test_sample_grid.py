@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from dit_moe.checkpoint import save_export
+from dit_moe.cli import UserError
 from dit_moe.models import DiT_models
 from dit_moe.models.experts import unstack_expert_state_dict
-from dit_moe.sampling import SamplingOptions
+from dit_moe.sampling import SamplingOptions, SamplingRequest, prepare_sampling
 from dit_moe.sampling.grid import SampleGrid, default_labels, image_grid, main, sample_grid
 from reference_dit import randomize_
 from test_vae import save_tiny_vae
@@ -160,3 +161,17 @@ def test_dit_vae_flag_takes_none_and_explains_that_nothing_is_downloaded(ckpts, 
     assert "nothing is downloaded here" in capsys.readouterr().err
     assert main(["--ckpt", str(ckpts["iddpm"]), "--vae", "none", "--num-sampling-steps", "2",
                  "--out", str(tmp_path / "g.png")]) == 0
+
+
+def test_prepare_says_where_config_and_objective_came_from(ckpts):
+    stored = prepare_sampling(SamplingRequest(ckpts["flow"], device="cpu"))
+    assert (stored.config_source, stored.objective_name, stored.objective_source) == (
+        "stored", "flow", "the checkpoint's config")
+    assert (stored.sampler, stored.num_steps) == ("euler", 50)
+    inferred = prepare_sampling(SamplingRequest(ckpts["feizc"], objective="flow", objective_flag="--rf",
+                                                num_experts_per_tok=1, device="cpu"))
+    assert (inferred.config_source, inferred.objective_name, inferred.objective_source) == ("inferred", "flow", "--rf True")
+    with pytest.raises(UserError, match="trained with rectified flow but --objective iddpm .* pass --objective flow"):
+        prepare_sampling(SamplingRequest(ckpts["flow"], objective="iddpm", device="cpu"))
+    with pytest.raises(UserError, match="--noise-schedule and --diffusion-steps describe IDDPM models"):
+        prepare_sampling(SamplingRequest(ckpts["flow"], options=SamplingOptions(noise_schedule="cosine"), device="cpu"))
