@@ -3,14 +3,14 @@
     python sample.py --model DiT-XL/2 --ckpt FILE --vae-path DIR --image-size 256 --cfg-scale 1.5
     python sample.py --ckpt export.safetensors --class-labels 0,1,2,3 --sampler heun --out grid.png
 
-Argument parsing only; the work is `dit_moe.sample_grid.sample_grid` (see its docs for the
-defaults and checks). `python sample.py --help` lists every flag; each has a `--cfg-scale`
+Argument parsing only; the work is `dit_moe.sampling.grid` (see its docs and dit_moe.sampling.prepare
+for the defaults and checks). `python sample.py --help` lists every flag; each has a `--cfg-scale`
 and a `--cfg_scale` spelling.
 """
 
 import sys
 
-from dit_moe.sample_grid import main
+from dit_moe.sampling.grid import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="sample.py"))

@@ -307,3 +307,11 @@ __all__ = [
     "upcycle_checkpoint",
     "upcycle_state_dict",
 ]
+
+
+if __name__ == "__main__":  # `python -m dit_moe.upcycle`: the command line of upcycle.py
+    import sys
+
+    from dit_moe.upcycle_cli import main
+
+    sys.exit(main(prog="python -m dit_moe.upcycle"))

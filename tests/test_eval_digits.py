@@ -56,6 +56,6 @@ def test_uint8_input_and_cache_give_the_same_scores(scorer, heldout, cache_dir):
 def test_digits_cli_scores_an_npz(scorer, heldout, tmp_path, cache_dir):
     x, y = heldout
     write_npz(tmp_path / "digits.npz", x, y)
-    results = cli.main(["digits", "--samples", str(tmp_path / "digits.npz"), "--cache-dir", str(cache_dir)])
+    results = cli.run(["digits", "--samples", str(tmp_path / "digits.npz"), "--cache-dir", str(cache_dir)])
     assert results["samples"]["label_accuracy"] > 0.9
     assert set(results["real_ceiling"]) == {"label_accuracy", "frechet_distance", "n"}

@@ -11,12 +11,15 @@ import torch
 from PIL import Image
 
 from dit_moe.checkpoint import load_model, save_export
+from dit_moe.diffusion import ObjectiveConfig
 from dit_moe.evaluation.npz import png_name, read_npz
 from dit_moe.models import DiT_models
-from dit_moe.sample_many import main, shard_indices
-from dit_moe.sampling import SamplingOptions, per_sample_noise, sample_images, sample_labels
+from dit_moe.sampling import SamplingOptions, build_sampling_objective, per_sample_noise, sample_images, sample_labels
+from dit_moe.sampling.many import default_npz_path, main, shard_indices
 from dit_moe.vae import PixelCodec
 from trainer_runs import free_port
+
+FLOW = ObjectiveConfig(objective="flow")
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 5  # odd: the two ranks get uneven shards
@@ -25,20 +28,37 @@ NUM_SAMPLES = 5  # odd: the two ranks get uneven shards
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     torch.manual_seed(0)
-    model = DiT_models["DiT-T/2"](input_size=8, in_channels=3, num_classes=10, objective="flow")
-    return save_export(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", model.config, model.state_dict())
+    model = DiT_models["DiT-T/2"](input_size=8, in_channels=3, num_classes=10)
+    return save_export(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", model.config, model.state_dict(),
+                       objective=FLOW)
 
 
 @pytest.fixture(scope="module")
 def single_run(ckpt, tmp_path_factory):
     """A one-process run (batch 4): its folder and what its .npz held before any test touched the folder."""
     out = tmp_path_factory.mktemp("single") / "run"
-    return out, read_npz(main(_args(ckpt, out, "--batch-size", "4")))
+    return out, read_npz(_sample(_args(ckpt, out, "--batch-size", "4")))
 
 
 def _args(ckpt, out, *extra):
     return ["--ckpt", str(ckpt), "--num-samples", str(NUM_SAMPLES), "--out", str(out), "--num-sampling-steps", "2",
             "--cfg-scale", "1.5", "--seed", "7", "--device", "cpu", *extra]
+
+
+def _sample(argv):
+    """main(argv) in-process; it must succeed. Returns the .npz it wrote (OUT.npz)."""
+    assert main(argv) == 0
+    return default_npz_path(Path(argv[argv.index("--out") + 1]))
+
+
+def _fails(capsys, argv) -> str:
+    """main(argv) must exit 2 with one line on stderr; returns that line."""
+    capsys.readouterr()  # drop what earlier runs printed
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    return err
 
 
 def test_noise_and_labels_depend_only_on_the_sample():
@@ -51,11 +71,12 @@ def test_noise_and_labels_depend_only_on_the_sample():
     assert len(set(random.tolist())) > 5
 
 
-def test_bad_input_stops_with_one_sentence(ckpt, tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(_args(tmp_path / "missing.pt", tmp_path / "out"))
-    with pytest.raises(SystemExit, match="use ddpm or ddim"):
-        main(_args(ckpt, tmp_path / "out", "--objective", "iddpm", "--sampler", "euler"))
+def test_bad_input_stops_with_one_sentence(ckpt, tmp_path, capsys):
+    assert "does not exist" in _fails(capsys, _args(tmp_path / "missing.pt", tmp_path / "out"))
+    assert "use --sampler euler or heun" in _fails(capsys, _args(ckpt, tmp_path / "out", "--sampler", "ddpm"))
+    # the file records flow: an --objective contradicting it is refused, not obeyed
+    err = _fails(capsys, _args(ckpt, tmp_path / "out", "--objective", "iddpm", "--sampler", "euler"))
+    assert "trained with rectified flow but --objective iddpm" in err
     assert not (tmp_path / "out" / "sampling.json").exists()
 
 
@@ -67,15 +88,16 @@ def test_shards_cover_every_index_once():
 def test_sample_images_is_batch_invariant_for_ode_samplers(ckpt):
     model = load_model(ckpt)
     options = SamplingOptions(sampler="euler", num_steps=2, cfg_scale=2.0)
-    together = sample_images(model, PixelCodec(3), [1, 2, 3], [5, 6, 7], options)
-    alone = sample_images(model, PixelCodec(3), [3], [7], options)
+    flow = build_sampling_objective(model.config, FLOW)
+    together = sample_images(model, PixelCodec(3), [1, 2, 3], [5, 6, 7], options, objective=flow)
+    alone = sample_images(model, PixelCodec(3), [3], [7], options, objective=flow)
     assert together.shape == (3, 3, 8, 8) and together.abs().max() <= 1
     torch.testing.assert_close(together[2:], alone, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="codec has 1 channels"):
-        sample_images(model, PixelCodec(1), [0], [0], options)
+        sample_images(model, PixelCodec(1), [0], [0], options, objective=flow)
 
 
-def test_resume_skips_existing_pngs(ckpt, single_run):
+def test_resume_skips_existing_pngs(ckpt, single_run, capsys):
     out, first = single_run
     assert first.images.shape == (NUM_SAMPLES, 8, 8, 3)
     np.testing.assert_array_equal(first.labels, np.arange(NUM_SAMPLES) % 10)
@@ -83,11 +105,10 @@ def test_resume_skips_existing_pngs(ckpt, single_run):
     (out / png_name(4)).unlink()
     marker = np.zeros((8, 8, 3), np.uint8)
     Image.fromarray(marker).save(out / png_name(1))  # an existing PNG must be kept, not redrawn
-    second = read_npz(main(_args(ckpt, out, "--batch-size", "4")))
+    second = read_npz(_sample(_args(ckpt, out, "--batch-size", "4")))
     np.testing.assert_array_equal(second.images[1], marker)
     np.testing.assert_array_equal(second.images[4], first.images[4])
-    with pytest.raises(SystemExit, match="other settings"):
-        main(_args(ckpt, out, "--batch-size", "4", "--cfg-scale", "3.0"))
+    assert "other settings" in _fails(capsys, _args(ckpt, out, "--batch-size", "4", "--cfg-scale", "3.0"))
 
 
 @pytest.mark.multiproc

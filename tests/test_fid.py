@@ -73,12 +73,14 @@ def test_precision_recall_brute_force():
     assert precision_recall(ref, ref + 100.0) == (0.0, 0.0)
 
 
-def test_missing_inception_weights_say_where_to_get_them(tmp_path):
+def test_missing_inception_weights_say_where_to_get_them(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match=INCEPTION_FILENAME):
         resolve_inception_weights(tmp_path)
     write_npz(tmp_path / "s.npz", np.zeros((4, 8, 8, 3), np.uint8))
-    with pytest.raises(SystemExit, match="--inception-weights"):
+    with pytest.raises(SystemExit) as exit_info:
         cli.main(["fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--inception-weights" in err and err.count("\n") == 1, err
 
 
 class _FakeInception(torch.nn.Module):
@@ -104,11 +106,11 @@ def test_fid_cli_with_torchscript_detector(tmp_path):
     for name, images in (("real", real), ("shifted", shifted)):
         write_npz(tmp_path / f"{name}.npz", images)
     common = ["--inception-weights", str(tmp_path), "--device", "cpu", "--batch-size", "16"]
-    same = cli.main(["fid", "--samples", str(tmp_path / "real.npz"), "--ref", str(tmp_path / "real.npz"), *common])
-    other = cli.main(["fid", "--samples", str(tmp_path / "shifted.npz"), "--ref", str(tmp_path / "real.npz"), *common])
+    same = cli.run(["fid", "--samples", str(tmp_path / "real.npz"), "--ref", str(tmp_path / "real.npz"), *common])
+    other = cli.run(["fid", "--samples", str(tmp_path / "shifted.npz"), "--ref", str(tmp_path / "real.npz"), *common])
     assert same["fid"] == pytest.approx(0, abs=1e-6) and same["precision"] == 1.0
     assert other["fid"] > 0.01 and 1.0 <= other["inception_score"] <= 5.0
-    cli.main(["stats", "--images", str(tmp_path / "real.npz"), "--out", str(tmp_path / "ref_stats.npz"), *common])
-    from_stats = cli.main(["fid", "--samples", str(tmp_path / "shifted.npz"), "--ref", str(tmp_path / "ref_stats.npz"), *common])
+    cli.run(["stats", "--images", str(tmp_path / "real.npz"), "--out", str(tmp_path / "ref_stats.npz"), *common])
+    from_stats = cli.run(["fid", "--samples", str(tmp_path / "shifted.npz"), "--ref", str(tmp_path / "ref_stats.npz"), *common])
     assert from_stats["fid"] == pytest.approx(other["fid"], rel=1e-6)
     assert "precision" not in from_stats

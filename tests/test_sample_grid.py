@@ -1,4 +1,4 @@
-"""sample.py / dit_moe.sample_grid: PNG grids from tiny checkpoints, every sampler, the --rf trap, clear errors."""
+"""sample.py / dit_moe.sampling.grid: PNG grids from tiny checkpoints, every sampler, the --rf trap, clear errors."""
 
 import subprocess
 import sys
@@ -10,10 +10,12 @@ import torch
 from PIL import Image
 
 from dit_moe.checkpoint import save_export
+from dit_moe.cli import UserError
+from dit_moe.diffusion import ObjectiveConfig
 from dit_moe.models import DiT_models
 from dit_moe.models.experts import unstack_expert_state_dict
-from dit_moe.sample_grid import SampleGrid, default_labels, image_grid, main, sample_grid
-from dit_moe.sampling import SamplingOptions
+from dit_moe.sampling import SamplingOptions, SamplingRequest, prepare_sampling
+from dit_moe.sampling.grid import SampleGrid, default_labels, image_grid, main, sample_grid
 from reference_dit import randomize_
 from test_vae import save_tiny_vae
 
@@ -32,14 +34,15 @@ def ckpts(tmp_path_factory):
     """Exports that record their objective (pixel IDDPM, pixel flow, latent IDDPM) and a
     feizc-style plain state dict (per-expert keys, no config) of a flow-trained MoE model."""
     root = tmp_path_factory.mktemp("ckpts")
-    iddpm, flow = _tiny(), _tiny(objective="flow")
+    iddpm, flow = _tiny(), _tiny()
     latent = _tiny(in_channels=4, input_size=4, num_classes=4)
-    feizc = _tiny(num_experts=2, objective="flow")
+    feizc = _tiny(num_experts=2)
     torch.save(unstack_expert_state_dict(feizc.state_dict()), root / "feizc.pt")
+    iddpm_objective, flow_objective = ObjectiveConfig(), ObjectiveConfig(objective="flow")
     return dict(
-        iddpm=save_export(root / "iddpm.safetensors", iddpm.config, iddpm.state_dict()),
-        flow=save_export(root / "flow.pt", flow.config, flow.state_dict()),
-        latent=save_export(root / "latent.safetensors", latent.config, latent.state_dict()),
+        iddpm=save_export(root / "iddpm.safetensors", iddpm.config, iddpm.state_dict(), objective=iddpm_objective),
+        flow=save_export(root / "flow.pt", flow.config, flow.state_dict(), objective=flow_objective),
+        latent=save_export(root / "latent.safetensors", latent.config, latent.state_dict(), objective=iddpm_objective),
         feizc=root / "feizc.pt",
         vae=save_tiny_vae(root / "vae"),  # 4 latent channels, downsample 2: 4x4 latents -> 8x8 images
     )
@@ -65,7 +68,7 @@ def test_each_sampler_writes_a_grid(ckpts, tmp_path, capsys, kind, sampler):
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * (8 + 2) + 2, 4 * (8 + 2) + 2, 3)  # 5 images, 4 per row, 2-pixel padding
     assert grid[12:20, 2:10].std() > 0 and not grid[12:20, 12:20].any()  # image 4 drawn, slot 5 empty
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob(".*tmp*"))  # dit_moe.atomic's temporary names
 
 
 def test_readme_command_with_a_vae(ckpts, tmp_path, capsys):
@@ -160,3 +163,17 @@ def test_dit_vae_flag_takes_none_and_explains_that_nothing_is_downloaded(ckpts, 
     assert "nothing is downloaded here" in capsys.readouterr().err
     assert main(["--ckpt", str(ckpts["iddpm"]), "--vae", "none", "--num-sampling-steps", "2",
                  "--out", str(tmp_path / "g.png")]) == 0
+
+
+def test_prepare_says_where_config_and_objective_came_from(ckpts):
+    stored = prepare_sampling(SamplingRequest(ckpts["flow"], device="cpu"))
+    assert (stored.config_source, stored.objective_name, stored.objective_source) == (
+        "stored", "flow", "the checkpoint's config")
+    assert (stored.sampler, stored.num_steps) == ("euler", 50)
+    inferred = prepare_sampling(SamplingRequest(ckpts["feizc"], objective="flow", objective_flag="--rf",
+                                                num_experts_per_tok=1, device="cpu"))
+    assert (inferred.config_source, inferred.objective_name, inferred.objective_source) == ("inferred", "flow", "--rf True")
+    with pytest.raises(UserError, match="trained with rectified flow but --objective iddpm .* pass --objective flow"):
+        prepare_sampling(SamplingRequest(ckpts["flow"], objective="iddpm", device="cpu"))
+    with pytest.raises(UserError, match="--noise-schedule and --diffusion-steps describe IDDPM models"):
+        prepare_sampling(SamplingRequest(ckpts["flow"], noise_schedule="cosine", device="cpu"))

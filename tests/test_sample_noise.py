@@ -3,9 +3,15 @@
 import pytest
 import torch
 
-from dit_moe.diffusion import create_diffusion
+from dit_moe.diffusion import ObjectiveConfig, create_diffusion
 from dit_moe.models import DiT_models
-from dit_moe.sampling import SamplingOptions, StackedRandomGenerator, per_sample_noise, sample_images
+from dit_moe.sampling import (
+    SamplingOptions,
+    StackedRandomGenerator,
+    build_sampling_objective,
+    per_sample_noise,
+    sample_images,
+)
 from dit_moe.vae import PixelCodec
 from reference_dit import randomize_
 
@@ -48,12 +54,13 @@ def test_gaussian_loops_draw_step_noise_from_noise_fn():
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_sample_is_the_same_in_a_batch_of_one_and_of_four(iddpm_model, sampler):
     options = SamplingOptions(sampler=sampler, num_steps=3, cfg_scale=1.5)
+    iddpm = build_sampling_objective(iddpm_model.config, ObjectiveConfig())
     labels, seeds = [1, 2, 3, 4], [10, 11, 12, 13]
-    batch = sample_images(iddpm_model, PixelCodec(3), labels, seeds, options)
+    batch = sample_images(iddpm_model, PixelCodec(3), labels, seeds, options, objective=iddpm)
     for i in (0, 3):
-        alone = sample_images(iddpm_model, PixelCodec(3), labels[i : i + 1], seeds[i : i + 1], options)
+        alone = sample_images(iddpm_model, PixelCodec(3), labels[i : i + 1], seeds[i : i + 1], options, objective=iddpm)
         torch.testing.assert_close(batch[i : i + 1], alone, atol=1e-4, rtol=0)  # batched kernels round differently
-    again = sample_images(iddpm_model, PixelCodec(3), labels, seeds, options)
+    again = sample_images(iddpm_model, PixelCodec(3), labels, seeds, options, objective=iddpm)
     torch.testing.assert_close(batch, again, atol=0, rtol=0)
-    other = sample_images(iddpm_model, PixelCodec(3), labels, [20, 21, 22, 23], options)
+    other = sample_images(iddpm_model, PixelCodec(3), labels, [20, 21, 22, 23], options, objective=iddpm)
     assert (other - batch).abs().amax(dim=(1, 2, 3)).min() > 1e-3

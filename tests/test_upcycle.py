@@ -267,3 +267,10 @@ def test_errors_are_one_clear_sentence(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("upcycle.py: error: --model DiT-S/2 does not match") and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_module_entry_is_the_same_command(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dit_moe.upcycle", "--ckpt", str(tmp_path / "missing.pt"),
+                             "--out", str(tmp_path / "moe.pt")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("python -m dit_moe.upcycle: error: Checkpoint") and "does not exist" in result.stderr

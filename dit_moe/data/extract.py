@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -23,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from dit_moe.cli import LaunchEnv, default_device, flag, run_main
 from dit_moe.data.folder import ImageFolderDataset
 from dit_moe.data.shards import Manifest, shard_name, write_shard
 from dit_moe.data.transforms import hflip
@@ -43,11 +45,6 @@ class ExtractConfig:
     def __post_init__(self):
         if self.shard_size < 1 or self.batch_size < 1:
             raise ValueError(f"--shard-size and --batch-size must be positive, got {self.shard_size} and {self.batch_size}.")
-
-
-def dist_env() -> tuple:
-    """(rank, world_size, local_rank) from the env vars torchrun/deepspeed set; (0, 1, 0) when absent."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
 def _manifest_for(cfg: ExtractConfig, dataset: ImageFolderDataset, codec) -> Manifest:
@@ -123,27 +120,30 @@ def _encode_batches(loader, indices, codec, device, progress):
 
 def parse_args(argv=None) -> ExtractConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-path", "--data_path", required=True, help="image folder, one sub-folder per class")
-    parser.add_argument("--vae-path", "--vae_path", required=True,
+    parser.add_argument(*flag("data-path"), required=True, help="image folder, one sub-folder per class")
+    parser.add_argument(*flag("vae-path"), required=True,
                         help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-mse), or 'none' for pixels")
-    parser.add_argument("--features-path", "--features_path", "--feature-path", "--feature_path", required=True,
+    parser.add_argument(*flag("features-path"), *flag("feature-path"), dest="features_path", required=True,
                         help="output folder for the shards and manifest.json")
-    parser.add_argument("--image-size", "--image_size", type=int, default=256)
-    parser.add_argument("--shard-size", "--shard_size", type=int, default=1000)
-    parser.add_argument("--batch-size", "--batch_size", type=int, default=32)
-    parser.add_argument("--num-workers", "--num_workers", type=int, default=4)
-    parser.add_argument("--vae-scale-factor", "--vae_scale_factor", type=float, default=SD_VAE_SCALE_FACTOR)
+    parser.add_argument(*flag("image-size"), type=int, default=256)
+    parser.add_argument(*flag("shard-size"), type=int, default=1000)
+    parser.add_argument(*flag("batch-size"), type=int, default=32)
+    parser.add_argument(*flag("num-workers"), type=int, default=4)
+    parser.add_argument(*flag("vae-scale-factor"), type=float, default=SD_VAE_SCALE_FACTOR)
     args = parser.parse_args(argv)
     return ExtractConfig(args.data_path, args.vae_path, args.features_path, args.image_size, args.shard_size,
                          args.batch_size, args.num_workers, args.vae_scale_factor)
 
 
-def main(argv=None) -> None:
-    cfg = parse_args(argv)
-    rank, world_size, local_rank = dist_env()
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    run_extraction(cfg, rank, world_size, device=device)
+def main(argv=None) -> int:
+    """Encode this rank's shards; bad input (missing folder, changed settings) exits 2 with one sentence."""
+    def work() -> None:
+        cfg = parse_args(argv)
+        env = LaunchEnv.from_environ()
+        run_extraction(cfg, env.rank, env.world_size, device=default_device(env.local_rank))
+
+    return run_main(work, prog="python -m dit_moe.data.extract")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

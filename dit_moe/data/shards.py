@@ -4,8 +4,8 @@ Each sample is keyed by its dataset index (`%09d`, never a per-rank counter) and
     mean.npy  float16 (2, C, H, W)  VAE posterior mean of [image, flipped image], unscaled
     std.npy   float16 (2, C, H, W)  its standard deviation
     cls       the class label
-Shard i holds dataset indices [i * shard_size, (i + 1) * shard_size). A shard is written to
-a temporary name and renamed when complete, so a shard file that exists is whole.
+Shard i holds dataset indices [i * shard_size, (i + 1) * shard_size). A shard is written through
+`dit_moe.atomic` (temporary name, renamed when complete), so a shard file that exists is whole.
 `manifest.json` describes the whole set (see `Manifest`).
 """
 
@@ -20,6 +20,8 @@ from typing import Any, Dict, Iterable, List, Tuple
 
 import numpy as np
 import webdataset as wds
+
+from dit_moe.atomic import atomic_path, write_text
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -60,11 +62,7 @@ class Manifest:
         return np.array([len(self.shard_range(s)) for s in range(self.num_shards)], dtype=np.int64)
 
     def save(self, features_path: str) -> None:
-        path = os.path.join(features_path, MANIFEST_NAME)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(dataclasses.asdict(self), f, indent=2)
-        os.replace(tmp, path)
+        write_text(os.path.join(features_path, MANIFEST_NAME), json.dumps(dataclasses.asdict(self), indent=2))
 
     @classmethod
     def load(cls, features_path: str) -> "Manifest":
@@ -94,9 +92,8 @@ def write_shard(path: str, samples: Iterable[Tuple[int, np.ndarray, np.ndarray, 
 
     Returns the number of samples written.
     """
-    tmp = f"{path}.tmp{os.getpid()}"
     count = 0
-    with open(tmp, "wb") as stream:
+    with atomic_path(path) as tmp, open(tmp, "wb") as stream:
         with wds.TarWriter(stream) as writer:
             for index, mean, std, label in samples:
                 writer.write({
@@ -106,7 +103,6 @@ def write_shard(path: str, samples: Iterable[Tuple[int, np.ndarray, np.ndarray, 
                     "cls": int(label),
                 })
                 count += 1
-    os.replace(tmp, path)
     return count
 
 

@@ -10,34 +10,33 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import sys
 from typing import Optional, Sequence
 
-import torch
-
+from ..atomic import write_text
+from ..cli import UserError, default_device, flag, run_main
 from .digits_score import DigitsScorer
 from .fid import evaluate, save_reference_statistics
 from .npz import read_npz
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+PROG = "python -m dit_moe.evaluation"
 
 
 def _add_inception_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--inception-weights", "--inception_weights", dest="inception_weights", default=None,
+    parser.add_argument(*flag("inception-weights"), default=None,
                         help="inception-2015-12-05.pt (NVIDIA's TorchScript FID network) or the folder holding it")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64)
+    parser.add_argument(*flag("batch-size"), type=int, default=64)
 
 
 def _write_json(path: Optional[str], results: dict) -> None:
     if path:
-        Path(path).write_text(json.dumps(results, indent=2))
+        write_text(path, json.dumps(results, indent=2))
 
 
 def _fid(args: argparse.Namespace) -> dict:
-    results = evaluate(args.samples, args.ref, args.inception_weights, args.device or _default_device(), args.batch_size, progress=True)
+    results = evaluate(args.samples, args.ref, args.inception_weights, args.device or default_device(), args.batch_size, progress=True)
     for name, value in results.items():
         print(f"{name}: {value:.4f}" if name != "num_samples" else f"{name}: {int(value)}")
     _write_json(args.json, results)
@@ -45,7 +44,7 @@ def _fid(args: argparse.Namespace) -> dict:
 
 
 def _stats(args: argparse.Namespace) -> dict:
-    path = save_reference_statistics(args.images, args.out, args.inception_weights, args.device or _default_device(), args.batch_size, progress=True)
+    path = save_reference_statistics(args.images, args.out, args.inception_weights, args.device or default_device(), args.batch_size, progress=True)
     print(f"Saved reference statistics to {path}")
     return {"out": str(path)}
 
@@ -53,7 +52,7 @@ def _stats(args: argparse.Namespace) -> dict:
 def _digits(args: argparse.Namespace) -> dict:
     batch = read_npz(args.samples)
     if batch.images is None or batch.labels is None:
-        raise SystemExit(f"{args.samples} needs images (arr_0) and their conditioning labels (arr_1) for the digits score.")
+        raise UserError(f"{args.samples} needs images (arr_0) and their conditioning labels (arr_1) for the digits score.")
     scorer = DigitsScorer.fit(seed=args.seed, cache_dir=args.cache_dir)
     results = {"samples": scorer.score(batch.images, batch.labels), "real_ceiling": scorer.real_ceiling(),
                "classifier_heldout_accuracy": scorer.heldout_accuracy}
@@ -66,7 +65,7 @@ def _digits(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dit_moe.evaluation", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     fid = commands.add_parser("fid", help="FID, Inception Score and precision/recall of samples against a reference")
@@ -85,19 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     digits = commands.add_parser("digits", help="label accuracy and digits-FD of conditional digits samples")
     digits.add_argument("--samples", required=True, help="sample batch .npz with labels (arr_1)")
     digits.add_argument("--seed", type=int, default=0, help="classifier training seed")
-    digits.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=None, help="keep the fitted classifier here")
+    digits.add_argument(*flag("cache-dir"), default=None, help="keep the fitted classifier here")
     digits.add_argument("--json", default=None)
     digits.set_defaults(run=_digits)
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    """Parse one command line and carry it out; returns the numbers it printed."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from err
+    return args.run(args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point: bad input (missing file, weights or labels) exits 2 with one sentence on stderr."""
+    def work() -> None:
+        run(argv)
+
+    return run_main(work, prog=PROG)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_path
 from ..data.digits import NUM_DIGIT_CLASSES, digits_arrays
 from .fid import FeatureStatistics, frechet_distance
 
@@ -102,14 +103,11 @@ class DigitsScorer:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Store the fit as plain arrays (no pickle), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {name: getattr(self.mlp, name) for name in DigitsMLP.__dataclass_fields__}
         arrays.update(mu=self.reference.mu, sigma=self.reference.sigma, heldout_accuracy=self.heldout_accuracy, seed=self.seed)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-        return path
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez adds no .npz suffix
+            np.savez(f, **arrays)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DigitsScorer":

@@ -25,6 +25,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_path
+from ..npy import read_npy_header
+
 IMAGES_KEY = "arr_0"
 LABELS_KEY = "arr_1"
 MU_KEY = "mu"
@@ -67,7 +70,7 @@ def to_rgb(images: np.ndarray) -> np.ndarray:
 def write_npz(path: str | os.PathLike, images: np.ndarray | torch.Tensor, labels: Optional[np.ndarray] = None) -> Path:
     """Write images (uint8 NHWC, or float NCHW in [-1, 1]) and optional labels as `arr_0` / `arr_1`.
 
-    The file appears complete or not at all: it is written to `<path>.tmp.npz` and renamed.
+    The file appears complete or not at all (`dit_moe.atomic`).
     """
     path = Path(path)
     if path.suffix != ".npz":
@@ -78,22 +81,16 @@ def write_npz(path: str | os.PathLike, images: np.ndarray | torch.Tensor, labels
         if len(labels) != len(arrays[IMAGES_KEY]):
             raise ValueError(f"{len(labels)} labels for {len(arrays[IMAGES_KEY])} images; pass one label per image.")
         arrays[LABELS_KEY] = labels
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name[: -len(".npz")] + ".tmp.npz")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
     return path
 
 
 def write_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> Path:
     """Write reference feature statistics (`mu`, `sigma`) in the evaluator's key names, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name[: -len(".npz")] + ".tmp.npz") if path.suffix == ".npz" else path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez adds no .npz suffix
         np.savez(f, **{MU_KEY: mu, SIGMA_KEY: sigma})
-    os.replace(tmp, path)
     return path
 
 
@@ -105,7 +102,7 @@ def read_npz(path: str | os.PathLike, load_images: bool = True) -> NpzBatch:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass an .npz written by dit_moe.sample_many or the ADM tools.")
+        raise FileNotFoundError(f"{path} does not exist; pass an .npz written by dit_moe.sampling.many or the ADM tools.")
     with np.load(path) as data:
         keys = set(data.files)
         label_key = LABELS_KEY if LABELS_KEY in keys else "labels" if "labels" in keys else None
@@ -123,16 +120,9 @@ def read_npz(path: str | os.PathLike, load_images: bool = True) -> NpzBatch:
     return NpzBatch(images=images, labels=labels, mu=mu, sigma=sigma, num_images=num_images)
 
 
-def _read_header(arr_f) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(arr_f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(arr_f)
-    return np.lib.format.read_array_header_2_0(arr_f)
-
-
 def _images_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     with zipfile.ZipFile(path) as zf, zf.open(f"{IMAGES_KEY}.npy") as arr_f:
-        shape, fortran, dtype = _read_header(arr_f)
+        shape, fortran, dtype = read_npy_header(arr_f)
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
         raise ValueError(f"{path}: {IMAGES_KEY} must be a C-ordered uint8 (N, H, W, 3) array, got {dtype} {shape}.")
     return shape, dtype
@@ -144,7 +134,7 @@ def iter_npz_images(path: str | os.PathLike, batch_size: int) -> Iterator[np.nda
     shape, dtype = _images_header(path)
     per_image = math.prod(shape[1:])
     with zipfile.ZipFile(path) as zf, zf.open(f"{IMAGES_KEY}.npy") as arr_f:
-        _read_header(arr_f)
+        read_npy_header(arr_f)
         for start in range(0, shape[0], batch_size):
             count = min(batch_size, shape[0] - start)
             data = arr_f.read(count * per_image)
@@ -156,6 +146,13 @@ def iter_npz_images(path: str | os.PathLike, batch_size: int) -> Iterator[np.nda
 def png_name(index: int) -> str:
     """File name of sample `index` in a sample folder (DiT's `sample_ddp.py` naming)."""
     return f"{index:06d}.png"
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
+    """One uint8 HWC image as a PNG (grey for 1 channel), atomically, so a resumed run never trusts a partial file."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
+    return Path(path)
 
 
 def npz_from_png_folder(

@@ -8,11 +8,14 @@
     paths = analyse_checkpoint("model.pt", "out/")   # everything for a checkpoint in one call
 
 Files: recorder.py (hooks, buffering), store.py (the .npz format, validation),
-stats.py (counts, summary), plots.py (heatmaps), collect.py (sampling + one-call
-analysis), cli.py (`python -m dit_moe.routing` and the analysis/ scripts).
+stats.py (counts, summary), plots.py (heatmaps), collect.py (sampling through the prepare
+step of dit_moe.sampling, and the one-call analysis), cli.py (`python -m dit_moe.routing` and
+the analysis/ scripts).
 """
 
-from .collect import analyse_checkpoint, collect_routing, default_classes, plot_routing, write_summary
+from .collect import (
+    analyse_checkpoint, analyse_request, collect_routing, default_classes, plot_routing, record_routing, write_summary,
+)
 from .plots import class_heatmap, panel_axes, patch_dominant_heatmap, patch_expert_heatmap, save_figure, step_heatmap
 from .recorder import RoutingRecorder, find_moe_layers
 from .stats import RoutingCounts, count_routing, format_summary, load_counts, summarize
@@ -22,5 +25,6 @@ __all__ = [
     "RoutingRecorder", "find_moe_layers", "RoutingFile", "RoutingFileError", "write_routing",
     "RoutingCounts", "count_routing", "load_counts", "summarize", "format_summary",
     "class_heatmap", "step_heatmap", "patch_dominant_heatmap", "patch_expert_heatmap", "panel_axes", "save_figure",
-    "collect_routing", "analyse_checkpoint", "plot_routing", "write_summary", "default_classes",
+    "collect_routing", "record_routing", "analyse_checkpoint", "analyse_request", "plot_routing", "write_summary",
+    "default_classes",
 ]

@@ -19,12 +19,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..checkpoint import CheckpointError
-from ..vae import PIXEL_SPACE
-from .collect import DTYPES, analyse_checkpoint, collect_routing, write_summary
+from ..cli import flag, parse_int_list, parse_optional_int_list, run_main
+from ..sampling.flags import add_sampling_flags, request_from_args
+from .collect import analyse_request, record_routing, write_summary
 from .plots import class_heatmap, patch_dominant_heatmap, patch_expert_heatmap, save_figure, step_heatmap
 from .stats import load_counts
-from .store import RoutingFileError
 
 DESCRIPTIONS = {
     "collect": "Sample from a checkpoint and record which experts every token is routed to.",
@@ -36,39 +35,21 @@ DESCRIPTIONS = {
 }
 
 
-def _flag(name: str) -> tuple[str, ...]:
-    """Both spellings of a flag, `--cfg-scale` and `--cfg_scale`."""
-    return tuple(dict.fromkeys((f"--{name}", f"--{name.replace('-', '_')}")))
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers such as 0,1,2, got {text!r}") from None
-
-
 def _add_collect_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(*_flag("ckpt"), required=True, help="any checkpoint dit_moe.checkpoint.load_model reads")
-    parser.add_argument(*_flag("vae-path"), default=PIXEL_SPACE, help="diffusers AutoencoderKL folder, or 'none' (pixel space)")
-    parser.add_argument(*_flag("classes"), type=_int_list, default=None, help="e.g. 0,1,2 (default: up to 10 evenly spaced)")
-    parser.add_argument(*_flag("samples-per-class"), type=int, default=2)
-    parser.add_argument(*_flag("num-sampling-steps"), type=int, default=None, help="default: 250 (IDDPM), 50 (flow)")
-    parser.add_argument(*_flag("sampler"), choices=["ddpm", "ddim", "euler", "heun"], default=None,
-                        help="default: ddpm (IDDPM models), euler (flow models)")
-    parser.add_argument(*_flag("cfg-scale"), type=float, default=1.5)
-    parser.add_argument(*_flag("record-uncond"), action="store_true",
+    add_sampling_flags(parser)
+    parser.add_argument(*flag("classes"), type=parse_int_list, default=None,
+                        help="e.g. 0,1,2 (default: up to 10 evenly spaced)")
+    parser.add_argument(*flag("samples-per-class"), type=int, default=2)
+    parser.add_argument(*flag("record-uncond"), action="store_true",
                         help="also record CFG's unconditional half (tagged with the null label)")
-    parser.add_argument(*_flag("seed"), type=int, default=0, help="sample i uses seed + i")
-    parser.add_argument(*_flag("batch-size"), type=int, default=32)
-    parser.add_argument(*_flag("device"), default=None, help="default: cuda when available, else cpu")
-    parser.add_argument(*_flag("dtype"), choices=sorted(DTYPES), default="fp32", help="model compute precision")
+    parser.add_argument(*flag("batch-size"), type=int, default=32)
 
 
 def _add_routing_input(parser: argparse.ArgumentParser, out_help: str) -> None:
-    parser.add_argument(*_flag("routing"), required=True, help="routing file written by analysis/expert_data.py")
-    parser.add_argument(*_flag("out"), required=True, help=out_help)
-    parser.add_argument(*_flag("layers"), type=_int_list, default=None, help="MoE layer (block) indices to plot; default all")
+    parser.add_argument(*flag("routing"), required=True, help="routing file written by analysis/expert_data.py")
+    parser.add_argument(*flag("out"), required=True, help=out_help)
+    parser.add_argument(*flag("layers"), type=parse_optional_int_list, default=None,
+                        help="MoE layer (block) indices to plot; default (or \"all\") all")
 
 
 def _add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -76,19 +57,19 @@ def _add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     if command in ("collect", "all"):
         _add_collect_options(parser)
     if command == "collect":
-        parser.add_argument(*_flag("out"), required=True, help="routing .npz to write")
+        parser.add_argument(*flag("out"), required=True, help="routing .npz to write")
     elif command == "all":
-        parser.add_argument(*_flag("out-dir"), required=True, help="folder for routing.npz, heatmaps and summary")
+        parser.add_argument(*flag("out-dir"), required=True, help="folder for routing.npz, heatmaps and summary")
     elif command == "summary":
-        parser.add_argument(*_flag("routing"), required=True, help="routing file written by analysis/expert_data.py")
-        parser.add_argument(*_flag("json"), default=None, help="also write the summary as JSON")
+        parser.add_argument(*flag("routing"), required=True, help="routing file written by analysis/expert_data.py")
+        parser.add_argument(*flag("json"), default=None, help="also write the summary as JSON")
     else:
         _add_routing_input(parser, "PNG to write")
     if command == "patch":
-        parser.add_argument(*_flag("mode"), choices=["dominant", "per-expert"], default="dominant",
+        parser.add_argument(*flag("mode"), choices=["dominant", "per-expert"], default="dominant",
                             help="dominant: most frequent expert per patch; per-expert: each expert's frequency map")
     if command == "step":
-        parser.add_argument(*_flag("bins"), type=int, default=10, help="timestep bins (rows)")
+        parser.add_argument(*flag("bins"), type=int, default=10, help="timestep bins (rows)")
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
@@ -105,20 +86,18 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _collect_kwargs(args: argparse.Namespace) -> dict:
-    return dict(vae_path=args.vae_path, classes=args.classes, samples_per_class=args.samples_per_class,
-                num_steps=args.num_sampling_steps, sampler=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed,
-                device=args.device)
+def _recording(args: argparse.Namespace) -> dict:
+    return dict(classes=args.classes, samples_per_class=args.samples_per_class, seed=args.seed,
+                batch_size=args.batch_size, record_uncond=args.record_uncond)
 
 
 def run(args: argparse.Namespace) -> None:
     """Carry out one parsed command, printing what it wrote."""
     if args.command == "collect":
-        path = collect_routing(args.ckpt, args.out, batch_size=args.batch_size, record_uncond=args.record_uncond,
-                               dtype=args.dtype, **_collect_kwargs(args))
+        path = record_routing(request_from_args(args), args.out, **_recording(args))
         print(f"Saved routing of every token to {path}")
     elif args.command == "all":
-        paths = analyse_checkpoint(args.ckpt, args.out_dir, **_collect_kwargs(args))
+        paths = analyse_request(request_from_args(args), args.out_dir, **_recording(args))
         print(Path(paths["summary_txt"]).read_text(), end="")
         print("Wrote " + ", ".join(str(p) for p in paths.values()))
     elif args.command == "summary":
@@ -143,11 +122,7 @@ def main(argv: Optional[Sequence[str]] = None, command: Optional[str] = None) ->
     """Entry point: `command` fixes the subcommand (the analysis scripts), else argv[0] names it."""
     parser = build_parser(command)
     args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (RoutingFileError, CheckpointError, FileNotFoundError, ValueError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    return 0
+    return run_main(lambda: run(args), prog=parser.prog)
 
 
 if __name__ == "__main__":

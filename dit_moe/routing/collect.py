@@ -3,7 +3,8 @@
     path = collect_routing("model.pt", "routing.npz", classes=[0, 1, 2], samples_per_class=8)
     paths = analyse_checkpoint("model.pt", "routing_out/")   # routing file, heatmaps, summary
 
-Sampling goes through `dit_moe.sampling.sample_images`, the path `sample.py` uses, so the
+Loading, the objective and every check are the sampling prepare step's
+(dit_moe.sampling.prepare), and sampling is `sample_images`, as for `sample.py`, so the
 routing is that of real samples: sample i has seed `seed + i`; each forward is tagged
 with the timestep the sampler's per-step callback announces (IDDPM: original-process
 index; flow: t in (0, 1]) and its step index (Heun's second evaluation of a step carries
@@ -19,17 +20,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_model
-from ..sampling import SamplingOptions, build_sampling_objective, check_codec, sample_images
-from ..vae import PIXEL_SPACE, load_codec
+from ..atomic import write_text
+from ..cli import UserError
+from ..sampling import PreparedSampler, SamplingOptions, SamplingRequest, prepare_sampling
 from .plots import class_heatmap, patch_dominant_heatmap, patch_expert_heatmap, save_figure, step_heatmap
 from .recorder import RoutingRecorder
 from .stats import format_summary, load_counts, summarize
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_classes(num_classes: int, count: int = 10) -> list[int]:
@@ -40,7 +38,7 @@ def default_classes(num_classes: int, count: int = 10) -> list[int]:
 def collect_routing(
     ckpt: str | os.PathLike,
     out: str | os.PathLike,
-    vae_path: str = PIXEL_SPACE,
+    vae_path: Optional[str] = None,
     classes: Optional[Sequence[int]] = None,
     samples_per_class: int = 2,
     num_steps: Optional[int] = None,
@@ -59,64 +57,67 @@ def collect_routing(
     `classes` defaults to `default_classes(num_classes)`; `num_steps` and `sampler` default to
     the objective's (IDDPM: ddpm, 250; flow: euler, 50). Returns the routing file's path.
     """
-    if samples_per_class < 1 or batch_size < 1:
-        raise ValueError(f"samples_per_class and batch_size must be positive, got {samples_per_class} and {batch_size}.")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(ckpt, device=device)
-    config = model.config
-    if not model.moe_blocks:
-        raise ValueError(f"{ckpt} is a dense DiT (no MoE layers), so it has no routing to analyse.")
-    classes = default_classes(config.num_classes) if classes is None else [int(c) for c in classes]
-    bad = [c for c in classes if not 0 <= c < config.num_classes]
-    if bad or not classes:
-        raise ValueError(
-            f"Classes {bad or classes} are not valid for a {config.num_classes}-class model; "
-            f"pick from 0..{config.num_classes - 1}."
-        )
-    codec = load_codec(vae_path, channels=config.in_channels).to(device)
-    check_codec(config, codec)
     options = SamplingOptions(sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale)
-    objective = build_sampling_objective(config, options)
-    sampler = sampler or objective.samplers[0]
-    if sampler not in objective.samplers:
-        raise ValueError(f"Sampler {sampler} cannot sample {objective.description}; use {' or '.join(objective.samplers)}.")
+    request = SamplingRequest(ckpt, vae_path=vae_path, options=options, dtype=dtype, device=device)
+    return record_routing(request, out, classes, samples_per_class, seed, batch_size, record_uncond,
+                          max_memory_mb, progress)
+
+
+def record_routing(
+    request: SamplingRequest,
+    out: str | os.PathLike,
+    classes: Optional[Sequence[int]] = None,
+    samples_per_class: int = 2,
+    seed: int = 0,
+    batch_size: int = 32,
+    record_uncond: bool = False,
+    max_memory_mb: float = 256.0,
+    progress: bool = True,
+) -> Path:
+    """`collect_routing` for a sampling request (what `python -m dit_moe.routing collect` parses)."""
+    if samples_per_class < 1 or batch_size < 1:
+        raise UserError(f"samples_per_class and batch_size must be positive, got {samples_per_class} and {batch_size}.")
+    prepared = prepare_sampling(request)
+    if not prepared.model.moe_blocks:
+        raise UserError(f"{request.ckpt} is a dense DiT (no MoE layers), so it has no routing to analyse.")
+    num_classes = prepared.config.num_classes
+    classes = prepared.check_labels(default_classes(num_classes) if classes is None else classes, "--classes")
     labels = [c for c in classes for _ in range(samples_per_class)]
+    recorder = RoutingRecorder(prepared.model, record_uncond=record_uncond, max_memory_mb=max_memory_mb)
+    try:
+        with recorder:
+            _sample_recorded(prepared, recorder, labels, seed, batch_size, progress)
+        return recorder.save(
+            out, ckpt=str(Path(request.ckpt).resolve()), vae_path=prepared.vae_path, classes=classes,
+            samples_per_class=samples_per_class, seed=seed, objective=prepared.objective_name,
+            sampling=dict(asdict(prepared.options), sampler=prepared.sampler, num_steps=prepared.num_steps,
+                          dtype=request.dtype),
+        )
+    finally:
+        recorder.close()
+
+
+def _sample_recorded(prepared: PreparedSampler, recorder: RoutingRecorder, labels: list[int], seed: int,
+                     batch_size: int, progress: bool) -> None:
+    """Sample `labels` (sample i with seed `seed + i`) in batches, tagging each step's forwards for `recorder`."""
     batches = [range(i, min(i + batch_size, len(labels))) for i in range(0, len(labels), batch_size)]
-    bar = tqdm(total=0, desc="routing", unit="step", disable=not progress)
-    recorder = RoutingRecorder(model, record_uncond=record_uncond, max_memory_mb=max_memory_mb)
+    bar = tqdm(total=len(batches) * prepared.num_steps, desc="routing", unit="step", disable=not progress)
 
     def tag_step(info: dict) -> None:
         """Sampler callback: tag the forwards of this step, advance the bar."""
-        if bar.total == 0:
-            bar.total = len(batches) * info["num_steps"]
-            bar.refresh()
         recorder.set_context(timestep=info["t"], step=info["step"])
         bar.update(1)
 
-    try:
-        with recorder:
-            for batch in batches:
-                sample_images(model, codec, [labels[i] for i in batch], [seed + i for i in batch], options,
-                              device=device, dtype=DTYPES[dtype], objective=objective, callback=tag_step)
-        steps = options.num_steps or objective.default_num_steps
-        return recorder.save(
-            out, ckpt=str(Path(ckpt).resolve()), vae_path=str(vae_path), classes=classes,
-            samples_per_class=samples_per_class, seed=seed, objective=config.objective,
-            sampling=dict(asdict(options), sampler=sampler, num_steps=steps, dtype=dtype),
-        )
-    finally:
-        bar.close()
-        recorder.close()
+    with bar:
+        for batch in batches:
+            prepared.sample([labels[i] for i in batch], [seed + i for i in batch], callback=tag_step)
 
 
 def write_summary(routing: str | os.PathLike, json_path: Optional[str | os.PathLike] = None) -> tuple[dict, str]:
     """Summary statistics of a routing file as (dict, text); also written as JSON to `json_path` when given."""
     summary = summarize(load_counts(routing))
     if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(summary, indent=2))
+        write_text(json_path, json.dumps(summary, indent=2))
     return summary, format_summary(summary)
 
 
@@ -131,17 +132,15 @@ def plot_routing(routing: str | os.PathLike, out_dir: str | os.PathLike, bins: i
         "step": save_figure(step_heatmap(counts, bins=bins), out_dir / "heatmap_step.png"),
     }
     summary = summarize(counts)
-    paths["summary_json"] = out_dir / "routing_summary.json"
-    paths["summary_json"].write_text(json.dumps(summary, indent=2))
-    paths["summary_txt"] = out_dir / "routing_summary.txt"
-    paths["summary_txt"].write_text(format_summary(summary) + "\n")
+    paths["summary_json"] = write_text(out_dir / "routing_summary.json", json.dumps(summary, indent=2))
+    paths["summary_txt"] = write_text(out_dir / "routing_summary.txt", format_summary(summary) + "\n")
     return paths
 
 
 def analyse_checkpoint(
     ckpt: str | os.PathLike,
     out_dir: str | os.PathLike,
-    vae_path: str = PIXEL_SPACE,
+    vae_path: Optional[str] = None,
     classes: Optional[Sequence[int]] = None,
     samples_per_class: int = 2,
     num_steps: Optional[int] = 20,
@@ -156,9 +155,14 @@ def analyse_checkpoint(
     Returns paths by name: "routing" (routing.npz), "class", "patch", "patch_experts", "step"
     (PNGs), "summary_json", "summary_txt".
     """
-    out_dir = Path(out_dir)
-    routing = collect_routing(
-        ckpt, out_dir / "routing.npz", vae_path=vae_path, classes=classes, samples_per_class=samples_per_class,
-        num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed, device=device, progress=progress,
-    )
+    options = SamplingOptions(sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale)
+    request = SamplingRequest(ckpt, vae_path=vae_path, options=options, device=device)
+    return analyse_request(request, out_dir, classes=classes, samples_per_class=samples_per_class, seed=seed,
+                           progress=progress)
+
+
+def analyse_request(request: SamplingRequest, out_dir: str | os.PathLike, **recording) -> dict[str, Path]:
+    """`analyse_checkpoint` for a sampling request (what `python -m dit_moe.routing all` parses);
+    `recording` takes `record_routing`'s options (classes, samples_per_class, seed, batch_size, ...)."""
+    routing = record_routing(request, Path(out_dir) / "routing.npz", **recording)
     return {"routing": routing, **plot_routing(routing, out_dir)}

@@ -9,7 +9,7 @@ Members (R token rows, L recorded MoE layers, k experts per token; see recorder.
                     (checkpoint, sampler settings, class list)
 
 It is written member by member from the recorder's chunks and read back in row slices,
-so neither side holds more than one chunk; the write goes to a temp file and is renamed,
+so neither side holds more than one chunk; the write goes through `dit_moe.atomic`,
 so a crash never leaves a half-written file under the final name. Everything that does
 not look like such a file stops with one `RoutingFileError` sentence.
 """
@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
+
+from ..atomic import atomic_path
+from ..npy import read_npy_header
 
 FORMAT = "dit-moe-routing/1"
 ROW_ARRAYS = ("ids", "label", "position", "timestep", "step")
@@ -40,19 +43,13 @@ def write_routing(
 ) -> Path:
     """Write the rows `chunks()` yields (called once per member) and `metadata` to `path`, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     first = next(iter(chunks()))
     meta = {"format": FORMAT, **metadata}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for key in [k for k in ROW_ARRAYS + OPTIONAL_ARRAYS if k in first]:
-                _write_member(zf, key, chunks, num_rows, first[key])
-            with zf.open("meta.npy", "w") as fp:
-                np.lib.format.write_array(fp, np.array(json.dumps(meta)), allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key in [k for k in ROW_ARRAYS + OPTIONAL_ARRAYS if k in first]:
+            _write_member(zf, key, chunks, num_rows, first[key])
+        with zf.open("meta.npy", "w") as fp:
+            np.lib.format.write_array(fp, np.array(json.dumps(meta)), allow_pickle=False)
     return path
 
 
@@ -118,7 +115,7 @@ class RoutingFile:
     def _header(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
         try:
             with self._zip.open(f"{key}.npy") as fp:
-                shape, _, dtype = _read_header(fp)
+                shape, _, dtype = read_npy_header(fp)
         except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
             raise RoutingFileError(f"{self.path} has an unreadable {key} array ({err}); {_REMAKE}.") from None
         return shape, dtype
@@ -148,7 +145,7 @@ class RoutingFile:
         handles = {k: self._zip.open(f"{k}.npy") for k in keys}
         try:
             for fp in handles.values():
-                _read_header(fp)
+                read_npy_header(fp)
             done = 0
             while done < self.num_rows:
                 n = min(rows, self.num_rows - done)
@@ -178,11 +175,3 @@ class RoutingFile:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def _read_header(fp) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(fp)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(fp)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(fp)
-    raise ValueError(f"unsupported .npy version {version}")

@@ -1,7 +1,11 @@
-"""Sample images from a trained DiT for given labels and per-sample seeds: the one code path
-that `sample.py` (image grids), `dit_moe.sample_many` (FID batches) and the trainer share.
+"""How an image is made: noise from per-sample seeds, the objective's sampler under guidance, the codec's decode.
 
-    images = sample_images(model, codec, labels, seeds, SamplingOptions(sampler="euler", cfg_scale=1.5))
+    objective = build_sampling_objective(model.config, ObjectiveConfig(objective="flow"))
+    images = sample_images(model, codec, labels, seeds, SamplingOptions(sampler="euler", cfg_scale=1.5),
+                           objective=objective)
+
+Every sampling tool (the PNG grid behind `sample.py`, the FID sampler `dit_moe.sampling.many`,
+the routing collector) calls `sample_images` through the prepare step (prepare.py).
 
 Reproducibility (EDM's `StackedRandomGenerator`): every sample owns a CPU generator seeded
 with its seed, which draws its initial noise and then, for the stochastic samplers (DDPM,
@@ -21,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .diffusion import Objective, build_objective, guided
-from .models import DiT, DiTConfig
+from ..diffusion import Objective, ObjectiveConfig, build_objective, guided
+from ..models import DiT, DiTConfig
 
 LABEL_MODES = ("cycle", "random")
 _LABEL_STREAM = 1  # keeps label draws apart from the noise stream of the same seed
@@ -36,21 +40,15 @@ class SamplingOptions:
     num_steps: Optional[int] = None  # IDDPM: respaced steps (250); flow: uniform steps (50)
     cfg_scale: float = 1.0  # classifier-free guidance scale; 1 = no guidance (one forward per step)
     cfg_channels: Optional[int] = None  # guided prediction channels; None = all, 3 = DiT's forward_with_cfg
-    noise_schedule: str = "linear"  # IDDPM beta schedule the model was trained with
-    diffusion_steps: int = 1000  # IDDPM training steps
 
     def __post_init__(self):
         if self.cfg_scale < 1.0:
             raise ValueError(f"cfg_scale must be >= 1 (1 disables guidance), got {self.cfg_scale}.")
 
 
-def build_sampling_objective(config: DiTConfig, options: SamplingOptions) -> Objective:
-    """The objective a model was trained with, from what its config records plus the IDDPM schedule options."""
-    if config.objective == "flow":
-        return build_objective("flow", learn_sigma=config.learn_sigma, t_scale=config.flow_t_scale)
-    return build_objective(
-        "iddpm", learn_sigma=config.learn_sigma, noise_schedule=options.noise_schedule, diffusion_steps=options.diffusion_steps
-    )
+def build_sampling_objective(config: DiTConfig, objective: ObjectiveConfig) -> Objective:
+    """The objective a model was trained with, ready to sample it (IDDPM schedule or flow time scale)."""
+    return build_objective(objective.objective, **objective.build_options(config.learn_sigma))
 
 
 class StackedRandomGenerator:
@@ -115,16 +113,18 @@ def sample_images(
     labels: Sequence[int] | torch.Tensor,
     seeds: Sequence[int],
     options: Optional[SamplingOptions] = None,
+    *,
+    objective: Objective,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
-    objective: Optional[Objective] = None,
     callback: Optional[Callable[[dict], None]] = None,
 ) -> torch.Tensor:
     """Images (N, C, H, W), float32 in [-1, 1] on the CPU, for one label and one seed per sample.
 
     `model` and `codec` must already be on `device`. `dtype` other than float32 runs the model
-    (not the sampler's arithmetic) under autocast. `objective` defaults to the model's own.
+    (not the sampler's arithmetic) under autocast. `objective` is the one the model was trained
+    with (`build_sampling_objective`; the prepare step resolves it from the checkpoint).
     `callback` is handed to the sampler, which calls it at the start of every step (see
     dit_moe.diffusion.samplers); the routing recorder tags forwards with it.
     """
@@ -135,7 +135,6 @@ def sample_images(
     check_codec(config, codec)
     device = torch.device(device)
     options = options or SamplingOptions()
-    objective = objective or build_sampling_objective(config, options)
     model_fn = guided(model, options.cfg_scale, null_label=config.num_classes, cfg_channels=options.cfg_channels)
     rng = StackedRandomGenerator(seeds)
     noise = rng.randn(latent_shape(config), device=device)
