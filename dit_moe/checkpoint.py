@@ -85,7 +85,9 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        what = f"a {refused.group(1)} object" if refused else "Python objects"
+        if refused is None:  # not a pickle at all, or a damaged one
+            raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint (not a valid pickle).") from None
+        what = f"a {refused.group(1)} object"
         raise CheckpointError(
             f"{path} holds {what}, which safe loading (weights_only) refuses to unpickle; if you trust the file, "
             "re-save its state dict with torch.save(state_dict, path) and pass that."

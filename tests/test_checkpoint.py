@@ -6,10 +6,11 @@ import torch
 from dit_moe.checkpoint import CheckpointError, infer_config, load_model, save_export
 from dit_moe.models import DiT_models
 from reference_dit import randomize_
+from tiny_dit import tiny_model
 
 
 def _tiny(**kw):
-    return randomize_(DiT_models["DiT-T/2"](input_size=16, in_channels=4, num_classes=10, **kw)).eval()
+    return tiny_model(input_size=16, **kw)
 
 
 def _inputs():

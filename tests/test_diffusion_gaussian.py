@@ -14,16 +14,6 @@ from dit_moe.diffusion import create_diffusion, space_timesteps
 from dit_moe.diffusion.likelihood import discretized_gaussian_log_likelihood, normal_kl
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded: these loops are many tiny ops, which two contended threads slow down tenfold."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 MU = torch.tensor([0.5, -0.3]).view(1, 2, 1, 1)
 S = torch.tensor([0.6, 0.4]).view(1, 2, 1, 1)
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dit_moe.checkpoint import load_model, save_export
+from dit_moe.checkpoint import load_model
 from dit_moe.diffusion import ObjectiveConfig
 from dit_moe.evaluation.npz import png_name, read_npz
-from dit_moe.models import DiT_models
 from dit_moe.sampling import SamplingOptions, build_sampling_objective, per_sample_noise, sample_images, sample_labels
 from dit_moe.sampling.many import default_npz_path, main, shard_indices
 from dit_moe.vae import PixelCodec
@@ -26,11 +25,9 @@ NUM_SAMPLES = 5  # odd: the two ranks get uneven shards
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = DiT_models["DiT-T/2"](input_size=8, in_channels=3, num_classes=10)
-    return save_export(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", model.config, model.state_dict(),
-                       objective=FLOW)
+def ckpt(tiny_export):
+    """A flow model on 8x8 RGB pixels: the suite's tiny export."""
+    return tiny_export
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,6 @@ MU = torch.tensor([0.5, -0.3]).view(1, 2, 1, 1)
 S = torch.tensor([0.6, 0.4]).view(1, 2, 1, 1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def exact_velocity(x, t, y=None):
     """E[eps - x0 | x_t] for x0 ~ N(MU, S^2), plus C junk variance channels (a learn_sigma model)."""
     t = t.view(-1, 1, 1, 1)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dit_moe.diffusion import build_objective, guided
+from tiny_dit import tiny_model
 
 NULL = 10
 
@@ -67,3 +68,28 @@ def test_guided_sampling_runs_one_batched_forward_per_evaluation(objective, samp
     obj = build_objective(objective)
     obj.sample(guided(model, 3.0, NULL), x, dict(y=y), sampler=sampler, num_steps=4)
     assert [batch for batch, _ in model.calls] == [6] * 4
+
+
+def dit_forward_with_cfg(model, x, t, y, cfg_scale):
+    """facebookresearch/DiT's `DiT.forward_with_cfg` (models.py), restated: the batch is [cond; uncond]
+    halves of one input; only the first three output channels are guided, the rest stay per half."""
+    half = x[: len(x) // 2]
+    model_out = model(torch.cat([half, half], dim=0), t, y)
+    eps, rest = model_out[:, :3], model_out[:, 3:]
+    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
+def test_cfg_channels_3_reproduces_dit_forward_with_cfg():
+    model = tiny_model(in_channels=4, learn_sigma=True)  # eps channel 3 is left unguided by DiT
+    null = model.config.num_classes
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.tensor([1, 7])
+    batch = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)])
+    with torch.no_grad():
+        expected = dit_forward_with_cfg(model, *batch, cfg_scale=4.0)
+        torch.testing.assert_close(model.forward_with_cfg(*batch, cfg_scale=4.0), expected)
+        ours = guided(model, 4.0, null_label=null, cfg_channels=3)(x, t, y)
+        torch.testing.assert_close(ours, expected[:2])  # DiT's sample.py keeps the conditional half
+        every_channel = guided(model, 4.0, null_label=null)(x, t, y)
+    assert (every_channel[:, 3] - expected[:2, 3]).abs().max() > 1e-3  # so guiding channel 3 would fail above

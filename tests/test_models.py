@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from dit_moe.models import MODEL_SIZES, DiT_models, preset_config
+from dit_moe.models import MODEL_SIZES, DiT, DiT_models, preset_config
 from dit_moe.models.attention import Attention
-from reference_dit import randomize_, reference_forward
+from reference_dit import reference_forward
+from tiny_dit import tiny_config, tiny_model
 
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16), "G": (40, 1408, 16)}
 
@@ -59,7 +60,7 @@ def test_tiny_preset_is_a_few_million_parameters_with_moe():
 
 @pytest.mark.parametrize("learn_sigma", [True, False])
 def test_output_shape_and_zero_init(learn_sigma):
-    model = DiT_models["DiT-T/2"](input_size=16, in_channels=3, num_classes=10, learn_sigma=learn_sigma)
+    model = DiT(tiny_config(input_size=16, in_channels=3, learn_sigma=learn_sigma))
     x = torch.randn(3, 3, 16, 16)
     out = model(x, torch.tensor([1, 500, 999]), torch.tensor([0, 5, 9]))
     assert out.shape == (3, 6 if learn_sigma else 3, 16, 16)
@@ -67,7 +68,7 @@ def test_output_shape_and_zero_init(learn_sigma):
 
 
 def test_label_dropout_and_null_class():
-    model = DiT_models["DiT-T/2"](input_size=8, num_classes=10, class_dropout_prob=1.0)
+    model = DiT(tiny_config(class_dropout_prob=1.0))
     emb = model.y_embedder
     assert emb.embedding_table.num_embeddings == 11
     labels = torch.arange(10)
@@ -77,7 +78,7 @@ def test_label_dropout_and_null_class():
     # eval mode keeps labels; train mode with p=1 replaces all of them by the null row
     assert torch.equal(emb(labels, train=False), emb.embedding_table.weight[:10])
     assert torch.equal(emb(labels, train=True), emb.embedding_table.weight[10].expand(10, -1))
-    no_cfg = DiT_models["DiT-T/2"](input_size=8, num_classes=10, class_dropout_prob=0.0)
+    no_cfg = DiT(tiny_config(class_dropout_prob=0.0))
     assert no_cfg.y_embedder.embedding_table.num_embeddings == 10
     assert torch.equal(no_cfg.y_embedder(labels, train=True), no_cfg.y_embedder.embedding_table.weight)
 
@@ -102,7 +103,7 @@ def test_flash_backend_without_package_is_a_clear_error():
 
 
 def test_matches_reference_dit_forward():
-    model = randomize_(DiT_models["DiT-T/2"](input_size=16, in_channels=4, num_classes=10)).eval()
+    model = tiny_model(input_size=16)
     x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([3.0, 700.0]), torch.tensor([1, 10])
     expected = reference_forward(model.state_dict(), x, t, y, num_heads=4, patch=2)
     torch.testing.assert_close(model(x, t, y), expected, rtol=1e-5, atol=1e-5)
@@ -111,10 +112,8 @@ def test_matches_reference_dit_forward():
 @pytest.mark.parametrize("num_experts", [0, 4])
 def test_gradient_checkpointing_gives_same_gradients(num_experts):
     torch.manual_seed(0)
-    base = randomize_(DiT_models["DiT-T/2"](input_size=8, num_classes=10, num_experts=num_experts,
-                                            class_dropout_prob=0.0))
-    ckpt = DiT_models["DiT-T/2"](input_size=8, num_classes=10, num_experts=num_experts,
-                                 class_dropout_prob=0.0, grad_checkpointing=True)
+    base = tiny_model(num_experts=num_experts, class_dropout_prob=0.0)
+    ckpt = DiT(tiny_config(num_experts=num_experts, class_dropout_prob=0.0, grad_checkpointing=True))
     ckpt.load_state_dict(base.state_dict())
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
     grads = []
@@ -131,7 +130,7 @@ def test_gradient_checkpointing_gives_same_gradients(num_experts):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_runs_in_half_precision(dtype):
-    model = randomize_(DiT_models["DiT-T/2"](input_size=8, num_classes=10, num_experts=4)).eval()
+    model = tiny_model(num_experts=4)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
     ref = model(x, t, y)
     out = model.to(dtype)(x.to(dtype), t, y)

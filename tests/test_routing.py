@@ -13,7 +13,7 @@ import torch
 
 from dit_moe.checkpoint import save_export
 from dit_moe.diffusion import ObjectiveConfig, guided
-from dit_moe.models import DiT_models, MoEArgs
+from dit_moe.models import DiT, MoEArgs
 from dit_moe.models.moe import MoEFeedForward
 from dit_moe.routing import (
     RoutingFile, RoutingFileError, RoutingRecorder, analyse_checkpoint, class_heatmap, count_routing, load_counts,
@@ -22,6 +22,7 @@ from dit_moe.routing import (
 from dit_moe.routing.plots import timestep_bins
 from dit_moe.sampling import SamplingOptions, build_sampling_objective, sample_images
 from dit_moe.vae import PixelCodec
+from tiny_dit import tiny_config, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 E, K, C = 4, 2, 8  # experts, top-k, hidden width of the bare MoE layer
@@ -188,12 +189,7 @@ def test_missing_labels_or_mismatched_positions_fail_clearly():
 def dit():
     """DiT-T/2 on 8x8 pixels (4x4 patches) with random weights everywhere, so every block matters."""
     torch.manual_seed(0)
-    model = DiT_models["DiT-T/2"](input_size=8, in_channels=3, num_classes=10, num_experts=4,
-                                  num_experts_per_tok=2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    return model.eval()
+    return tiny_model(in_channels=3, num_experts=4, num_experts_per_tok=2)
 
 
 def test_recording_changes_no_output_and_removes_its_hooks(dit):
@@ -356,15 +352,6 @@ def test_cli_reports_a_bad_file_with_exit_status_2(tmp_path, monkeypatch, capsys
 
 # -- end to end on a checkpoint ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = DiT_models["DiT-T/2"](input_size=8, in_channels=3, num_classes=10, num_experts=4,
-                                  num_experts_per_tok=2)
-    return save_export(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", model.config, model.state_dict(),
-                       objective=ObjectiveConfig(objective="flow"))
-
-
 def _run_script(name: str, args: list, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", [name, *map(str, args)])
     with pytest.raises(SystemExit) as exit_info:
@@ -372,9 +359,9 @@ def _run_script(name: str, args: list, monkeypatch) -> None:
     assert exit_info.value.code == 0
 
 
-def test_analysis_scripts_run_on_a_checkpoint(tiny_ckpt, tmp_path, monkeypatch):
+def test_analysis_scripts_run_on_a_checkpoint(tiny_export, tmp_path, monkeypatch):
     routing = tmp_path / "routing.npz"
-    _run_script("expert_data.py", ["--ckpt", tiny_ckpt, "--out", routing, "--vae-path", "none", "--classes", "3,8",
+    _run_script("expert_data.py", ["--ckpt", tiny_export, "--out", routing, "--vae-path", "none", "--classes", "3,8",
                                    "--samples-per-class", "2", "--num-sampling-steps", "2", "--cfg-scale", "1.5",
                                    "--device", "cpu"], monkeypatch)
     with RoutingFile(routing) as data:
@@ -384,7 +371,7 @@ def test_analysis_scripts_run_on_a_checkpoint(tiny_ckpt, tmp_path, monkeypatch):
     assert meta["classes"] == [3, 8] and meta["timesteps"] == [0.5, 1.0] and meta["grid_size"] == [4, 4]
     assert meta["num_experts"] == 4 and meta["top_k"] == 2 and meta["moe_layers"] == list(range(6))
     assert meta["sampling"]["sampler"] == "euler" and meta["sampling"]["cfg_scale"] == 1.5
-    assert meta["ckpt"] == str(Path(tiny_ckpt).resolve())
+    assert meta["ckpt"] == str(Path(tiny_export).resolve())
     for script, extra in [("heatmap_class.py", []), ("heatmap_step.py", ["--bins", "3"]),
                           ("heatmap_patch.py", ["--mode", "dominant"]), ("heatmap_patch.py", ["--mode", "per-expert"])]:
         png = tmp_path / f"{script}{len(extra)}.png"
@@ -395,8 +382,8 @@ def test_analysis_scripts_run_on_a_checkpoint(tiny_ckpt, tmp_path, monkeypatch):
     assert len(summary["layers"]) == 6 and all(abs(sum(l["load_share"]) - 1) < 1e-4 for l in summary["layers"])
 
 
-def test_analyse_checkpoint_writes_everything(tiny_ckpt, tmp_path):
-    paths = analyse_checkpoint(tiny_ckpt, tmp_path / "out", classes=[0, 1], samples_per_class=1, num_steps=2,
+def test_analyse_checkpoint_writes_everything(tiny_export, tmp_path):
+    paths = analyse_checkpoint(tiny_export, tmp_path / "out", classes=[0, 1], samples_per_class=1, num_steps=2,
                                cfg_scale=1.0, progress=False)
     assert set(paths) == {"routing", "class", "patch", "patch_experts", "step", "summary_json", "summary_txt"}
     assert all(Path(p).is_file() and Path(p).stat().st_size > 0 for p in paths.values())
@@ -404,7 +391,7 @@ def test_analyse_checkpoint_writes_everything(tiny_ckpt, tmp_path):
 
 
 def test_dense_checkpoint_is_refused(tmp_path):
-    model = DiT_models["DiT-T/2"](input_size=8, in_channels=3, num_classes=10)
+    model = DiT(tiny_config(in_channels=3))
     ckpt = save_export(tmp_path / "dense.safetensors", model.config, model.state_dict())
     with pytest.raises(ValueError, match="dense DiT"):
         analyse_checkpoint(ckpt, tmp_path / "out", progress=False)

@@ -12,12 +12,11 @@ from PIL import Image
 from dit_moe.checkpoint import save_export
 from dit_moe.cli import UserError
 from dit_moe.diffusion import ObjectiveConfig
-from dit_moe.models import DiT_models
 from dit_moe.models.experts import unstack_expert_state_dict
 from dit_moe.sampling import SamplingOptions, SamplingRequest, prepare_sampling
 from dit_moe.sampling.grid import SampleGrid, default_labels, image_grid, main, sample_grid
-from reference_dit import randomize_
 from test_vae import save_tiny_vae
+from tiny_dit import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["--num-sampling-steps", "2", "--device", "cpu"]
@@ -25,8 +24,7 @@ STEPS = ["--num-sampling-steps", "2", "--device", "cpu"]
 
 def _tiny(**kw):
     torch.manual_seed(0)
-    kw = {"input_size": 8, "in_channels": 3, "num_classes": 10, **kw}
-    return randomize_(DiT_models["DiT-T/2"](**kw)).eval()
+    return tiny_model(**{"in_channels": 3, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from dit_moe.diffusion import ObjectiveConfig, create_diffusion
-from dit_moe.models import DiT_models
 from dit_moe.sampling import (
     SamplingOptions,
     StackedRandomGenerator,
@@ -13,13 +12,13 @@ from dit_moe.sampling import (
     sample_images,
 )
 from dit_moe.vae import PixelCodec
-from reference_dit import randomize_
+from tiny_dit import tiny_model
 
 
 @pytest.fixture(scope="module")
 def iddpm_model():
     torch.manual_seed(0)
-    return randomize_(DiT_models["DiT-T/2"](input_size=8, in_channels=3, num_classes=10)).eval()
+    return tiny_model(in_channels=3)
 
 
 def test_stacked_generator_rows_depend_only_on_their_seed():

@@ -16,14 +16,6 @@ from dit_moe.diffusion import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def alphas_cumprod():
     return create_diffusion("").alphas_cumprod

@@ -1,7 +1,6 @@
 """The DeepSpeed trainer on one CPU process: a short run, exact resume, crash safety, preemption, errors."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ def reference_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_short_run_writes_metrics_curve_checkpoints_and_export(reference_run):
     out = reference_run
     records = losses(out)
@@ -43,6 +43,7 @@ def test_short_run_writes_metrics_curve_checkpoints_and_export(reference_run):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path):
     run_train(tmp_path, "--global-batch-size", "8", "--max-steps", "2", "--ckpt-every", "2")
     run_train(tmp_path, "--global-batch-size", "8", "--max-steps", "4", "--ckpt-every", "2", "--resume", "auto")
@@ -54,6 +55,7 @@ def test_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
     """kill -9 while checkpoints are being written every step, then resume."""
     proc = subprocess.Popen(train_cmd(tmp_path, "--global-batch-size", "8", "--max-steps", "200",
@@ -74,6 +76,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
     assert (ckpts / f"step{step + 1:07d}" / COMPLETE_MARKER).is_file()
 
 
+@pytest.mark.slow
 def test_incomplete_tag_is_skipped(reference_run, tmp_path):
     import shutil
 
@@ -86,6 +89,7 @@ def test_incomplete_tag_is_skipped(reference_run, tmp_path):
     assert losses(tmp_path)[4] == losses(reference_run)[4]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     proc = subprocess.Popen(train_cmd(tmp_path, "--global-batch-size", "8", "--max-steps", "500",
                                       "--ckpt-every", "1000"),
@@ -121,6 +125,7 @@ def test_bad_input_gives_one_line_error(tmp_path, args, message):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_masked_training_logs_the_mae_term_and_exports_a_model_that_runs_unmasked(tmp_path):
     run_train(tmp_path, "--global-batch-size", "8", "--max-steps", "2", "--mask-ratio", "0.5",
               "--decoder-depth", "1", "--decoder-hidden-size", "64", "--decoder-num-heads", "4")
@@ -132,6 +137,7 @@ def test_masked_training_logs_the_mae_term_and_exports_a_model_that_runs_unmaske
     assert out.shape == (2, 6, 8, 8) and torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_init_from_an_upcycled_dense_run_starts_where_the_dense_model_was(tmp_path):
     dense = tmp_path / "dense"
     run_train(dense, "--global-batch-size", "8", "--max-steps", "2", "--num_experts", "0")

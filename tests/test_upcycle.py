@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from dit_moe.checkpoint import CheckpointError, infer_config, load_model, read_checkpoint_file, save_export
 from dit_moe.diffusion import ObjectiveConfig
-from dit_moe.models import DiT, DiT_models, DiTConfig
+from dit_moe.models import DiT, DiTConfig
 from dit_moe.upcycle import UpcycleError, moe_layers_every, upcycle_checkpoint, upcycle_state_dict
 from reference_dit import randomize_
+from tiny_dit import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOM = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=3, num_heads=3,
@@ -22,8 +23,7 @@ CUSTOM = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=48, de
 
 
 def _dense(config=None):
-    config = config or DiT_models["DiT-T/2"](input_size=8, num_classes=10).config
-    return randomize_(DiT(config)).eval()
+    return randomize_(DiT(config or tiny_config())).eval()
 
 
 def _inputs(n=3):

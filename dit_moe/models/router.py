@@ -58,7 +58,7 @@ class TopKRouter(nn.Module):
         `per_sample=True` (DiT-MoE's `seq_aux`): f and P within each of the `num_samples`
         samples, the loss averaged over samples.
         """
-        E, k = self.num_experts, self.top_k
+        E = self.num_experts
         ids = expert_ids.reshape(num_samples, -1)  # [M, k] -> [N, T*k]
         if not per_sample:
             ids = ids.reshape(1, -1)  # [N, T*k] -> [1, M*k]
