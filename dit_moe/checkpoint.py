@@ -198,6 +198,34 @@ def _read_torch_file(path: Path, prefer_ema: bool) -> tuple[Optional[dict], Opti
     return model, objective, state_dict
 
 
+# Key fragments that tell, in a file that records no objective, which reference code wrote it.
+FLASH_LAYOUT_KEY = "blocks.0.attn.Wqkv.weight"  # DiT-MoE train_deepspeed.py's FlashSelfMHAModified
+_PER_EXPERT_KEY = re.compile(r"blocks\.\d+\.moe\.experts\.\d+\.")  # DiT-MoE's SparseMoeBlock, one module per expert
+
+
+def objective_evidence(state_dict: dict[str, torch.Tensor]) -> tuple[Optional[ObjectiveConfig], str]:
+    """How a file that records no objective was trained, judged from which reference wrote it:
+    (the objective, or None where the keys are not conclusive; the evidence, for messages).
+
+    DiT-MoE's released rectified-flow checkpoints (XL/2, G/2) come from its train_deepspeed.py, the
+    only writer of the flash-attention layout (`attn.Wqkv`, `q_norm`, `k_norm`, `out_proj`); it
+    feeds the raw flow time t in (0, 1) to the model (time scale 1). Its DDPM ones (S/2, B/2) come
+    from its train.py (`attn.qkv` with per-expert `moe.experts.K` modules), and official DiT files
+    (`attn.qkv`, dense `mlp`) are IDDPM models.
+    """
+    has_qkv = "blocks.0.attn.qkv.weight" in state_dict
+    if FLASH_LAYOUT_KEY in state_dict:
+        return (ObjectiveConfig(objective="flow", flow_t_scale=1.0),
+                "DiT-MoE's flash-attention keys (attn.Wqkv, q_norm, k_norm, out_proj), the layout of its "
+                "rectified-flow checkpoints")
+    if has_qkv and "blocks.0.attn.q_norm.weight" not in state_dict:
+        if any(_PER_EXPERT_KEY.match(key) for key in state_dict):
+            return ObjectiveConfig(), "DiT-MoE's train.py keys (attn.qkv, per-expert moe.experts.K), its DDPM layout"
+        if not any(".moe." in key for key in state_dict):
+            return ObjectiveConfig(), "facebookresearch/DiT's keys (attn.qkv, dense mlp), an IDDPM model"
+    return None, "keys that no reference's released checkpoints use (no recorded objective config)"
+
+
 def infer_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> DiTConfig:
     """Rebuild a DiTConfig from tensor shapes (official DiT, feizc/DiT-MoE or our stacked layout)."""
     if "x_embedder.proj.weight" not in state_dict or "final_layer.linear.weight" not in state_dict:
@@ -286,9 +314,13 @@ class LoadedModel:
     """A model built from a checkpoint, with what the file says about how it was trained."""
 
     model: DiT
-    objective: Optional[ObjectiveConfig]  # None: the file records none (official DiT, feizc/DiT-MoE)
-    objective_source: Optional[str]  # "stored" | "legacy" | None, as in CheckpointContents
+    # The recorded objective, or for a file that records none what its keys show (objective_evidence);
+    # None: not conclusive.
+    objective: Optional[ObjectiveConfig]
+    # "stored" | "legacy" (as in CheckpointContents) | "evidence" (judged from the keys) | None
+    objective_source: Optional[str]
     config_source: str  # "stored": the file holds the model config; "inferred": rebuilt from tensor shapes
+    evidence: str = ""  # for "evidence" and None: what the keys showed, for messages
 
 
 def load_model(
@@ -327,8 +359,12 @@ def load_checkpoint_model(
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             f"{'...' if len(unexpected) > 5 else ''}."
         )
-    return LoadedModel(model.to(device).eval(), contents.objective, contents.objective_source,
-                       "stored" if stored is not None else "inferred")
+    objective, source, evidence = contents.objective, contents.objective_source, ""
+    if objective is None:
+        objective, evidence = objective_evidence(state_dict)
+        source = "evidence" if objective is not None else None
+    return LoadedModel(model.to(device).eval(), objective, source, "stored" if stored is not None else "inferred",
+                       evidence)
 
 
 def save_export(

@@ -25,7 +25,7 @@ def flash_attn_available() -> bool:
 
 class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False, backend: str = "sdpa",
-                 qk_norm_eps: float = 1e-5):
+                 qk_norm_eps: float = 1e-6):
         super().__init__()
         if backend == "flash" and not flash_attn_available():
             raise RuntimeError(

@@ -61,6 +61,7 @@ class MoEArgs:
 MOE_FIELDS = tuple(f.name for f in dataclasses.fields(MoEArgs))
 # Keys of the flat layout every config before the nested one used (and DiT_models' keyword arguments).
 _LEGACY_OBJECTIVE_KEYS = ("objective", "flow_t_scale")
+_LEGACY_QK_NORM_EPS = 1e-5  # what files of the flat layout, which record no eps, were built with (torch's default)
 
 
 @dataclass
@@ -78,7 +79,7 @@ class DiTConfig:
     num_classes: int = 1000
     learn_sigma: bool = True                  # output 2 * in_channels (epsilon and variance)
     qk_norm: bool = False                     # LayerNorm over the head dim on q and k (DiT-MoE XL/G)
-    qk_norm_eps: float = 1e-5                 # epsilon of the q/k LayerNorms
+    qk_norm_eps: float = 1e-6                 # epsilon of the q/k LayerNorms (DiT-MoE's flash block: 1e-6)
     attn_backend: str = "sdpa"                # "sdpa" | "flash" (flash-attn package) | "math"
     grad_checkpointing: bool = False          # recompute each block in backward (saves activation memory)
     moe: Optional[MoEArgs] = None             # None: the dense DiT of facebookresearch/DiT
@@ -155,6 +156,7 @@ class DiTConfig:
             _check_keys(values)
             return cls(**values)
         flat = {k: v for k, v in values.items() if k not in _LEGACY_OBJECTIVE_KEYS}
+        flat.setdefault("qk_norm_eps", _LEGACY_QK_NORM_EPS)
         if not flat.get("num_experts"):
             flat = {k: v for k, v in flat.items() if k not in MOE_FIELDS}
         _check_keys(flat, also=MOE_FIELDS)

@@ -17,7 +17,6 @@ from ..vae import dit_vae_flag
 from .images import SamplingOptions
 from .prepare import SamplingRequest
 
-DEFAULT_CFG_SCALE = 1.5  # DiT-MoE's README command (DiT's sample.py uses 4.0)
 SAMPLERS = ("ddpm", "ddim", "euler", "heun")
 
 
@@ -64,8 +63,10 @@ def _add_objective_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(*flag("sampler"), choices=SAMPLERS, default=None,
                         help="default: ddpm (IDDPM models), euler (flow models)")
     parser.add_argument(*flag("num-sampling-steps"), type=int, default=None, help="default: 250 (IDDPM), 50 (flow)")
-    parser.add_argument(*flag("cfg-scale"), type=float, default=DEFAULT_CFG_SCALE,
-                        help="classifier-free guidance; 1 disables it (default 1.5 as DiT-MoE; DiT uses 4.0)")
+    parser.add_argument(*flag("cfg-scale"), type=float, default=None,
+                        help="classifier-free guidance; 1 disables it. Default: 7.0 for a DiT-MoE rectified-flow "
+                             "file (its sample.py applies 7.0 to them whatever --cfg-scale says), else 1.5 "
+                             "(DiT-MoE's README command; DiT's sample.py uses 4.0)")
     parser.add_argument(*flag("cfg-channels"), type=int, default=None,
                         help="guided prediction channels (default all; 3 = DiT's forward_with_cfg)")
     parser.add_argument(*flag("noise-schedule"), choices=["linear", "cosine"], default=None,

@@ -28,7 +28,7 @@ import torch
 
 from ..cli import UserError, flag, parse_int_list, run_main
 from ..evaluation.npz import save_png, to_uint8_nhwc
-from .flags import DEFAULT_CFG_SCALE, add_sampling_flags, request_from_args
+from .flags import add_sampling_flags, request_from_args
 from .images import SamplingOptions
 from .prepare import SamplingRequest, prepare_sampling
 
@@ -48,6 +48,7 @@ class SampleGrid:
     objective: str  # "iddpm" | "flow"
     sampler: str
     num_steps: int
+    cfg_scale: float
 
 
 def default_labels(num_classes: int) -> list[int]:
@@ -97,13 +98,14 @@ def sample_grid(
 ) -> SampleGrid:
     """Sample one image per class label (default: `default_labels`) from `ckpt` and write them as a PNG grid.
 
-    `options` default to `SamplingOptions(cfg_scale=1.5)`; their sampler and step count default
-    to the objective's (IDDPM: ddpm, 250 steps; flow: euler, 50). `rf` is `--rf`; `request`
+    `options` default to `SamplingOptions()`: guidance, sampler and step count from the prepare step's
+    defaults for the checkpoint (cfg 1.5, or 7.0 for a DiT-MoE flow file; sampler and steps the
+    objective's: IDDPM ddpm 250, flow euler 50). `rf` is `--rf`; `request`
     takes the other `SamplingRequest` fields (vae_path, image_size, model_name, dtype, device, ...).
     Bad input raises one sentence that says how to fix it, before any sampling (see prepare.py).
     """
     objective = None if rf is None else ("flow" if rf else "iddpm")
-    request = SamplingRequest(ckpt, options=options or SamplingOptions(cfg_scale=DEFAULT_CFG_SCALE),
+    request = SamplingRequest(ckpt, options=options or SamplingOptions(),
                               objective=objective, objective_flag="--rf", **request)
     return write_grid(request, out, class_labels, seed, progress, nrow, scale)
 
@@ -117,7 +119,8 @@ def write_grid(request: SamplingRequest, out: str | Path, class_labels: Optional
     labels = prepared.check_labels(default_labels(prepared.config.num_classes) if class_labels is None else class_labels)
     images = prepared.sample(labels, [seed + i for i in range(len(labels))], progress=progress)
     path = save_grid(images, out, nrow=nrow, scale=scale)
-    return SampleGrid(path, images, labels, prepared.objective_name, prepared.sampler, prepared.num_steps)
+    return SampleGrid(path, images, labels, prepared.objective_name, prepared.sampler, prepared.num_steps,
+                      prepared.options.cfg_scale)
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -147,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
                           scale=args.scale)
         print(
             f"Saved {len(grid.labels)} samples (classes {','.join(map(str, grid.labels))}; {grid.objective}, "
-            f"{grid.sampler}, {grid.num_steps} steps, cfg {request.options.cfg_scale}) to {grid.path}"
+            f"{grid.sampler}, {grid.num_steps} steps, cfg {grid.cfg_scale}) to {grid.path}"
         )
 
     return run_main(work, prog=parser.prog)

@@ -38,11 +38,13 @@ class SamplingOptions:
 
     sampler: Optional[str] = None  # "ddpm" | "ddim" (IDDPM models), "euler" | "heun" (flow models)
     num_steps: Optional[int] = None  # IDDPM: respaced steps (250); flow: uniform steps (50)
-    cfg_scale: float = 1.0  # classifier-free guidance scale; 1 = no guidance (one forward per step)
+    # Classifier-free guidance scale; 1 = no guidance (one forward per step). None: the prepare step's
+    # default for the checkpoint (prepare.default_cfg_scale); sample_images alone treats None as 1.
+    cfg_scale: Optional[float] = None
     cfg_channels: Optional[int] = None  # guided prediction channels; None = all, 3 = DiT's forward_with_cfg
 
     def __post_init__(self):
-        if self.cfg_scale < 1.0:
+        if self.cfg_scale is not None and self.cfg_scale < 1.0:
             raise ValueError(f"cfg_scale must be >= 1 (1 disables guidance), got {self.cfg_scale}.")
 
 
@@ -135,7 +137,8 @@ def sample_images(
     check_codec(config, codec)
     device = torch.device(device)
     options = options or SamplingOptions()
-    model_fn = guided(model, options.cfg_scale, null_label=config.num_classes, cfg_channels=options.cfg_channels)
+    cfg_scale = 1.0 if options.cfg_scale is None else options.cfg_scale
+    model_fn = guided(model, cfg_scale, null_label=config.num_classes, cfg_channels=options.cfg_channels)
     rng = StackedRandomGenerator(seeds)
     noise = rng.randn(latent_shape(config), device=device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()

@@ -24,6 +24,8 @@ Choices this step makes for all of them:
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -38,7 +40,13 @@ from ..models import DiT, DiTConfig, preset_name
 from ..vae import PIXEL_SPACE, check_vae_path, is_pixel_space, load_codec
 from .images import SamplingOptions, build_sampling_objective, check_codec, sample_images
 
+log = logging.getLogger("dit_moe.sampling")
+
 IMAGE_CHANNELS = (1, 3)  # models with these input channels generate pixels
+RECORDED_SOURCES = ("stored", "legacy")  # LoadedModel.objective_source values that mean "the file says so"
+DEFAULT_CFG_SCALE = 1.5  # DiT-MoE's README command (DiT's sample.py uses 4.0)
+# DiT-MoE's sample.py samples its flow checkpoints with guidance 7.0 whatever --cfg-scale says.
+DIT_MOE_FLOW_CFG_SCALE = 7.0
 OBJECTIVE_WORDS = {  # name -> (how it was trained, how it is sampled), for messages
     "iddpm": ("IDDPM (DDPM loss)", "IDDPM (DDPM/DDIM)"),
     "flow": ("rectified flow", "rectified-flow (Euler/Heun)"),
@@ -74,7 +82,7 @@ class PreparedSampler:
     objective_config: ObjectiveConfig  # what `objective` was built from (recorded, or from the flags)
     objective_source: str  # where the objective came from, for messages and reports
     config_source: str  # "stored": the file holds the model config; "inferred": rebuilt from tensor shapes
-    options: SamplingOptions  # as requested: None sampler / steps mean the objective's defaults
+    options: SamplingOptions  # as requested, cfg_scale filled in; None sampler / steps mean the objective's defaults
     vae_path: str  # the codec's folder, or "none" for pixel space
     device: torch.device
     dtype: torch.dtype
@@ -114,11 +122,12 @@ class PreparedSampler:
 
 
 class ResolvedObjective(NamedTuple):
-    """The objective to sample with, its config, and where it came from."""
+    """The objective to sample with, its config, where it came from, and the guidance used when none is asked."""
 
     objective: Objective
     config: ObjectiveConfig
     source: str
+    default_cfg_scale: float
 
     @property
     def name(self) -> str:
@@ -138,8 +147,11 @@ def prepare_sampling(request: SamplingRequest) -> PreparedSampler:
     check_sampler(resolved, request, loaded.config_source)
     codec = resolve_codec(request.vae_path, config).to(device)
     check_image_size(request.image_size, config, codec)
+    options = request.options
+    if options.cfg_scale is None:
+        options = dataclasses.replace(options, cfg_scale=resolved.default_cfg_scale)
     return PreparedSampler(loaded.model, codec, resolved.objective, resolved.config, resolved.source,
-                           loaded.config_source, request.options, vae_path, device, dtype)
+                           loaded.config_source, options, vae_path, device, dtype)
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
@@ -185,23 +197,31 @@ def _flag_text(flag: str, objective: str) -> str:
 
 
 def resolve_objective(loaded: LoadedModel, request: SamplingRequest) -> ResolvedObjective:
-    """How the checkpoint is sampled: the ObjectiveConfig it records; for a file that records none,
-    the request's objective and IDDPM schedule (else IDDPM, linear, 1000 steps); for a file written
-    before the objective config, its recorded objective and time scale with the request's schedule.
-
-    A request contradicting what the file records stops, and so do IDDPM schedule options for
-    a flow model. This is the only place that decides how a checkpoint is sampled.
+    """How the checkpoint is sampled, the only place that decides it:
+    - a recorded ObjectiveConfig as it is (schedule flags may only repeat it);
+    - a file written before the objective config: its objective and time scale, the request's schedule;
+    - a file that records none: the request's --rf / --objective, else what its keys show
+      (checkpoint.objective_evidence, said in one line), else it stops and asks for the flag.
+    A request contradicting a recorded objective stops, and so do IDDPM schedule options for flow.
     """
-    recorded, asked, flag = loaded.objective, request.objective, request.objective_flag
+    recorded = loaded.objective if loaded.objective_source in RECORDED_SOURCES else None
+    evidence = loaded.objective if loaded.objective_source == "evidence" else None
+    asked, flag = request.objective, request.objective_flag
     if recorded is not None and asked is not None and asked != recorded.objective:
         raise UserError(
             f"The checkpoint records that it was trained with {OBJECTIVE_WORDS[recorded.objective][0]} but "
             f"{_flag_text(flag, asked)} asks for {OBJECTIVE_WORDS[asked][1]} sampling, which gives noise or NaNs "
             f"for it; leave {flag} out or pass {_flag_text(flag, recorded.objective)}."
         )
+    if recorded is None and evidence is None and asked is None:
+        raise UserError(
+            f"{request.ckpt} records no objective and its {loaded.evidence}; say how it was trained with "
+            f"{_flag_text(flag, 'flow')} (rectified flow) or {_flag_text(flag, 'iddpm')} (IDDPM)."
+        )
     schedule = {key: value for key, value in (("noise_schedule", request.noise_schedule),
                                                 ("diffusion_steps", request.diffusion_steps)) if value is not None}
-    name = recorded.objective if recorded is not None else asked or "iddpm"
+    known = recorded or evidence
+    name = known.objective if asked is None else asked
     if name == "flow" and schedule:
         raise UserError(
             "--noise-schedule and --diffusion-steps describe IDDPM models; leave them out for a rectified-flow model."
@@ -210,11 +230,17 @@ def resolve_objective(loaded: LoadedModel, request: SamplingRequest) -> Resolved
         _check_recorded_schedule(recorded, schedule)
         config, source = recorded, "the checkpoint's config"
     else:
-        t_scale = recorded.flow_t_scale if recorded is not None else ObjectiveConfig.flow_t_scale
+        t_scale = known.flow_t_scale if known is not None else ObjectiveConfig.flow_t_scale
         config = ObjectiveConfig(objective=name, flow_t_scale=t_scale, **schedule)
-        source = ("the checkpoint's config" if recorded is not None else
-                  _flag_text(flag, asked) if asked is not None else "the IDDPM default for a file without a config")
-    return ResolvedObjective(build_sampling_objective(loaded.model.config, config), config, source)
+        source = ("the checkpoint's config" if recorded is not None else _flag_text(flag, asked) if asked is not None
+                  else f"the file's keys: {loaded.evidence}")
+        if recorded is None and asked is None:
+            log.warning("%s records no objective: sampling it as %s (time scale %g), judged from %s; pass %s to "
+                        "override.", request.ckpt, OBJECTIVE_WORDS[name][0], t_scale, loaded.evidence,
+                        _flag_text(flag, "iddpm" if name == "flow" else "flow"))
+    default_cfg = DIT_MOE_FLOW_CFG_SCALE if evidence is not None and evidence.objective == "flow" and asked is None \
+        else DEFAULT_CFG_SCALE
+    return ResolvedObjective(build_sampling_objective(loaded.model.config, config), config, source, default_cfg)
 
 
 def _check_recorded_schedule(recorded: ObjectiveConfig, schedule: dict) -> None:
