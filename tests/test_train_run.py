@@ -1,7 +1,6 @@
 """The DeepSpeed trainer on one CPU process: a short run, exact resume, crash safety, preemption, errors."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,8 +9,8 @@ import time
 import pytest
 import torch
 
-from dit_moe.checkpoint import load_model
-from dit_moe.train.engine import COMPLETE_MARKER, latest_complete_tag
+from dit_moe.checkpoint import load_model, read_deepspeed_objective_config
+from dit_moe.checkpoint_layout import COMPLETE_MARKER, latest_complete_tag
 from trainer_runs import REPO, env, losses, run_train, train_cmd
 
 
@@ -31,6 +30,8 @@ def test_short_run_writes_metrics_curve_checkpoints_and_export(reference_run):
     assert (out / "config.yaml").is_file() and any((out / "tensorboard").iterdir())
     ckpts = out / "checkpoints"
     assert latest_complete_tag(ckpts) == "step0000004" and (ckpts / "step0000002" / COMPLETE_MARKER).is_file()
+    assert read_deepspeed_objective_config(ckpts)["objective"] == "iddpm"  # beside dit_config.json
+    assert not list(out.rglob(".*.tmp*"))  # every write went through a temporary name and was renamed
     model = load_model(out / "export.safetensors")
     assert model.config.num_experts == 4 and model.config.input_size == 8 and model.config.num_classes == 10
     from_dir = load_model(ckpts)  # the checkpoint directory itself loads too (EMA weights)

@@ -6,7 +6,7 @@
 from .flow import RectifiedFlow
 from .gaussian import GaussianDiffusion, create_diffusion, space_timesteps
 from .guidance import guided
-from .objective import FlowObjective, IDDPMObjective, Objective, build_objective
+from .objective import Draws, DrawSpec, Objective, build_objective
 from .samplers import SAMPLERS, ddim, ddpm, euler, heun
 from .timesteps import (
     LogitNormalTimesteps,
@@ -23,8 +23,8 @@ __all__ = [
     "space_timesteps",
     "RectifiedFlow",
     "Objective",
-    "IDDPMObjective",
-    "FlowObjective",
+    "DrawSpec",
+    "Draws",
     "build_objective",
     "guided",
     "SAMPLERS",
