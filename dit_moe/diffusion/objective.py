@@ -114,8 +114,9 @@ class Objective:
             t, weights = self.timesteps.sample(global_batch, device)
             noise = torch.randn((global_batch, *spec.sample_shape), device=device)
             drop = torch.rand(global_batch, device=device) < spec.label_dropout
-            mask = random_mask(global_batch, spec.num_tokens, spec.mask_ratio, device=device) if spec.mask_ratio else None
-        return Draws(t[part], weights[part], noise[part], drop[part].long(), None if mask is None else mask.mask[part])
+            mask = random_mask(global_batch, spec.num_tokens, spec.mask_ratio, device=device).mask[part] \
+                if spec.mask_ratio else None
+        return Draws(t[part], weights[part], noise[part], drop[part].long(), mask)
 
     def observe(self, t: Tensor, losses: Tensor) -> None:
         """Feed the unweighted per-sample losses at t to an adaptive timestep sampler.

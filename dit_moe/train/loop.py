@@ -185,7 +185,8 @@ def train_step(run: Run, window: Window) -> None:
 def log_window(run: Run, window: Window) -> dict[str, Any]:
     """The metrics record of the steps since the last log, averaged over ranks; resets the window.
 
-    Collectives on every rank, then one host sync for all the values."""
+    Collectives on every rank, then host syncs: the loss values first (after which the device is
+    idle, so the rest is cheap), then the grad norm, the load statistics and the all-to-all stats."""
     names = sorted(window.sums)
     packed = torch.stack([window.sums[n] for n in names])
     dist.all_reduce(packed)
@@ -195,7 +196,7 @@ def log_window(run: Run, window: Window) -> dict[str, Any]:
     record = dict(zip(names, values))
     grad_norm = run.engine.get_global_grad_norm()
     record.update(
-        grad_norm=float(grad_norm) if grad_norm is not None else None,
+        grad_norm=float(grad_norm) if grad_norm is not None else None,  # host sync when DeepSpeed keeps a tensor
         lr=float(run.engine.get_lr()[0]),
         steps_per_s=window.steps / elapsed,
         images_per_s=window.steps * run.plan.global_batch / elapsed,
