@@ -55,10 +55,11 @@ def worker(args) -> dict:
     """One setting, one process: build the engine exactly as the trainer does and time its steps."""
     import torch
 
-    from dit_moe.diffusion import build_objective
+    from dit_moe.diffusion import DrawSpec, build_objective
     from dit_moe.models import DiT, preset_config
     from dit_moe.train import engine as engine_lib
-    from dit_moe.train.loop import apply_precision, draw_step_randomness, load_deepspeed_config, micro_step
+    from dit_moe.train.engine import apply_precision, load_deepspeed_config
+    from dit_moe.train.loop import micro_step
 
     torch.set_num_threads(args.threads)
     _, _, _, device = engine_lib.init_distributed()
@@ -77,14 +78,14 @@ def worker(args) -> dict:
     objective = build_objective("iddpm", learn_sigma=True)
     dtype = next(engine.module.parameters()).dtype
     shape = (args.in_channels, args.input_size, args.input_size)
+    spec = DrawSpec(shape, label_dropout=0.1, mask_ratio=args.mask_ratio, num_tokens=engine.module.num_tokens)
     x = torch.randn(args.batch_size, *shape, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
 
     fwd_bwd_seconds = []
 
     def step(i):
-        rnd = draw_step_randomness(objective, 0, i, 0, args.batch_size, shape, 0.1, 0, 1, device,
-                                   args.mask_ratio, engine.module.num_tokens)
+        rnd = objective.draw((0, i, 0), args.batch_size, spec, device)
         start = time.perf_counter()
         micro_step(engine, objective, x, y, rnd, dtype)
         if device.type == "cuda":

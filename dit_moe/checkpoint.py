@@ -1,12 +1,13 @@
 """Read every supported checkpoint format, infer the architecture, build the model; write exports.
 
-Formats read by `load_model` / `read_checkpoint`:
+Formats read by `load_model` / `read_checkpoint_file`:
 - facebookresearch/DiT: a plain state dict (released weights) or train.py's {"model", "ema", "opt", "args"};
 - feizc/DiT-MoE: the same containers with per-expert keys `blocks.N.moe.experts.K.*` (stacked at load);
 - our exports (`.safetensors` or `.pt`): weights + EMA + the DiTConfig that built them and the
   ObjectiveConfig it was trained with (files written before the objective config record only
   the objective and its flow time scale, inside a flat model config: remapped here);
-- DeepSpeed checkpoint directories written by our trainer (the tag in `latest`, or a tag dir).
+- DeepSpeed checkpoint directories written by our trainer: a results dir, its `checkpoints/` or a
+  tag dir, resolved by `checkpoint_layout` to the latest complete tag.
 Architecture is inferred from tensor shapes when the file stores no config.
 """
 
@@ -25,16 +26,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import checkpoint_layout as layout
 from .atomic import atomic_path
 from .diffusion import ObjectiveConfig
 from .models import MODEL_SIZES, DiT, DiTConfig
 
 EXPORT_FORMAT = "dit-moe-export"
-CONFIG_FILE = "dit_config.json"
-OBJECTIVE_FILE = "objective_config.json"
-EMA_FILE = "ema.safetensors"
-MODEL_FILE = "model.safetensors"
-EXPERT_SHARD = "experts_ep{rank}.safetensors"  # expert parallelism: rank R's local experts (training weights)
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 _HEADS_BY_WIDTH = {hidden: heads for _, hidden, heads in MODEL_SIZES.values()}
 
@@ -112,37 +109,30 @@ def _split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, 
 
 
 def _latest_tag_dir(directory: Path) -> Path:
-    latest = directory / "latest"
-    if latest.is_file():
-        return directory / latest.read_text().strip()
-    if (directory / CONFIG_FILE).is_file() or any(directory.glob("*model_states.pt")):
-        return directory
-    raise CheckpointError(
-        f"{directory} is a directory but not a DeepSpeed checkpoint: it has no 'latest' file and no model states."
-    )
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The complete tag a results, checkpoints or tag dir names (the layout's one resolver)."""
+    tag_dir = layout.resolve_tag_dir(directory)
+    if tag_dir is None:
+        raise CheckpointError(
+            f"{directory} is a directory but not a DeepSpeed checkpoint: neither it nor a checkpoints/ dir in it "
+            f"holds a complete tag (a {layout.TAG_PREFIX}NNNNNNN dir with a {layout.COMPLETE_MARKER} file)."
+        )
+    return tag_dir
 
 
 def _read_deepspeed_dir(directory: Path, prefer_ema: bool) -> tuple[Optional[dict], Optional[dict], dict[str, torch.Tensor]]:
     """(stored model config dict, stored objective config dict, state dict) of the tag `directory` resolves to."""
     tag_dir = _latest_tag_dir(directory)
-    configs = _read_json(tag_dir / CONFIG_FILE), _read_json(tag_dir / OBJECTIVE_FILE)
+    configs = layout.read_model_config(tag_dir), layout.read_objective_config(tag_dir)
     return (*configs, _read_deepspeed_weights(tag_dir, prefer_ema))
 
 
 def _read_deepspeed_weights(tag_dir: Path, prefer_ema: bool) -> dict[str, torch.Tensor]:
-    if prefer_ema and (tag_dir / EMA_FILE).is_file():
-        return _read_safetensors(tag_dir / EMA_FILE)[0]
-    if (tag_dir / MODEL_FILE).is_file():
-        return _read_safetensors(tag_dir / MODEL_FILE)[0]
+    ema_file = tag_dir / layout.EMA_FILE
     states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if ema_file.is_file() and (prefer_ema or not states):
+        return _read_safetensors(ema_file)[0]
     if not states:
-        if (tag_dir / EMA_FILE).is_file():
-            return _read_safetensors(tag_dir / EMA_FILE)[0]
-        raise CheckpointError(f"{tag_dir} holds no model weights (no {MODEL_FILE}, {EMA_FILE} or mp_rank_*_model_states.pt).")
+        raise CheckpointError(f"{tag_dir} holds no model weights (no {layout.EMA_FILE} or mp_rank_*_model_states.pt).")
     blob = torch.load(states[0], map_location="cpu", weights_only=False)
     module = blob.get("module") if isinstance(blob, dict) else None
     if not module:
@@ -156,15 +146,9 @@ def _read_deepspeed_weights(tag_dir: Path, prefer_ema: bool) -> dict[str, torch.
 def _gather_expert_shards(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Full [E, ...] expert weights from an expert-parallel checkpoint's per-rank shards (none: {})."""
     shards = []
-    while (tag_dir / EXPERT_SHARD.format(rank=len(shards))).is_file():
-        shards.append(_read_safetensors(tag_dir / EXPERT_SHARD.format(rank=len(shards)))[0])
+    while layout.expert_shard(tag_dir, len(shards)).is_file():
+        shards.append(_read_safetensors(layout.expert_shard(tag_dir, len(shards)))[0])
     return {key: torch.cat([shard[key] for shard in shards]) for key in shards[0]} if shards else {}
-
-
-def read_checkpoint(path: str | os.PathLike, prefer_ema: bool = True) -> tuple[Optional[DiTConfig], dict[str, torch.Tensor]]:
-    """Return (stored model config or None, state dict with `module.`/`_orig_mod.` prefixes removed)."""
-    contents = read_checkpoint_file(path, prefer_ema)
-    return contents.model_config, contents.state_dict
 
 
 def read_checkpoint_file(path: str | os.PathLike, prefer_ema: bool = True) -> CheckpointContents:

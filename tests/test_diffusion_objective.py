@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dit_moe.diffusion import FlowObjective, IDDPMObjective, build_objective, create_diffusion
+from dit_moe.diffusion import GaussianDiffusion, RectifiedFlow, build_objective, create_diffusion
 from dit_moe.diffusion.timesteps import LossSecondMomentTimesteps
 
 
@@ -15,11 +15,12 @@ def net(out_channels=4):
 
 def test_build_objective_options_and_errors():
     iddpm = build_objective("iddpm", noise_schedule="cosine", diffusion_steps=100, learn_sigma=False)
-    assert isinstance(iddpm, IDDPMObjective) and iddpm.process.num_timesteps == 100
+    assert iddpm.name == "iddpm" and isinstance(iddpm.process, GaussianDiffusion) and iddpm.process.num_timesteps == 100
     with pytest.raises(ValueError, match="SpeeDiT needs"):
         build_objective("iddpm", noise_schedule="cosine", diffusion_steps=100, timestep_sampler="speedit")
     flow = build_objective("flow", learn_sigma=False, t_scale=1000.0, timestep_sampler="uniform")
-    assert isinstance(flow, FlowObjective) and flow.process.t_scale == 1000.0 and not flow.process.learn_sigma
+    assert flow.name == "flow" and isinstance(flow.process, RectifiedFlow)
+    assert flow.process.t_scale == 1000.0 and not flow.process.learn_sigma
     with pytest.raises(ValueError, match="unknown objective"):
         build_objective("edm")
     with pytest.raises(ValueError, match="no option"):

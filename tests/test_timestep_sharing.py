@@ -6,8 +6,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dit_moe.diffusion import DrawSpec, Objective, create_diffusion
 from dit_moe.diffusion.timesteps import LossSecondMomentTimesteps, UniformTimesteps
-from dit_moe.train.loop import share_timestep_losses
+from dit_moe.train.distributed import RankSlice
 from trainer_runs import free_port
 
 WORLD, T, HISTORY = 2, 4, 2
@@ -15,16 +16,16 @@ GLOBAL_T = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 3, 0])
 GLOBAL_LOSS = torch.arange(1.0, 11.0)
 
 
-class Holder:
-    def __init__(self, sampler):
-        self.timesteps = sampler
+def objective_with(sampler, gather=None) -> Objective:
+    return Objective("iddpm", create_diffusion("", noise_schedule="cosine", diffusion_steps=T), sampler, gather=gather)
 
 
 def _worker(rank: int, port: int, out) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        objective = Holder(LossSecondMomentTimesteps(T, history=HISTORY))
-        share_timestep_losses(objective, GLOBAL_T[rank::WORLD], GLOBAL_LOSS[rank::WORLD])  # this rank's slice
+        ranks = RankSlice(rank, WORLD)
+        objective = objective_with(LossSecondMomentTimesteps(T, history=HISTORY), gather=ranks.gather)
+        objective.observe(GLOBAL_T[ranks.positions], GLOBAL_LOSS[ranks.positions])  # this rank's slice
         out[rank] = (objective.timesteps.loss_history.copy(), objective.timesteps.probabilities())
     finally:
         dist.destroy_process_group()
@@ -46,4 +47,19 @@ def test_two_ranks_keep_the_history_one_process_would():
 def test_samplers_that_do_not_learn_are_not_fed():
     sampler = UniformTimesteps(T)
     sampler.update = lambda t, losses: pytest.fail("a non-adaptive sampler was fed losses")
-    share_timestep_losses(Holder(sampler), GLOBAL_T, GLOBAL_LOSS)
+    gather = lambda local: pytest.fail("a non-adaptive sampler cost a collective")  # noqa: E731
+    objective_with(sampler, gather=gather).observe(GLOBAL_T, GLOBAL_LOSS)
+
+
+def test_draws_are_one_global_draw_sliced_per_rank():
+    """Any world size gives each sample the same draws; the same key gives the same stream."""
+    objective = objective_with(LossSecondMomentTimesteps(T, history=HISTORY))
+    spec = DrawSpec((2, 4, 4), label_dropout=0.5, mask_ratio=0.5, num_tokens=4)
+    whole = objective.draw((0, 3, 1), 6, spec, "cpu")
+    for rank in range(3):
+        part = objective.draw((0, 3, 1), 6, spec, "cpu", RankSlice(rank, 3).positions)
+        for name in ("t", "weights", "noise", "drop", "mask"):
+            assert torch.equal(getattr(part, name), getattr(whole, name)[rank::3]), name
+    again, other = objective.draw((0, 3, 1), 6, spec, "cpu"), objective.draw((0, 3, 2), 6, spec, "cpu")
+    assert torch.equal(again.noise, whole.noise) and not torch.equal(other.noise, whole.noise)
+    assert whole.mask.sum(dim=1).tolist() == [2] * 6 and whole.drop.dtype == torch.long

@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 
-from dit_moe.checkpoint import load_model
-from dit_moe.train.engine import COMPLETE_MARKER, latest_complete_tag
+from dit_moe.checkpoint import load_model, read_checkpoint_file
+from dit_moe.diffusion import ObjectiveConfig
+from dit_moe.checkpoint_layout import COMPLETE_MARKER, latest_complete_tag
 from trainer_runs import REPO, env, losses, run_train, train_cmd
 
 
@@ -31,6 +32,8 @@ def test_short_run_writes_metrics_curve_checkpoints_and_export(reference_run):
     assert (out / "config.yaml").is_file() and any((out / "tensorboard").iterdir())
     ckpts = out / "checkpoints"
     assert latest_complete_tag(ckpts) == "step0000004" and (ckpts / "step0000002" / COMPLETE_MARKER).is_file()
+    assert read_checkpoint_file(ckpts).objective == ObjectiveConfig(timestep_sampler="uniform")  # beside dit_config.json
+    assert not list(out.rglob(".*.tmp*"))  # every write went through a temporary name and was renamed
     model = load_model(out / "export.safetensors")
     assert model.config.num_experts == 4 and model.config.input_size == 8 and model.config.num_classes == 10
     from_dir = load_model(ckpts)  # the checkpoint directory itself loads too (EMA weights)

@@ -7,7 +7,7 @@ from .config import ObjectiveConfig
 from .flow import RectifiedFlow
 from .gaussian import GaussianDiffusion, create_diffusion, space_timesteps
 from .guidance import guided
-from .objective import FlowObjective, IDDPMObjective, Objective, build_objective
+from .objective import Draws, DrawSpec, Objective, build_objective
 from .samplers import SAMPLERS, ddim, ddpm, euler, heun
 from .timesteps import (
     LogitNormalTimesteps,
@@ -25,8 +25,8 @@ __all__ = [
     "RectifiedFlow",
     "Objective",
     "ObjectiveConfig",
-    "IDDPMObjective",
-    "FlowObjective",
+    "DrawSpec",
+    "Draws",
     "build_objective",
     "guided",
     "SAMPLERS",

@@ -5,8 +5,21 @@
     x0 = objective.sample(model_fn, noise, model_kwargs, sampler="ddpm", num_steps=250)
 
 ``model_fn(x, t, **model_kwargs) -> (N, out_channels, H, W)`` everywhere, e.g.
-model_kwargs=dict(y=labels). Adding an objective means one more ``Objective`` subclass
-and one entry in ``build_objective``; the training loop never forks on the objective.
+model_kwargs=dict(y=labels). Both objectives are one class: a process (``GaussianDiffusion`` or
+``RectifiedFlow``, same ``training_losses`` signature) plus a timestep sampler; adding one means
+one more entry in ``KINDS`` and in ``build_objective``. The training loop never forks on the
+objective and never touches its timestep sampler.
+
+Distributed training (the objective owns its randomness):
+
+    draws = objective.draw((seed, step, micro), global_batch, spec, device, part=slice(rank, None, world))
+    terms = objective.loss(model_fn, x0, model_kwargs, noise=draws.noise, timesteps=(draws.t, draws.weights))
+
+``draw`` makes the whole global micro-batch's timesteps, noise, label drops and patch masks from a
+(seed, step, micro) stream and keeps one slice, so the same sample gets the same draws on any
+number of processes and a resumed run continues the same streams. ``loss`` feeds each batch's
+(t, loss) to ``observe``, which an adaptive timestep sampler learns from; with a ``gather``
+function (every rank's slice in global order) every rank keeps the history one process would.
 
 Masked training (MaskDiT): ``objective.loss(..., mask=mask)`` with the (N, T) patch mask the
 model was given (True = masked) averages the denoising terms over visible patches and adds
@@ -16,36 +29,105 @@ channels regress the per-patch normalised noisy input x_t.
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from ..models.masking import random_mask
 from .flow import RectifiedFlow
 from .gaussian import GaussianDiffusion, create_diffusion
 from .samplers import SAMPLERS
 from .timesteps import TimestepSampler, build_continuous_sampler, build_discrete_sampler
 
 
-class Objective:
-    """A training loss plus the samplers that invert it.
+@dataclass(frozen=True)
+class Kind:
+    """What differs between objectives besides the process: names for messages and samplers."""
 
-    Subclasses set ``description`` (for messages), ``process`` (what the samplers integrate), ``samplers``
-    (the names that fit, the first is the default), ``default_num_steps`` and
-    ``timesteps`` (a TimestepSampler), and implement ``_losses``.
+    description: str                          # for messages: "euler on an IDDPM model: ..."
+    samplers: tuple[str, ...]                 # the samplers that fit; the first is the default
+    default_num_steps: int
+
+
+KINDS = {
+    "iddpm": Kind("an IDDPM model", ("ddpm", "ddim"), 250),  # DiT's: eps MSE + learned-variance vb term
+    "flow": Kind("a rectified-flow model", ("euler", "heun"), 50),  # DiT-MoE's: velocity MSE on the straight path
+}
+
+Gather = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class DrawSpec:
+    """What each training sample draws besides its timestep; fixed for a run."""
+
+    sample_shape: tuple[int, ...]             # (C, H, W) of x0, the shape of the noise
+    label_dropout: float = 0.0                # probability of the null label (classifier-free guidance)
+    mask_ratio: float = 0.0                   # MaskDiT: fraction of patches hidden; 0 draws no mask
+    num_tokens: int = 0                       # patches per sample, for the mask
+
+
+@dataclass
+class Draws:
+    """One slice of a global micro-batch's randomness."""
+
+    t: Tensor                                 # (N,) timesteps
+    weights: Tensor                           # (N,) their loss weights
+    noise: Tensor                             # (N, C, H, W)
+    drop: Tensor                              # (N,) long, 1 = train on the null label
+    mask: Tensor | None = None                # (N, T) bool, True = masked patch; None: no masking
+
+
+class Objective:
+    """A training loss plus the samplers that invert it: a ``process`` (what the samplers integrate
+    and what defines the loss) and ``timesteps`` (a TimestepSampler), with the ``KINDS`` entry of
+    ``name`` as ``description``, ``samplers`` and ``default_num_steps``.
+
+    ``gather`` (optional) returns every rank's slice of a tensor in global-batch order; ``observe``
+    uses it so an adaptive timestep sampler learns from the whole global batch on every rank.
     """
 
-    description: str
-    process: GaussianDiffusion | RectifiedFlow
-    samplers: tuple[str, ...]
-    default_num_steps: int
-    timesteps: TimestepSampler
+    def __init__(self, name: str, process: GaussianDiffusion | RectifiedFlow, timesteps: TimestepSampler,
+                 gather: Gather | None = None):
+        kind = KINDS[name]
+        self.name = name
+        self.process = process
+        self.timesteps = timesteps
+        self.gather = gather
+        self.description = kind.description
+        self.samplers = kind.samplers
+        self.default_num_steps = kind.default_num_steps
 
-    def _losses(
-        self, model_fn: Callable[..., Tensor], x0: Tensor, t: Tensor, model_kwargs: dict | None, noise: Tensor | None,
-        loss_mask: Tensor | None,
-    ) -> dict[str, Tensor]:
-        """Unweighted per-sample terms at times t, averaged where loss_mask (N, 1, H, W) is 1; must hold "loss"."""
-        raise NotImplementedError
+    def draw(self, key: tuple[int, int, int], global_batch: int, spec: DrawSpec, device: torch.device | str,
+             part: slice = slice(None)) -> Draws:
+        """The randomness of one global micro-batch, drawn from a stream seeded by ``key`` =
+        (seed, step, micro-step); returns the samples ``part`` selects (a data-parallel rank's slice).
+
+        The patch masks are drawn after the other draws, so unmasked runs keep their streams.
+        """
+        device = torch.device(device)
+        stream_seed = int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(stream_seed)
+            t, weights = self.timesteps.sample(global_batch, device)
+            noise = torch.randn((global_batch, *spec.sample_shape), device=device)
+            drop = torch.rand(global_batch, device=device) < spec.label_dropout
+            mask = random_mask(global_batch, spec.num_tokens, spec.mask_ratio, device=device).mask[part] \
+                if spec.mask_ratio else None
+        return Draws(t[part], weights[part], noise[part], drop[part].long(), mask)
+
+    def observe(self, t: Tensor, losses: Tensor) -> None:
+        """Feed the unweighted per-sample losses at t to an adaptive timestep sampler.
+
+        Samplers that do not learn from losses cost nothing here (no collective, no host sync).
+        """
+        if not self.timesteps.learns_from_losses:
+            return
+        if self.gather is not None:
+            t, losses = self.gather(t), self.gather(losses)
+        self.timesteps.update(t, losses)
 
     def loss(
         self,
@@ -56,12 +138,11 @@ class Objective:
         timesteps: tuple[Tensor, Tensor] | None = None,
         mask: Tensor | None = None,
         mae_weight: float = 0.1,
-        loss_feedback: Callable[[Tensor, Tensor], None] | None = None,
     ) -> dict[str, Tensor]:
         """Per-sample training terms for a batch x0, timesteps drawn by ``self.timesteps``.
 
-        ``timesteps`` = (t, weights) drawn beforehand with ``self.timesteps.sample`` lets a
-        distributed trainer draw them for the whole global batch and hand each rank its slice.
+        ``timesteps`` = (t, weights) drawn beforehand (``draw``) lets a distributed trainer draw
+        them for the whole global batch and hand each rank its slice.
         Returns (N,) tensors: "loss" (the sampler's weights applied: to the whole loss,
         or to the mse term only when ``self.timesteps.weight_target == "mse"``), the unweighted
         "mse" (and "vb" for learned-variance IDDPM) for logging, and "t" (IDDPM: timestep
@@ -72,13 +153,11 @@ class Objective:
         term on masked patches, is returned and added to "loss" as ``mae_weight * mae``
         (after the timestep weights, as MaskDiT does).
 
-        ``loss_feedback(t, unweighted_losses)`` receives the per-sample losses an adaptive
-        timestep sampler learns from; by default ``self.timesteps.update`` (a distributed
-        trainer passes a function that gathers them from every rank first).
+        The unweighted per-sample losses go to ``observe`` (an adaptive sampler learns from them).
         """
         t, weights = timesteps if timesteps is not None else self.timesteps.sample(x0.shape[0], x0.device)
         if mask is None:
-            terms = self._losses(model_fn, x0, t, model_kwargs, noise, None)
+            terms = self.process.training_losses(model_fn, x0, t, model_kwargs=model_kwargs, noise=noise)
         else:
             seen: dict[str, Tensor] = {}
 
@@ -87,8 +166,9 @@ class Objective:
                 seen["x_t"], seen["output"] = x, model_fn(x, *args, **kwargs)
                 return seen["output"]
 
-            terms = self._losses(recorded_fn, x0, t, model_kwargs, noise, visible_pixels(mask, x0.shape))
-        (loss_feedback or self.timesteps.update)(t, terms["loss"].detach())
+            terms = self.process.training_losses(recorded_fn, x0, t, model_kwargs=model_kwargs, noise=noise,
+                                                 loss_mask=visible_pixels(mask, x0.shape))
+        self.observe(t, terms["loss"].detach())
         if self.timesteps.weight_target == "mse" and "mse" in terms:
             weighted = weights * terms["mse"] + (terms["loss"] - terms["mse"])
         else:
@@ -133,38 +213,6 @@ class Objective:
         )
 
 
-class IDDPMObjective(Objective):
-    """DiT's objective: eps MSE + learned-variance vb term on a Gaussian diffusion."""
-
-    description = "an IDDPM model"
-    samplers = ("ddpm", "ddim")
-    default_num_steps = 250
-
-    def __init__(self, diffusion: GaussianDiffusion, timesteps: TimestepSampler):
-        self.process = diffusion
-        self.timesteps = timesteps
-
-    def _losses(self, model_fn, x0, t, model_kwargs, noise, loss_mask):
-        return self.process.training_losses(model_fn, x0, t, model_kwargs=model_kwargs, noise=noise,
-                                            loss_mask=loss_mask)
-
-
-class FlowObjective(Objective):
-    """DiT-MoE's rectified-flow objective: velocity MSE on the straight path."""
-
-    description = "a rectified-flow model"
-    samplers = ("euler", "heun")
-    default_num_steps = 50
-
-    def __init__(self, flow: RectifiedFlow, timesteps: TimestepSampler):
-        self.process = flow
-        self.timesteps = timesteps
-
-    def _losses(self, model_fn, x0, t, model_kwargs, noise, loss_mask):
-        return self.process.training_losses(model_fn, x0, t, model_kwargs=model_kwargs, noise=noise,
-                                            loss_mask=loss_mask)
-
-
 _IDDPM_OPTIONS = {
     "noise_schedule", "learn_sigma", "diffusion_steps", "timestep_sampler",
     "sigma_small", "predict_xstart", "rescale_learned_sigmas", "use_kl",
@@ -172,8 +220,8 @@ _IDDPM_OPTIONS = {
 _FLOW_OPTIONS = {"learn_sigma", "t_scale", "timestep_sampler"}
 
 
-def build_objective(name: str, **options) -> Objective:
-    """An objective by name with its options.
+def build_objective(name: str, gather: Gather | None = None, **options) -> Objective:
+    """An objective by name with its options (and ``gather``, see ``Objective``).
 
     iddpm: noise_schedule ("linear"), learn_sigma (True), diffusion_steps (1000),
         timestep_sampler ("uniform" | "speedit" | "loss-second-moment"), and DiT's
@@ -184,11 +232,11 @@ def build_objective(name: str, **options) -> Objective:
         _check_options(name, options, _IDDPM_OPTIONS)
         sampler_name = options.pop("timestep_sampler", "uniform")
         diffusion = create_diffusion("", **options)
-        return IDDPMObjective(diffusion, build_discrete_sampler(sampler_name, diffusion.alphas_cumprod))
+        return Objective(name, diffusion, build_discrete_sampler(sampler_name, diffusion.alphas_cumprod), gather)
     if name == "flow":
         _check_options(name, options, _FLOW_OPTIONS)
         flow = RectifiedFlow(learn_sigma=options.get("learn_sigma", True), t_scale=options.get("t_scale", 1.0))
-        return FlowObjective(flow, build_continuous_sampler(options.get("timestep_sampler", "logit-normal")))
+        return Objective(name, flow, build_continuous_sampler(options.get("timestep_sampler", "logit-normal")), gather)
     raise ValueError(f"unknown objective {name!r}: use 'iddpm' or 'flow'")
 
 
@@ -196,7 +244,6 @@ def _check_options(name: str, options: dict, allowed: set[str]) -> None:
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"{name} objective has no option(s) {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}")
-
 
 
 def patch_size_of(mask: Tensor, shape: torch.Size | tuple[int, ...]) -> int:

@@ -1,19 +1,13 @@
-"""The only module that imports DeepSpeed: engine construction, ZeRO-3 leaf modules, expert-parallel
-groups, EMA, checkpoints that survive a kill at any moment, and gathering full weights for export.
+"""The only module that imports DeepSpeed: its config for this run, engine construction, ZeRO-3 leaf
+modules, expert-parallel groups, EMA, checkpoints that survive a kill at any moment, and gathering
+full weights for export.
 
 Expert parallelism (`--ep-size N`) uses DeepSpeed's own MoE machinery: its expert-parallel and
 expert-data-parallel groups, expert parameters marked as its MoE layer marks them
 (`allreduce = False`, `group_name`), and optimizer groups split by its helper, so ZeRO-1/2
 partitions and reduces expert gradients over the expert-data-parallel group only.
 
-Checkpoint layout under `<results>/checkpoints/`:
-    step0000100/            DeepSpeed's files (model, optimizer, client state) plus
-        ema.safetensors     full EMA weights (gathered under ZeRO-3)
-        dit_config.json     the model's DiTConfig, so `load_model(dir)` works
-        rng_rankR.pt        every rank's RNG states
-        experts_epR.safetensors  expert parallelism only: expert-parallel rank R's local experts
-        COMPLETE            written last: a tag without it is ignored
-    latest                  name of the newest complete tag, replaced atomically
+Checkpoints follow the layout `dit_moe.checkpoint_layout` documents and names.
 """
 
 from __future__ import annotations
@@ -35,13 +29,59 @@ from deepspeed.utils import groups, set_z3_leaf_modules
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import CONFIG_FILE, EMA_FILE, EXPERT_SHARD, OBJECTIVE_FILE
+from .. import checkpoint_layout as layout
+from ..atomic import atomic_path
+from ..cli import LaunchEnv, free_port
 from ..models.moe import MoEFeedForward
 from ..parallel import ExpertParallel, shard_experts
+from .config import BatchPlan, RunSection
 
-COMPLETE_MARKER = "COMPLETE"
-TAG_PREFIX = "step"
 EXPERT_PARALLEL_STAGES = (1, 2)
+QUIET_STEPS_PER_PRINT = 10**9  # DeepSpeed prints nothing of its own: the trainer logs
+
+
+def load_deepspeed_config(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist; pass one of config/zero*.json.")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON ({err}).") from err
+
+
+def apply_precision(ds_config: dict[str, Any], precision: str, device: torch.device) -> str:
+    """Resolve "auto" (the config's choice on GPU, fp32 on CPU) and write it into the config."""
+    if precision == "auto":
+        if device.type == "cpu":
+            precision = "fp32"
+        elif ds_config.get("bf16", {}).get("enabled"):
+            precision = "bf16"
+        elif ds_config.get("fp16", {}).get("enabled"):
+            precision = "fp16"
+        else:
+            precision = "fp32"
+    ds_config.setdefault("bf16", {})["enabled"] = precision == "bf16"
+    ds_config.setdefault("fp16", {})["enabled"] = precision == "fp16"
+    return precision
+
+
+def prepare_deepspeed_config(run: RunSection, world_size: int,
+                             device: torch.device) -> tuple[dict[str, Any], BatchPlan, str]:
+    """The DeepSpeed config for this run, with the batch plan and precision it was resolved to.
+
+    The JSON holds engine settings; the run's flags decide the rest: batch sizes (reconciled once
+    by `BatchPlan` and written back, so DeepSpeed owns gradient accumulation), --lr, --precision.
+    """
+    ds_config = load_deepspeed_config(run.deepspeed_config)
+    check_expert_parallel(run.ep_size, ds_config, world_size)
+    plan = BatchPlan.resolve(run, world_size, ds_config)
+    ds_config.update(train_micro_batch_size_per_gpu=plan.micro_batch, gradient_accumulation_steps=plan.grad_accum,
+                     train_batch_size=plan.global_batch)
+    ds_config.setdefault("steps_per_print", QUIET_STEPS_PER_PRINT)
+    if run.lr is not None:
+        ds_config.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = run.lr
+    return ds_config, plan, apply_precision(ds_config, run.precision, device)
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
@@ -235,10 +275,6 @@ def full_model_state_dict(engine, ep: Optional[ExpertParallel] = None) -> dict[s
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def tag_for_step(step: int) -> str:
-    return f"{TAG_PREFIX}{step:07d}"
-
-
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -254,30 +290,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def complete_tags(checkpoint_dir: Path) -> list[str]:
-    """Tags whose write finished, oldest first."""
-    if not checkpoint_dir.is_dir():
-        return []
-    tags = [p.name for p in checkpoint_dir.iterdir() if p.is_dir() and (p / COMPLETE_MARKER).is_file()]
-    return sorted(tags)
-
-
-def latest_complete_tag(checkpoint_dir: Path) -> Optional[str]:
-    """The tag named by `latest` if complete, else the newest complete tag (a kill mid-write)."""
-    latest = checkpoint_dir / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if (checkpoint_dir / tag / COMPLETE_MARKER).is_file():
-            return tag
-    tags = complete_tags(checkpoint_dir)
-    return tags[-1] if tags else None
-
-
 def save_checkpoint(engine, ema: EMA, checkpoint_dir: Path, step: int, client_state: dict[str, Any],
                     model_config: dict[str, Any], objective_config: dict[str, Any], keep_last: int,
                     ep: Optional[ExpertParallel] = None) -> str:
     """Collective: write tag `stepNNNNNNN`, mark it complete, point `latest` at it, prune old tags."""
-    tag = tag_for_step(step)
+    tag = layout.tag_for_step(step)
     tag_dir = checkpoint_dir / tag
     rank = dist.get_rank()
     if rank == 0 and tag_dir.exists():
@@ -285,22 +302,18 @@ def save_checkpoint(engine, ema: EMA, checkpoint_dir: Path, step: int, client_st
     dist.barrier()
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
     ema_state = ema.full_state_dict()
-    torch.save(_rng_state(), tag_dir / f"rng_rank{rank}.pt")
+    with atomic_path(layout.rng_file(tag_dir, rank)) as tmp:
+        torch.save(_rng_state(), tmp)
     if ep is not None:
         _save_expert_shard(engine.module, ep, tag_dir)
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tag_dir / EMA_FILE))
-        (tag_dir / CONFIG_FILE).write_text(json.dumps(model_config, indent=2))
-        (tag_dir / OBJECTIVE_FILE).write_text(json.dumps(objective_config, indent=2))
+        with atomic_path(tag_dir / layout.EMA_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp))
+        layout.write_configs(tag_dir, model_config, objective_config)
     dist.barrier()
     if rank == 0:
-        _fsync_dir(tag_dir)
-        (tag_dir / COMPLETE_MARKER).write_text(f"{step}\n")
-        tmp = checkpoint_dir / "latest.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, checkpoint_dir / "latest")
-        for old in complete_tags(checkpoint_dir)[:-keep_last]:
-            shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
+        layout.mark_complete(checkpoint_dir, tag, step)
+        layout.prune(checkpoint_dir, keep_last)
     dist.barrier()
     return tag
 
@@ -313,23 +326,17 @@ def _save_expert_shard(module: torch.nn.Module, ep: ExpertParallel, tag_dir: Pat
         return
     shard = {k: p.detach().cpu().contiguous() for k, p in module.named_parameters() if is_moe_param(p)}
     metadata = {"ep_size": str(ep.size), "ep_rank": str(ep.rank), "num_experts": str(ep.num_experts)}
-    save_file(shard, str(tag_dir / EXPERT_SHARD.format(rank=ep.rank)), metadata=metadata)
+    with atomic_path(layout.expert_shard(tag_dir, ep.rank)) as tmp:
+        save_file(shard, str(tmp), metadata=metadata)
 
 
 def saved_ep_size(tag_dir: Path) -> int:
     """The --ep-size a checkpoint tag was written with (1 when it holds no expert shards)."""
-    shard = tag_dir / EXPERT_SHARD.format(rank=0)
+    shard = layout.expert_shard(tag_dir, 0)
     if not shard.is_file():
         return 1
     with safe_open(str(shard), framework="pt") as f:
         return int(f.metadata()["ep_size"])
-
-
-def _fsync_dir(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
 
 
 def load_checkpoint(engine, ema: EMA, checkpoint_dir: Path, tag: str,
@@ -342,7 +349,7 @@ def load_checkpoint(engine, ema: EMA, checkpoint_dir: Path, tag: str,
             f"follow that layout: resume it with --ep-size {saved}, or start a new run from its weights "
             f"with --init-from {checkpoint_dir / tag} --ep-size {current}."
         )
-    written_by, world_size = len(list((checkpoint_dir / tag).glob("rng_rank*.pt"))), dist.get_world_size()
+    written_by, world_size = layout.rng_file_count(checkpoint_dir / tag), dist.get_world_size()
     if written_by and written_by != world_size and engine.zero_optimization_stage() > 0:
         raise ValueError(
             f"Checkpoint {checkpoint_dir / tag} was written by {written_by} process(es) and this run has {world_size}: "
@@ -355,13 +362,13 @@ def load_checkpoint(engine, ema: EMA, checkpoint_dir: Path, tag: str,
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir / tag}.")
     if ep is not None:
-        shard = load_file(str(checkpoint_dir / tag / EXPERT_SHARD.format(rank=ep.rank)))
+        shard = load_file(str(layout.expert_shard(checkpoint_dir / tag, ep.rank)))
         with torch.no_grad():
             for name, param in engine.module.named_parameters():
                 if is_moe_param(param):
                     param.copy_(shard[name])
-    ema.load_full_state_dict(load_file(str(checkpoint_dir / tag / EMA_FILE)))
-    rng_file = checkpoint_dir / tag / f"rng_rank{dist.get_rank()}.pt"
+    ema.load_full_state_dict(load_file(str(checkpoint_dir / tag / layout.EMA_FILE)))
+    rng_file = layout.rng_file(checkpoint_dir / tag, dist.get_rank())
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state
@@ -372,26 +379,18 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     or none: a single process). The global rank is RANK, never LOCAL_RANK."""
     from deepspeed.accelerator import get_accelerator
 
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+    launch = LaunchEnv.from_environ()
+    os.environ.setdefault("RANK", str(launch.rank))
+    os.environ.setdefault("LOCAL_RANK", str(launch.local_rank))
+    os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500")
+    os.environ.setdefault("MASTER_PORT", str(free_port()) if launch.world_size == 1 else "29500")
     accelerator = get_accelerator()
     backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    rank, local_rank = dist.get_rank(), int(os.environ["LOCAL_RANK"])
     if accelerator.device_name() == "cpu":
         device = torch.device("cpu")
     else:
-        accelerator.set_device(local_rank)
-        device = torch.device(accelerator.device_name(local_rank))
-    return rank, local_rank, dist.get_world_size(), device
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        accelerator.set_device(launch.local_rank)
+        device = torch.device(accelerator.device_name(launch.local_rank))
+    return dist.get_rank(), launch.local_rank, dist.get_world_size(), device

@@ -1,15 +1,92 @@
-"""Training metrics: JSON lines, TensorBoard and a loss-curve PNG, written by rank 0."""
+"""Training metrics: what accumulates on device between log steps, and its record written by rank 0
+as JSON lines, TensorBoard scalars and a loss-curve PNG."""
 
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
 import matplotlib
+import torch
+import torch.distributed as dist
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ..models.moe import moe_load_stats  # noqa: E402
+from ..parallel import AllToAllStats, ExpertParallel  # noqa: E402
+
+
+class LoadTracker:
+    """Routed tokens per expert of every MoE layer (`moe_load_stats`), summed on device between log steps."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model = model
+        counts = self._counts()
+        self.total = torch.zeros_like(counts, device=device) if counts is not None else None
+
+    def _counts(self) -> Optional[torch.Tensor]:
+        """[layer, expert] token counts of the last forward; None for a dense model."""
+        stats = moe_load_stats(self.model)
+        return torch.stack([s["tokens_per_expert"] for s in stats.values()]) if stats else None
+
+    def add(self) -> None:
+        if self.total is not None:
+            self.total += self._counts()
+
+    def reduced(self) -> Optional[torch.Tensor]:
+        """The window's counts summed over ranks (a collective)."""
+        if self.total is None:
+            return None
+        load = self.total.clone()
+        dist.all_reduce(load)
+        return load
+
+    @staticmethod
+    def summary(reduced: Optional[torch.Tensor]) -> dict[str, float]:
+        """Per layer max/mean load and coefficient of variation, averaged (and the worst layer's max/mean)."""
+        if reduced is None:
+            return {}
+        ratio = reduced.max(dim=1).values / reduced.mean(dim=1).clamp_min(1e-9)
+        cv = reduced.std(dim=1, unbiased=False) / reduced.mean(dim=1).clamp_min(1e-9)
+        return {"expert_load_max_over_mean": ratio.mean().item(), "expert_load_max_over_mean_worst": ratio.max().item(),
+                "expert_load_cv": cv.mean().item()}
+
+
+class Window:
+    """What accumulates on device between two log steps: loss sums by name, expert loads, steps, time."""
+
+    def __init__(self, loads: LoadTracker):
+        self.loads = loads
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.start = time.perf_counter()
+        if self.loads.total is not None:
+            self.loads.total.zero_()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        """One micro-batch's losses (and the expert loads of its forward); no host sync."""
+        self.loads.add()
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
+
+
+def expert_parallel_record(ep: ExpertParallel, steps: int, device: torch.device) -> dict[str, list[float]]:
+    """Every rank's all-to-all traffic and time per optimizer step since the last log (a collective)."""
+    local = ep.take_stats().as_tensor().to(device)
+    per_rank = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(per_rank, local)
+    table = (torch.stack(per_rank) / steps).T.tolist()  # host sync: logging; [rank, stat] -> [stat][rank]
+    return {f"ep_{f.name}": values for f, values in zip(fields(AllToAllStats), table)}
 
 
 class MetricsWriter:

@@ -1,0 +1,38 @@
+"""What a run trains, built from its TrainConfig: the model config (from --init-from's file or the
+preset and flags) and the model with its starting weights."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..checkpoint import CheckpointContents, infer_config
+from ..models import DiT, DiTConfig
+from .config import TRAINING_FIELDS, TrainConfig
+
+
+def build_model_config(cfg: TrainConfig, input_channels: int, input_size: int, num_classes: int,
+                       init: Optional[CheckpointContents] = None) -> DiTConfig:
+    """The DiTConfig for this run: the --init-from file's architecture (`init`, read once by the
+    caller) with this run's training options, else the preset + flags."""
+    if init is None:
+        return cfg.model.architecture(input_size, input_channels, num_classes)
+    base = init.model_config or infer_config(init.state_dict)
+    config = base.replace(**{name: getattr(cfg.model, name) for name in TRAINING_FIELDS})
+    got = (config.in_channels, config.input_size, config.num_classes)
+    if got != (input_channels, input_size, num_classes):
+        raise ValueError(
+            f"--init-from {cfg.model.init_from} is a model for (channels, size, classes) = {got}, but the data gives "
+            f"{(input_channels, input_size, num_classes)}; use matching --image-size / --num-classes / --vae-path."
+        )
+    return config
+
+
+def build_model(cfg: TrainConfig, config: DiTConfig, init: Optional[CheckpointContents] = None) -> DiT:
+    """Same weights on every rank (ZeRO-3 partitions each rank's own copy), from --init-from (`init`) if given."""
+    torch.manual_seed(cfg.run.seed)
+    model = DiT(config)
+    if init is not None:
+        model.load_state_dict(init.state_dict)
+    return model
