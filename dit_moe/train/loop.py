@@ -237,7 +237,7 @@ def finish(run: Run, total_steps: int) -> Optional[Path]:
         config = run.model_config
         plot_loss_curve(run.results_dir / "metrics.jsonl", run.results_dir / "loss_curve.png",
                         title=f"{run.cfg.model.model} {config.moe_shape} "
-                              f"({config.objective})")
+                              f"({run.objective_config.objective})")
         if path is not None:
             log.info("Exported %s", path)
     dist.barrier()
