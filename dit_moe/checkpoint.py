@@ -30,6 +30,8 @@ from . import checkpoint_layout as layout
 from .atomic import atomic_path
 from .diffusion import ObjectiveConfig
 from .models import MODEL_SIZES, DiT, DiTConfig
+from .models.attention import flash_layout_keys
+from .models.experts import unstack_expert_state_dict
 
 EXPORT_FORMAT = "dit-moe-export"
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
@@ -349,6 +351,13 @@ def load_checkpoint_model(
         source = "evidence" if objective is not None else None
     return LoadedModel(model.to(device).eval(), objective, source, "stored" if stored is not None else "inferred",
                        evidence)
+
+
+def dit_moe_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of ours in feizc/DiT-MoE's key layout, for its own scripts: per-expert
+    `moe.experts.K.*` modules, and for QK-norm blocks the flash-attention names (`attn.Wqkv`,
+    `attn.out_proj`) of its train_deepspeed.py. `load_model` reads it back (remapped at load)."""
+    return flash_layout_keys(unstack_expert_state_dict(state_dict))
 
 
 def save_export(

@@ -264,7 +264,7 @@ def upcycle_checkpoint(
 ) -> tuple[DiTConfig, DiTConfig, Path]:
     """Upcycle the dense checkpoint at `src_path` (EMA weights when it has them) into an export at `out_path`.
 
-    Reads every format `read_checkpoint` reads (official DiT state dict, train.py dict, our
+    Reads every format `read_checkpoint_file` reads (official DiT state dict, train.py dict, our
     exports, DeepSpeed dirs); the architecture comes from the file's stored config or its
     tensor shapes. `model`, `image_size` (pixels; input size = image_size // 8 for a
     4-channel latent model, image_size otherwise), `input_size` and `num_classes` are

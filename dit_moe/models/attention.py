@@ -72,3 +72,19 @@ def _rename_flash_keys(state_dict, prefix, *_args) -> None:
         for old, new in _FLASH_RENAMES.items():
             if suffix.startswith(old):
                 state_dict[prefix + new + suffix[len(old):]] = state_dict.pop(key)
+
+
+def flash_layout_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of the load-time rename: QK-norm attention keys (`attn.qkv`, `attn.proj`) under
+    DiT-MoE's flash-attention names (`attn.Wqkv`, `attn.out_proj`) for blocks that have `attn.q_norm`."""
+    flash_blocks = {key[: -len("q_norm.weight")] for key in state_dict if key.endswith("attn.q_norm.weight")}
+    out = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in flash_blocks if key.startswith(p)), None)
+        if prefix is not None:
+            suffix = key[len(prefix):]
+            for new, old in _FLASH_RENAMES.items():
+                if suffix.startswith(old):
+                    key = prefix + new + suffix[len(old):]
+        out[key] = value
+    return out

@@ -78,7 +78,7 @@ class DiTConfig:
     class_dropout_prob: float = 0.1           # label dropout for classifier-free guidance
     num_classes: int = 1000
     learn_sigma: bool = True                  # output 2 * in_channels (epsilon and variance)
-    qk_norm: bool = False                     # LayerNorm over the head dim on q and k (DiT-MoE XL/G)
+    qk_norm: bool = False                     # LayerNorm over the head dim on q and k (DiT-MoE's flash block)
     qk_norm_eps: float = 1e-6                 # epsilon of the q/k LayerNorms (DiT-MoE's flash block: 1e-6)
     attn_backend: str = "sdpa"                # "sdpa" | "flash" (flash-attn package) | "math"
     grad_checkpointing: bool = False          # recompute each block in backward (saves activation memory)

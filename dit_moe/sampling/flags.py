@@ -55,7 +55,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_objective_flags(parser: argparse.ArgumentParser) -> None:
-    parser.set_defaults(objective=None, objective_flag="--objective")
+    parser.set_defaults(objective=None, objective_flag="--rf")
     parser.add_argument(*flag("rf"), action=_ObjectiveAction, type=_rf_objective, nargs="?", const="flow",
                         metavar="BOOL", help="True: rectified-flow model; must agree with a checkpoint that records its objective")
     parser.add_argument(*flag("objective"), action=_ObjectiveAction, choices=["iddpm", "flow"],

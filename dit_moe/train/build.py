@@ -7,7 +7,8 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint import CheckpointContents, infer_config
+from ..checkpoint import CheckpointContents, infer_config, objective_evidence
+from ..diffusion import ObjectiveConfig
 from ..models import DiT, DiTConfig
 from .config import TRAINING_FIELDS, TrainConfig
 
@@ -18,6 +19,8 @@ def build_model_config(cfg: TrainConfig, input_channels: int, input_size: int, n
     caller) with this run's training options, else the preset + flags."""
     if init is None:
         return cfg.model.architecture(input_size, input_channels, num_classes)
+    if not cfg.model.allow_objective_change:
+        check_init_objective(cfg, init)
     base = init.model_config or infer_config(init.state_dict)
     config = base.replace(**{name: getattr(cfg.model, name) for name in TRAINING_FIELDS})
     got = (config.in_channels, config.input_size, config.num_classes)
@@ -27,6 +30,35 @@ def build_model_config(cfg: TrainConfig, input_channels: int, input_size: int, n
             f"{(input_channels, input_size, num_classes)}; use matching --image-size / --num-classes / --vae-path."
         )
     return config
+
+
+def check_init_objective(cfg: TrainConfig, init: CheckpointContents) -> None:
+    """Fine-tuning must continue the objective the file was trained with (recorded, or shown by its
+    keys: `objective_evidence`); another objective or time scale stops, unless asked for on purpose."""
+    trained, source = init.objective, "recorded in the file"
+    if trained is None:
+        trained, evidence = objective_evidence(init.state_dict)
+        source = f"judged from {evidence}"
+    if trained is None:
+        return
+    run = cfg.objective
+    keys = ("objective", "flow_t_scale") if trained.objective == "flow" else ("objective",)
+    if init.objective_source == "stored" and trained.objective == "iddpm":
+        keys += ("noise_schedule", "diffusion_steps")
+    changed = [key for key in keys if getattr(trained, key) != getattr(run, key)]
+    if changed:
+        was = ", ".join(f"{key} {getattr(trained, key)}" for key in changed)
+        now = ", ".join(f"--{key.replace('_', '-')} {getattr(run, key)}" for key in changed)
+        raise ValueError(
+            f"--init-from {cfg.model.init_from} was trained with {was} ({source}), but this run has {now}; "
+            f"pass the file's values (e.g. {_flags_for(trained, changed)}), or --allow-objective-change True "
+            "to fine-tune it into another objective on purpose."
+        )
+
+
+def _flags_for(trained: ObjectiveConfig, keys: list[str]) -> str:
+    flags = {"objective": f"--rf {trained.objective == 'flow'}"}
+    return " ".join(flags.get(key, f"--{key.replace('_', '-')} {getattr(trained, key)}") for key in keys)
 
 
 def build_model(cfg: TrainConfig, config: DiTConfig, init: Optional[CheckpointContents] = None) -> DiT:

@@ -33,6 +33,9 @@ PRESET_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads")
 DATA_FIELDS = ("input_size", "in_channels", "num_classes")
 # The trainer builds DiT-MoE's 8-expert model unless told otherwise (--num-experts 0: dense DiT).
 TRAINER_DEFAULTS = {"num_experts": 8}
+# Fields whose trainer default depends on the model (None until `ModelChoice.architecture` decides), with
+# the rule for --help. DiT-MoE's train_deepspeed.py builds its QK-norm flash block for every size; DiT has none.
+AUTO_FIELDS = {"qk_norm": "default: on for MoE models (DiT-MoE's train_deepspeed.py), off for dense DiT"}
 # Model options that change training, not weights: an --init-from run takes them from the flags.
 TRAINING_FIELDS = ("grad_checkpointing", "attn_backend", "grouped_gemm", "aux_loss_coef", "aux_loss_per_sample",
                    "z_loss_coef", "capacity_factor", "class_dropout_prob")
@@ -47,6 +50,7 @@ class ModelChoice:
     # MaskDiT: encoder on 1 - mask_ratio of the patches, a dense decoder over all of them.
     mask_ratio: float = 0.0                   # 0: no masking (MaskDiT trains at 0.5, fine-tunes at 0)
     mae_loss_coef: float = 0.1                # weight of the MAE term on masked patches
+    allow_objective_change: bool = False      # --init-from: train another objective than the file records
 
     def __post_init__(self) -> None:
         if self.model not in DiT_models:
@@ -59,6 +63,8 @@ class ModelChoice:
         """The DiTConfig of the --model preset with this section's fields, for the data's shape."""
         overrides = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
         overrides = {k: v for k, v in overrides.items() if not (k in PRESET_FIELDS and v is None)}
+        if overrides["qk_norm"] is None:
+            overrides["qk_norm"] = bool(overrides["num_experts"])
         return preset_config(self.model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
                              **overrides)
 
@@ -71,7 +77,7 @@ def _architecture_fields() -> list[tuple[str, Any, Any]]:
         for f in dataclasses.fields(cls):
             if f.name in DATA_FIELDS or f.name == "moe":
                 continue
-            if f.name in PRESET_FIELDS:
+            if f.name in PRESET_FIELDS or f.name in AUTO_FIELDS:
                 generated.append((f.name, Optional[hints[f.name]], field(default=None)))
             else:
                 generated.append((f.name, hints[f.name], field(default=TRAINER_DEFAULTS.get(f.name, f.default))))
@@ -171,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         group = parser.add_argument_group(section)
         hints = typing.get_type_hints(cls)
         comments = {k: v for source in FIELD_SOURCES[section] for k, v in field_comments(source).items()}
+        if section == "model":
+            comments.update({k: f"{comments.get(k, '')}; {rule}" for k, rule in AUTO_FIELDS.items()})
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else None
             group.add_argument(
