@@ -90,16 +90,20 @@ class DataConfig:
         return self.dataset in ("digits", "folder") and not self.pixel_space
 
     def check(self) -> None:
-        """Check the paths this config names (call once at trainer start-up); raises one clear sentence."""
+        """Check the paths this config names (call once at trainer start-up); raises one clear sentence.
+
+        Extracted features are checked file by file, headers and sizes only (see `dit_moe.data.integrity`
+        for the policy): a damaged shard or `.npy` file stops the run here, before the process group starts.
+        """
         from dit_moe.data.folder import find_classes
-        from dit_moe.data.npy_features import find_feature_dirs
+        from dit_moe.data.npy_features import NpyFeatureDataset
         from dit_moe.data.shards import Manifest
 
         if self.dataset == "folder":
             find_classes(self.data_path)
         if self.dataset == "latents":
-            Manifest.load(self.features_path).check_complete(self.features_path)
+            Manifest.load(self.features_path).check_shards(self.features_path)
         if self.dataset == "npy":
-            find_feature_dirs(self.features_path)
+            NpyFeatureDataset(self.features_path).check()
         if not self.pixel_space:
             check_vae_path(self.vae_path)

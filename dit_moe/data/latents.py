@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dit_moe.data.shards import Manifest, decode_sample, read_shard
+from dit_moe.data.shards import Manifest
 
 
 def check_enough_shards(num_shards: int, world_size: int, num_workers: int, features_path: str) -> None:
@@ -85,7 +85,8 @@ class LatentShardStream(IterableDataset):
     def _raw_epoch(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
         """This slot's raw samples of `epoch`, after the shuffle buffer."""
         rng = np.random.default_rng([self.seed, epoch, slot, slots])
-        raw = itertools.chain.from_iterable(read_shard(self.paths[s]) for s in self.slot_shards(epoch, slot, slots))
+        raw = itertools.chain.from_iterable(self.manifest.shard_samples(self.paths[s], s)
+                                            for s in self.slot_shards(epoch, slot, slots))
         buffer: List[dict] = []
         for sample in raw:
             if len(buffer) < self.shuffle_buffer:
@@ -98,7 +99,7 @@ class LatentShardStream(IterableDataset):
             yield buffer[j]
 
     def _decode(self, raw: dict, epoch: int) -> Tuple[torch.Tensor, int, int]:
-        index, mean, std, label = decode_sample(raw)
+        index, mean, std, label = self.manifest.decode(raw)
         rng = np.random.default_rng([self.seed, epoch, index])
         view = int(self.random_flip and rng.random() < 0.5)  # 0: plain, 1: flipped
         latent = mean[view].astype(np.float32)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from dit_moe.data.config import DataConfig
 from dit_moe.data.digits import NUM_DIGIT_CLASSES, DigitsDataset
 from dit_moe.data.folder import ImageFolderDataset
+from dit_moe.data.integrity import DataIntegrityError, without_worker_traceback
 from dit_moe.data.latents import LatentShardStream, check_enough_shards, worker_batches_before
 from dit_moe.data.npy_features import NpyFeatureDataset
 from dit_moe.data.shards import Manifest
@@ -89,6 +90,14 @@ class TrainLoader:
     def __iter__(self) -> "TrainLoader":
         return self
 
+    @staticmethod
+    def _next_of(batches: Iterator):
+        """`next(batches)` of a DataLoader iterator; a damaged file a worker hit surfaces as its one sentence."""
+        try:
+            return next(batches)
+        except DataIntegrityError as err:
+            raise without_worker_traceback(err) from None
+
     def _check_state(self, state: Dict[str, Any], keys) -> None:
         ours = self.state_dict()
         differ = [f"{k}={state.get(k)!r} (now {ours[k]!r})" for k in keys if state.get(k) != ours[k]]
@@ -137,7 +146,7 @@ class MapTrainLoader(TrainLoader):
             if self._batches is None:
                 self._batches = self._start_epoch()
             try:
-                x, y = next(self._batches)
+                x, y = self._next_of(self._batches)
             except StopIteration:
                 self.epoch, self.batch, self._batches = self.epoch + 1, 0, None
                 continue
@@ -180,7 +189,7 @@ class ShardTrainLoader(TrainLoader):
             self.stream.start_batch, self.stream.batch_size = self.batches, self.micro_batch_size
             self._batches = iter(DataLoader(self.stream, batch_size=self.micro_batch_size,
                                             num_workers=self.num_workers))
-        x, y, _ = next(self._batches)
+        x, y, _ = self._next_of(self._batches)
         self.batches += 1
         return x, y.long()
 
