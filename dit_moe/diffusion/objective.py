@@ -224,7 +224,7 @@ def build_objective(name: str, gather: Gather | None = None, **options) -> Objec
     """An objective by name with its options (and ``gather``, see ``Objective``).
 
     iddpm: noise_schedule ("linear"), learn_sigma (True), diffusion_steps (1000),
-        timestep_sampler ("uniform" | "speedit" | "loss-second-moment"), and DiT's
+        timestep_sampler ("uniform" | "speedit" | "speed" | "loss-second-moment"), and DiT's
         sigma_small, predict_xstart, rescale_learned_sigmas, use_kl.
     flow: learn_sigma (True), t_scale (1.0), timestep_sampler ("logit-normal" | "uniform").
     """
