@@ -80,7 +80,8 @@ def dit_checkpoint_name(model: str, image_size: int) -> str:
 
 
 def resolve_checkpoint(name: str | os.PathLike) -> str:
-    """A local path as it is; a DiT or DiT-MoE release name as the path of its cached (downloaded) file."""
+    """A local path as it is; a DiT release name as DiT's `pretrained_models/NAME` when that exists, else
+    its torch-hub cache file; a DiT-MoE release name as its HF cache file (each fetched when absent)."""
     text = os.fspath(name)
     if os.path.exists(text):
         return text
