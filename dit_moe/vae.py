@@ -1,5 +1,7 @@
 """Image <-> model-input codecs: a diffusers `AutoencoderKL` from a local folder, or pixels.
 
+Named VAEs (DiT's `--vae ema|mse`, hub ids) are fetched into a local folder by dit_moe.hub first.
+
 The trainer builds the model for `codec.latent_channels` x `codec.latent_size(image_size)`
 inputs and calls `codec.encode(images)` on each batch when the data are images; sampling
 calls `codec.decode(latents)`. Latents are the VAE's sample (or mean) multiplied by
@@ -12,7 +14,6 @@ Pixel space (`vae_path="none"`) is the identity codec: the model trains on image
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Tuple
@@ -35,8 +36,9 @@ def check_vae_path(vae_path: str) -> str:
     if not os.path.isfile(config_file):
         raise FileNotFoundError(
             f"VAE folder {vae_path!r} does not exist or has no config.json: point --vae-path at a "
-            f"diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors, e.g. "
-            f"a local copy of stabilityai/sd-vae-ft-mse), or pass --vae-path none to train on pixels."
+            f"diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors), name one "
+            f"on the Hugging Face Hub (--vae-path mse, or stabilityai/sd-vae-ft-mse), or pass --vae-path none "
+            f"to train on pixels."
         )
     return config_file
 
@@ -136,12 +138,3 @@ def load_codec(vae_path: str | None, scale_factor: float = SD_VAE_SCALE_FACTOR, 
         return PixelCodec(channels)
     return LatentCodec.from_pretrained(vae_path, scale_factor)
 
-
-def dit_vae_flag(text: str) -> str:
-    """DiT's `--vae ema|mse` downloads stabilityai/sd-vae-ft-<name>; here VAEs come from local folders."""
-    if text in ("ema", "mse"):
-        raise argparse.ArgumentTypeError(
-            f"DiT's --vae {text} downloads stabilityai/sd-vae-ft-{text}; nothing is downloaded here: fetch it once "
-            f"(e.g. huggingface-cli download stabilityai/sd-vae-ft-{text} --local-dir DIR) and pass --vae-path DIR"
-        )
-    return text

@@ -155,10 +155,13 @@ def test_default_labels_and_grid_layout():
     assert (big[1:7, 1:10] == 10).all() and (big[1:7, 11:20] == 20).all() and not big[:, 10].any()
 
 
-def test_dit_vae_flag_takes_none_and_explains_that_nothing_is_downloaded(ckpts, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["--ckpt", str(ckpts["latent"]), "--vae", "ema", "--out", str(tmp_path / "g.png")])
-    assert "nothing is downloaded here" in capsys.readouterr().err
+def test_dit_vae_flag_takes_none_and_says_what_to_fetch_offline(ckpts, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # empty cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = _run(capsys, "--ckpt", ckpts["latent"], "--vae", "ema", "--out", tmp_path / "g.png")
+    assert code == 2 and "stabilityai/sd-vae-ft-ema" in err and "pass --vae-path DIR" in err
     assert main(["--ckpt", str(ckpts["iddpm"]), "--vae", "none", "--num-sampling-steps", "2",
                  "--out", str(tmp_path / "g.png")]) == 0
 

@@ -101,14 +101,6 @@ def test_fast_dit_feature_path_spelling_means_features_path(tmp_path):
     assert cfg.data.features_path == str(tmp_path) and cfg.data.dataset == "npy"
 
 
-def test_dit_vae_flag_takes_none_or_a_folder_and_explains_ema_mse(capsys):
-    assert load_config(["--vae", "none"]).data.vae_path == "none"
-    assert load_config(["--vae", "/models/vae", "--data-path", "/d"]).data.vae_path == "/models/vae"
-    with pytest.raises(SystemExit):
-        load_config(["--vae", "mse", "--data-path", "/d"])
-    assert "nothing is downloaded here" in capsys.readouterr().err
-
-
 def test_every_model_field_is_a_flag_and_reaches_the_config():
     cfg = load_config(DIGITS + ["--model", "DiT-T/2", "--mlp-ratio", "2", "--grouped-gemm", "off",
                                 "--qk_norm_eps", "1e-6", "--num-experts", "4", "--hidden-size", "64"])

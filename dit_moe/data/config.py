@@ -37,7 +37,7 @@ class DataConfig:
     dataset: str = "auto"
     data_path: Optional[str] = None           # image folder ("folder")
     features_path: Optional[str] = None       # shards ("latents") / fast-DiT folder ("npy"); defaults to data_path
-    vae_path: Optional[str] = None            # local AutoencoderKL folder, or "none" for pixel space
+    vae_path: Optional[str] = None            # AutoencoderKL folder, ema|mse or a hub id (fetched), "none": pixels
     image_size: Optional[int] = None          # None: 32 for digits, 256 otherwise
     channels: int = 3                         # digits / pixel-space images: 1 (grey) or 3
     num_classes: Optional[int] = None         # None: inferred from the data (required for "npy")

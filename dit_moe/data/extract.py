@@ -28,6 +28,7 @@ from dit_moe.cli import LaunchEnv, default_device, flag, run_main
 from dit_moe.data.folder import ImageFolderDataset
 from dit_moe.data.shards import Manifest, shard_name, write_shard
 from dit_moe.data.transforms import hflip
+from dit_moe.hub import resolve_vae
 from dit_moe.vae import SD_VAE_SCALE_FACTOR, is_pixel_space, load_codec
 
 
@@ -122,7 +123,8 @@ def parse_args(argv=None) -> ExtractConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(*flag("data-path"), required=True, help="image folder, one sub-folder per class")
     parser.add_argument(*flag("vae-path"), required=True,
-                        help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-mse), or 'none' for pixels")
+                        help="diffusers AutoencoderKL folder, DiT's ema|mse or a Hugging Face id (fetched once "
+                             "into its cache), or 'none' for pixels")
     parser.add_argument(*flag("features-path"), *flag("feature-path"), dest="features_path", required=True,
                         help="output folder for the shards and manifest.json")
     parser.add_argument(*flag("image-size"), type=int, default=256)
@@ -131,7 +133,7 @@ def parse_args(argv=None) -> ExtractConfig:
     parser.add_argument(*flag("num-workers"), type=int, default=4)
     parser.add_argument(*flag("vae-scale-factor"), type=float, default=SD_VAE_SCALE_FACTOR)
     args = parser.parse_args(argv)
-    return ExtractConfig(args.data_path, args.vae_path, args.features_path, args.image_size, args.shard_size,
+    return ExtractConfig(args.data_path, resolve_vae(args.vae_path), args.features_path, args.image_size, args.shard_size,
                          args.batch_size, args.num_workers, args.vae_scale_factor)
 
 

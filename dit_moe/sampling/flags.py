@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 
 from ..cli import DTYPES, flag, parse_bool
+from ..hub import dit_checkpoint_name
 from ..models import DiT_models
-from ..vae import dit_vae_flag
 from .images import SamplingOptions
 from .prepare import SamplingRequest
 
+# DiT's sample.py without --ckpt: its released DiT-XL/2 at 256 px, sd-vae-ft-mse, guidance 4.0
+# (its 250 DDPM steps, seed 0 and eight ImageNet classes are the defaults here anyway).
+DIT_ZERO_SETUP = dict(model="DiT-XL/2", image_size=256, vae="mse", cfg_scale=4.0)
 SAMPLERS = ("ddpm", "ddim", "euler", "heun")
 
 
@@ -32,15 +35,18 @@ def _rf_objective(text: str) -> str:
     return "flow" if parse_bool(text) else "iddpm"
 
 
-def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    """The checkpoint, codec, objective, sampler, guidance, precision and device flags."""
-    parser.add_argument(*flag("ckpt"), required=True,
-                        help="official DiT .pt, feizc/DiT-MoE .pt, dit-moe export or DeepSpeed checkpoint directory")
-    parser.add_argument(*flag("vae-path"), default=None,
-                        help="diffusers AutoencoderKL folder, or 'none' for pixel space "
+def add_sampling_flags(parser: argparse.ArgumentParser, zero_setup: bool = False) -> None:
+    """The checkpoint, codec, objective, sampler, guidance, precision and device flags; with
+    `zero_setup`, --ckpt may be left out and means DiT's released model (`DIT_ZERO_SETUP`)."""
+    zero_help = (" (default: DiT's released DiT-XL-2-{size}x{size}.pt for --image-size 256|512, downloaded "
+                 "once, with --vae mse and --cfg-scale 4.0 as DiT's sample.py)") if zero_setup else ""
+    parser.add_argument(*flag("ckpt"), required=not zero_setup, default=None,
+                        help="official DiT .pt, feizc/DiT-MoE .pt, dit-moe export or DeepSpeed checkpoint directory, "
+                             f"or a release name (DiT-XL-2-256x256.pt, dit_moe_xl_8E2A.pt, ...){zero_help}")
+    parser.add_argument(*flag("vae-path"), "--vae", dest="vae_path", default=None,
+                        help="diffusers AutoencoderKL folder, DiT's ema|mse (stabilityai/sd-vae-ft-ema|mse) or a "
+                             "Hugging Face id (fetched once into its cache), or 'none' for pixel space "
                              "(default: none for 1/3-channel models)")
-    parser.add_argument("--vae", dest="vae_path", type=dit_vae_flag, default=argparse.SUPPRESS,
-                        help="DiT's flag: 'none' or a local AutoencoderKL folder (ema/mse would download: use --vae-path)")
     parser.add_argument(*flag("model"), choices=sorted(DiT_models), metavar="NAME", default=None,
                         help="for DiT's command line: must match the checkpoint's architecture when given")
     parser.add_argument(*flag("image-size"), type=int, default=None, help="pixels; checked against the checkpoint and VAE")
@@ -65,8 +71,8 @@ def _add_objective_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(*flag("num-sampling-steps"), type=int, default=None, help="default: 250 (IDDPM), 50 (flow)")
     parser.add_argument(*flag("cfg-scale"), type=float, default=None,
                         help="classifier-free guidance; 1 disables it. Default: 7.0 for a DiT-MoE rectified-flow "
-                             "file (its sample.py applies 7.0 to them whatever --cfg-scale says), else 1.5 "
-                             "(DiT-MoE's README command; DiT's sample.py uses 4.0)")
+                             "file (its sample.py applies 7.0 to them whatever --cfg-scale says), 4.0 (DiT's) when "
+                             "sample.py is given no --ckpt, else 1.5 (DiT-MoE's README command)")
     parser.add_argument(*flag("cfg-channels"), type=int, default=None,
                         help="guided prediction channels (default all; 3 = DiT's forward_with_cfg)")
     parser.add_argument(*flag("noise-schedule"), choices=["linear", "cosine"], default=None,
@@ -77,13 +83,19 @@ def _add_objective_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def request_from_args(args: argparse.Namespace) -> SamplingRequest:
-    """The request parsed flags describe (`add_sampling_flags`)."""
+    """The request parsed flags describe (`add_sampling_flags`); no --ckpt is DiT's zero-setup line."""
+    ckpt, vae_path, cfg_scale = args.ckpt, args.vae_path, args.cfg_scale
+    if ckpt is None:
+        model, size = args.model or DIT_ZERO_SETUP["model"], args.image_size or DIT_ZERO_SETUP["image_size"]
+        ckpt = dit_checkpoint_name(model, size)
+        vae_path = DIT_ZERO_SETUP["vae"] if vae_path is None else vae_path
+        cfg_scale = DIT_ZERO_SETUP["cfg_scale"] if cfg_scale is None else cfg_scale
     options = SamplingOptions(
-        sampler=args.sampler, num_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
-        cfg_channels=args.cfg_channels,
+        sampler=args.sampler, num_steps=args.num_sampling_steps,
+        cfg_scale=cfg_scale, cfg_channels=args.cfg_channels,
     )
     return SamplingRequest(
-        args.ckpt, vae_path=args.vae_path, options=options, objective=args.objective,
+        ckpt, vae_path=vae_path, options=options, objective=args.objective,
         objective_flag=args.objective_flag, noise_schedule=args.noise_schedule, diffusion_steps=args.diffusion_steps, num_experts_per_tok=args.num_experts_per_tok, model_name=args.model,
         num_classes=args.num_classes, image_size=args.image_size, dtype=args.dtype, device=args.device,
     )

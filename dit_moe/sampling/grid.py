@@ -1,12 +1,16 @@
 """Sample a PNG grid of chosen classes from any checkpoint `load_model` reads: the work behind `sample.py`.
 
     python sample.py --model DiT-XL/2 --ckpt FILE --vae-path DIR --image-size 256 --cfg-scale 1.5
+    python sample.py --image-size 512 --seed 1             # DiT's zero-setup line: its released DiT-XL/2
     python sample.py --ckpt results/run/checkpoints --class-labels 0,1,2,3 --sampler heun --out grid.png
     python -m dit_moe.sampling.grid ...                     # the same tool
 
 Loading, the objective and every check are the prepare step's (prepare.py); this tool adds:
 
 - `--cfg-scale` defaults to 1.5, the value of DiT-MoE's README command (DiT's sample.py uses 4.0).
+- Without `--ckpt` it does what DiT's sample.py does without one: DiT's released
+  `DiT-XL-2-{256|512}x{...}.pt` for `--image-size` (default 256), `--vae mse`, `--cfg-scale 4.0`,
+  fetched once into the standard caches (dit_moe.hub; flags.DIT_ZERO_SETUP).
 - Image i of the grid uses seed `--seed + i`, as the FID sampler's sample i does; an image does
   not depend on how many others are in the grid.
 - Without `--class-labels`: DiT's eight ImageNet classes for 1000-class models, else 0, 1, ...
@@ -129,7 +133,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_sampling_flags(parser)
+    add_sampling_flags(parser, zero_setup=True)
     parser.add_argument(*flag("out"), default="sample.png", help="PNG grid to write (default: sample.png)")
     parser.add_argument(*flag("class-labels"), type=parse_int_list, default=None,
                         help="e.g. 207,360,387 (default: DiT's eight for ImageNet models, else 0, 1, ... cycled)")

@@ -16,6 +16,9 @@ Choices this step makes for all of them:
   checkpoints); `--rf` / `--objective` must then agree, because sampling a rectified-flow
   model with DDPM gives NaNs (a known DiT-MoE trap). Files without a config (official DiT,
   feizc/DiT-MoE) are IDDPM models unless `--rf True` says they were trained with rectified flow.
+- A checkpoint or VAE given by name rather than path (DiT's `DiT-XL-2-256x256.pt`, DiT-MoE's
+  `dit_moe_xl_8E2A.pt`, `--vae mse`, a hub id) is fetched once into the standard caches
+  (dit_moe.hub); local paths are used as they are.
 - `--vae-path` left out means pixel space for 1- and 3-channel models; a latent model
   without it stops with an error rather than guessing a VAE.
 - `--dtype bf16|fp16` runs the model under CUDA autocast; on the CPU it stops with an
@@ -27,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -36,6 +39,7 @@ from torch import nn
 from ..checkpoint import LoadedModel, load_checkpoint_model
 from ..cli import DTYPES, LaunchEnv, UserError, default_device
 from ..diffusion import Objective, ObjectiveConfig
+from ..hub import resolve_checkpoint, resolve_vae
 from ..models import DiT, DiTConfig, preset_name
 from ..vae import PIXEL_SPACE, check_vae_path, is_pixel_space, load_codec
 from .images import SamplingOptions, build_sampling_objective, check_codec, sample_images
@@ -57,8 +61,8 @@ OBJECTIVE_WORDS = {  # name -> (how it was trained, how it is sampled), for mess
 class SamplingRequest:
     """What a sampling tool asks for; None leaves the choice to the checkpoint or the objective."""
 
-    ckpt: str | os.PathLike  # anything dit_moe.checkpoint.load_model reads
-    vae_path: Optional[str] = None  # AutoencoderKL folder or "none"; None: pixels for 1/3-channel models
+    ckpt: str | os.PathLike  # anything dit_moe.checkpoint.load_model reads, or a release name (dit_moe.hub)
+    vae_path: Optional[str] = None  # AutoencoderKL folder, ema/mse/hub id (dit_moe.hub), "none"; None: pixels if 1/3-ch
     options: SamplingOptions = field(default_factory=SamplingOptions)
     objective: Optional[str] = None  # "iddpm" | "flow" from --objective / --rf, for files without a config
     objective_flag: str = "--objective"  # the flag that set `objective` ("--objective" or "--rf"), for messages
@@ -137,10 +141,11 @@ class ResolvedObjective(NamedTuple):
 def prepare_sampling(request: SamplingRequest) -> PreparedSampler:
     """Load `request.ckpt` once and check the whole request against it; bad input raises one sentence."""
     device, dtype = _check_request(request)
+    request = replace(request, vae_path=resolve_vae(request.vae_path))  # names (mse, hub ids): cached folders
     vae_path = PIXEL_SPACE if request.vae_path is None else request.vae_path
     if not is_pixel_space(vae_path):
         check_vae_path(vae_path)  # before the (large) checkpoint is read
-    loaded = load_checkpoint_model(request.ckpt, request.num_experts_per_tok, device=device)
+    loaded = load_checkpoint_model(resolve_checkpoint(request.ckpt), request.num_experts_per_tok, device=device)
     config = loaded.model.config
     check_architecture(config, request.model_name, request.num_classes)
     resolved = resolve_objective(loaded, request)
@@ -277,7 +282,7 @@ def resolve_codec(vae_path: Optional[str], config: DiTConfig) -> nn.Module:
         given = "--vae-path none samples pixels" if vae_path is not None else "no --vae-path was given"
         raise UserError(
             f"This checkpoint generates {config.in_channels}-channel latents but {given}; pass --vae-path DIR "
-            "with the diffusers AutoencoderKL it was trained with (e.g. a local copy of stabilityai/sd-vae-ft-mse)."
+            "with the diffusers AutoencoderKL it was trained with, or its hub name (e.g. --vae-path mse, DiT's VAE)."
         )
     codec = load_codec(PIXEL_SPACE if vae_path is None else vae_path, channels=config.in_channels)
     check_codec(config, codec)

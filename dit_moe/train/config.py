@@ -25,7 +25,7 @@ from ..data import DataConfig
 from ..diffusion.config import ObjectiveConfig
 from ..models import DiT_models, DiTConfig, MoEArgs, preset_config
 from ..cli import flag, parse_bool, parse_optional_int_list
-from ..vae import dit_vae_flag
+from ..hub import resolve_vae
 
 
 # Architecture fields the --model preset sets (None: the preset's value) and those the data sets.
@@ -192,9 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     aliases.add_argument("--accum_iter", "--accum-iter", dest="run.grad_accum_steps", type=int,
                          default=argparse.SUPPRESS, help="gradient accumulation steps (DiT-MoE's name)")
     aliases.add_argument("--global-seed", "--global_seed", dest="run.seed", type=int, default=argparse.SUPPRESS)
-    aliases.add_argument("--vae", dest="data.vae_path", type=dit_vae_flag, default=argparse.SUPPRESS,
-                         help="DiT's flag: 'none' (pixel space) or a local AutoencoderKL folder; "
-                              "DiT's ema/mse names would download, so they ask for --vae-path")
+    aliases.add_argument("--vae", dest="data.vae_path", default=argparse.SUPPRESS,
+                         help="DiT's flag, the same as --vae-path: ema|mse (stabilityai/sd-vae-ft-ema|mse, fetched "
+                              "once into the Hugging Face cache), a hub id, a local AutoencoderKL folder or 'none'")
     aliases.add_argument("--feature-path", "--feature_path", dest="data.features_path", default=argparse.SUPPRESS,
                          help="fast-DiT's spelling of --features-path")
     aliases.add_argument("--rf", dest="rf", type=parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
@@ -282,6 +282,8 @@ def load_config(argv: Optional[list[str]] = None) -> TrainConfig:
             values[section][key] = value
     if "rf" in args:
         values["objective"]["objective"] = "flow" if args["rf"] else "iddpm"
+    if "vae_path" in values["data"]:  # a VAE named by DiT's ema/mse or a hub id: its cached folder
+        values["data"]["vae_path"] = resolve_vae(values["data"]["vae_path"])
     return TrainConfig(**{name: SECTIONS[name](**values[name]) for name in SECTIONS})
 
 
