@@ -8,7 +8,6 @@ and sample.py."""
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,7 +92,7 @@ def dit_moe_flow_samples(model, z, labels, null, steps, cfg=7.0):
     """rectified_flow.py sample_with_xps as sample.py calls it (cfg 7.0): t = i / N for i = N..1,
     separate conditional and unconditional forwards on the raw t, the first C (velocity) channels
     guided, x_{t - dt} = z - dt * v; the last returned image is the last z."""
-    n, c = z.shape[0], z.shape[1]
+    n = z.shape[0]
     dt = 1.0 / steps
     for i in range(steps, 0, -1):
         t = torch.full((n,), i / steps)
