@@ -22,12 +22,17 @@ from dit_moe.data.shards import Manifest, shard_name, write_shard
 
 def write_synthetic_shards(root: str, samples: int, shard_size: int, latent_shape: tuple) -> None:
     rng = np.random.default_rng(0)
-    manifest = Manifest(samples, shard_size, list(latent_shape), 1000, 8 * latent_shape[-1], "none", "synthetic", 0.18215)
+    manifest = Manifest(
+        samples, shard_size, list(latent_shape), 1000, 8 * latent_shape[-1], "none", "synthetic", 0.18215
+    )
     for shard in range(manifest.num_shards):
-        write_shard(os.path.join(root, shard_name(shard)), (
-            (i, rng.standard_normal((2, *latent_shape)), np.abs(rng.standard_normal((2, *latent_shape))), i % 1000)
-            for i in manifest.shard_range(shard)
-        ))
+        write_shard(
+            os.path.join(root, shard_name(shard)),
+            (
+                (i, rng.standard_normal((2, *latent_shape)), np.abs(rng.standard_normal((2, *latent_shape))), i % 1000)
+                for i in manifest.shard_range(shard)
+            ),
+        )
     manifest.save(root)
 
 
@@ -52,8 +57,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         write_synthetic_shards(root, args.samples, args.shard_size, shape)
         batches = args.samples // args.batch_size - 2
-        print(f"latent shards: {args.samples} samples of {shape} fp16 mean+std x2 views, "
-              f"{args.samples // args.shard_size} shards, batch {args.batch_size}, {os.cpu_count()} CPUs")
+        print(
+            f"latent shards: {args.samples} samples of {shape} fp16 mean+std x2 views, "
+            f"{args.samples // args.shard_size} shards, batch {args.batch_size}, {os.cpu_count()} CPUs"
+        )
         for workers in (0, 2):
             cfg = DataConfig("latents", features_path=root, image_size=8 * args.latent_size, num_workers=workers)
             print(f"  num_workers={workers}: {time_loader(cfg, args.batch_size, batches):,.0f} samples/s")

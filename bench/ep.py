@@ -40,12 +40,42 @@ def _port() -> int:
 
 
 def run(args: argparse.Namespace, ep_size: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
-           "train_deepspeed.py", "--deepspeed_config", f"config/{args.zero}.json", "--model", args.model,
-           "--num_experts", str(args.num_experts), "--num_experts_per_tok", "2", "--dataset", "digits",
-           "--image-size", str(args.image_size), "--global-batch-size", str(args.global_batch_size),
-           "--max-steps", str(args.steps), "--log-every", str(args.log_every), "--ckpt-every", str(10**9),
-           "--aux-loss-coef", "0", "--ep-size", str(ep_size), "--results-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(_port()),
+        "train_deepspeed.py",
+        "--deepspeed_config",
+        f"config/{args.zero}.json",
+        "--model",
+        args.model,
+        "--num_experts",
+        str(args.num_experts),
+        "--num_experts_per_tok",
+        "2",
+        "--dataset",
+        "digits",
+        "--image-size",
+        str(args.image_size),
+        "--global-batch-size",
+        str(args.global_batch_size),
+        "--max-steps",
+        str(args.steps),
+        "--log-every",
+        str(args.log_every),
+        "--ckpt-every",
+        str(10**9),
+        "--aux-loss-coef",
+        "0",
+        "--ep-size",
+        str(ep_size),
+        "--results-dir",
+        str(out),
+    ]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -57,8 +87,9 @@ def run(args: argparse.Namespace, ep_size: int, out: Path) -> dict:
         per_rank = [statistics.mean(r[key][i] for r in timed) for i in range(2)] if key in timed[0] else [0.0, 0.0]
         result[key] = per_rank
     with safe_open(str(out / "export.safetensors"), framework="pt") as f:
-        experts = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()
-                      if k.startswith("model.") and ".moe.experts." in k)
+        experts = sum(
+            math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("model.") and ".moe.experts." in k
+        )
     result["expert_params_per_rank"] = experts / ep_size
     return result
 
@@ -77,16 +108,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = {ep: run(args, ep, Path(tmp) / f"ep{ep}") for ep in (1, 2)}
     base = results[1]
-    print(f"{args.model}, {args.num_experts} experts top-2, image {args.image_size}, global batch "
-          f"{args.global_batch_size}, {args.zero}, 2 CPU ranks (gloo); means over steps after the first window")
-    print(f"{'':6} {'step time':>16} {'a2a bytes/step':>15} {'a2a time/step':>14} {'tokens sent/recv per rank':>28} "
-          f"{'expert params/rank':>24}")
+    print(
+        f"{args.model}, {args.num_experts} experts top-2, image {args.image_size}, global batch "
+        f"{args.global_batch_size}, {args.zero}, 2 CPU ranks (gloo); means over steps after the first window"
+    )
+    print(
+        f"{'':6} {'step time':>16} {'a2a bytes/step':>15} {'a2a time/step':>14} {'tokens sent/recv per rank':>28} "
+        f"{'expert params/rank':>24}"
+    )
     for ep, r in results.items():
         sent, recv = r["ep_tokens_sent"], r["ep_tokens_received"]
         tokens = f"r0 {sent[0]:.0f}/{recv[0]:.0f}, r1 {sent[1]:.0f}/{recv[1]:.0f}"
-        print(f"EP={ep:<3} {r['step_s'] * 1e3:8.1f} ms x{r['step_s'] / base['step_s']:4.2f} "
-              f"{statistics.mean(r['ep_bytes_sent']) / 1e6:12.3f} MB {statistics.mean(r['ep_all_to_all_s']) * 1e3:11.1f} ms "
-              f"{tokens:>28} {r['expert_params_per_rank'] / 1e6:12.3f} M x{r['expert_params_per_rank'] / base['expert_params_per_rank']:4.2f}")
+        print(
+            f"EP={ep:<3} {r['step_s'] * 1e3:8.1f} ms x{r['step_s'] / base['step_s']:4.2f} "
+            f"{statistics.mean(r['ep_bytes_sent']) / 1e6:12.3f} MB {statistics.mean(r['ep_all_to_all_s']) * 1e3:11.1f} ms "
+            f"{tokens:>28} {r['expert_params_per_rank'] / 1e6:12.3f} M x{r['expert_params_per_rank'] / base['expert_params_per_rank']:4.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -102,7 +102,9 @@ def fwd_bwd_seconds(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> f
     return time.perf_counter() - start
 
 
-def time_round_robin(modules: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, repeats: int) -> dict[str, float]:
+def time_round_robin(
+    modules: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, repeats: int
+) -> dict[str, float]:
     """Median seconds per module; the modules take turns so that a load change on a shared
     machine hits all of them alike and the ratios stay meaningful."""
     times: dict[str, list[float]] = {key: [] for key in modules}
@@ -147,8 +149,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"device: {name}; torch {torch.__version__}; {args.tokens} tokens, {args.dtype}, median of {args.repeats};"
-          f" load average before: {os.getloadavg()[0]:.2f}")
+    print(
+        f"device: {name}; torch {torch.__version__}; {args.tokens} tokens, {args.dtype}, median of {args.repeats};"
+        f" load average before: {os.getloadavg()[0]:.2f}"
+    )
     for label, hidden in (("DiT-MoE-S", 384), ("DiT-MoE-B", 768)):
         moe_args = MoEArgs(num_experts=8, num_experts_per_tok=2, n_shared_experts=2)
         torch.manual_seed(0)
@@ -161,23 +165,34 @@ def main() -> None:
             "dense": DenseFFN(hidden, moe_args),
         }
         if grouped_mm_available():
-            modules["ours-gmm"] = MoEFeedForward(hidden, int(MLP_RATIO * hidden), dataclasses.replace(moe_args, grouped_gemm="on"))
+            modules["ours-gmm"] = MoEFeedForward(
+                hidden, int(MLP_RATIO * hidden), dataclasses.replace(moe_args, grouped_gemm="on")
+            )
         for module in modules.values():
             module.to(device, dtype).train()
         t = time_round_robin(modules, x, grad, args.repeats)
-        print(f"{label} [load average {os.getloadavg()[0]:.2f}] (C={hidden}): " + "  ".join(f"{key} {1e3 * v:.1f} ms" for key, v in t.items()))
-        print(f"    ours: {t['mask-loop'] / t['ours']:.2f}x faster than mask-loop,"
-              f" {t['mask-loop-tp1'] / t['ours']:.2f}x faster than mask-loop-tp1,"
-              f" {t['ours'] / t['dense']:.2f}x the time of dense")
+        print(
+            f"{label} [load average {os.getloadavg()[0]:.2f}] (C={hidden}): "
+            + "  ".join(f"{key} {1e3 * v:.1f} ms" for key, v in t.items())
+        )
+        print(
+            f"    ours: {t['mask-loop'] / t['ours']:.2f}x faster than mask-loop,"
+            f" {t['mask-loop-tp1'] / t['ours']:.2f}x faster than mask-loop-tp1,"
+            f" {t['ours'] / t['dense']:.2f}x the time of dense"
+        )
         if "ours-gmm" in t:
-            print(f"    ours-gmm: {t['mask-loop'] / t['ours-gmm']:.2f}x faster than mask-loop,"
-                  f" {t['ours-gmm'] / t['dense']:.2f}x the time of dense")
+            print(
+                f"    ours-gmm: {t['mask-loop'] / t['ours-gmm']:.2f}x faster than mask-loop,"
+                f" {t['ours-gmm'] / t['dense']:.2f}x the time of dense"
+            )
         flops, peak = active_flops(args.tokens, hidden, moe_args), gemm_peak_flops(device, dtype)
         floor = flops / peak
-        print(f"    compute bound: {flops / 1e9:.1f} GFLOP per forward+backward; ours {flops / t['ours'] / 1e9:.0f},"
-              f" mask-loop {flops / t['mask-loop'] / 1e9:.0f}, dense {flops / t['dense'] / 1e9:.0f} GFLOP/s;"
-              f" square-GEMM ceiling {peak / 1e9:.0f} GFLOP/s -> at best {1e3 * floor:.1f} ms,"
-              f" {t['mask-loop'] / floor:.2f}x faster than mask-loop")
+        print(
+            f"    compute bound: {flops / 1e9:.1f} GFLOP per forward+backward; ours {flops / t['ours'] / 1e9:.0f},"
+            f" mask-loop {flops / t['mask-loop'] / 1e9:.0f}, dense {flops / t['dense'] / 1e9:.0f} GFLOP/s;"
+            f" square-GEMM ceiling {peak / 1e9:.0f} GFLOP/s -> at best {1e3 * floor:.1f} ms,"
+            f" {t['mask-loop'] / floor:.2f}x faster than mask-loop"
+        )
 
 
 if __name__ == "__main__":

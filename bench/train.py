@@ -64,14 +64,21 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     _, _, _, device = engine_lib.init_distributed()
     ds_config = load_deepspeed_config(f"config/{args.zero}.json")
-    ds_config.update(train_micro_batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=1,
-                     train_batch_size=args.batch_size)
+    ds_config.update(
+        train_micro_batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=1, train_batch_size=args.batch_size
+    )
     precision = apply_precision(ds_config, args.precision, device)
-    config = preset_config(args.model, input_size=args.input_size, in_channels=args.in_channels,
-                           num_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_tok,
-                           grad_checkpointing=args.grad_checkpointing == "on",
-                           decoder_depth=args.decoder_depth if args.with_decoder == "on" else 0,
-                           decoder_hidden_size=args.decoder_hidden_size, decoder_num_heads=args.decoder_num_heads)
+    config = preset_config(
+        args.model,
+        input_size=args.input_size,
+        in_channels=args.in_channels,
+        num_experts=args.num_experts,
+        num_experts_per_tok=args.num_experts_per_tok,
+        grad_checkpointing=args.grad_checkpointing == "on",
+        decoder_depth=args.decoder_depth if args.with_decoder == "on" else 0,
+        decoder_hidden_size=args.decoder_hidden_size,
+        decoder_num_heads=args.decoder_num_heads,
+    )
     torch.manual_seed(0)
     engine = engine_lib.initialize(DiT(config), ds_config)
     ema = engine_lib.EMA(engine.module, 0.9999)
@@ -114,9 +121,15 @@ def worker(args) -> dict:
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
         device_name = f"CPU ({args.threads} threads)"
-    return {"steps_per_s": args.steps / elapsed, "fwd_bwd_s": sum(fwd_bwd_seconds) / args.steps, "images_per_s": args.steps * args.batch_size / elapsed,
-            "peak_mb": peak_mb, "device": device_name, "precision": precision,
-            "params": sum(p.numel() for p in engine.module.parameters())}
+    return {
+        "steps_per_s": args.steps / elapsed,
+        "fwd_bwd_s": sum(fwd_bwd_seconds) / args.steps,
+        "images_per_s": args.steps * args.batch_size / elapsed,
+        "peak_mb": peak_mb,
+        "device": device_name,
+        "precision": precision,
+        "params": sum(p.numel() for p in engine.module.parameters()),
+    }
 
 
 SETTINGS = {
@@ -129,9 +142,22 @@ SETTINGS = {
 
 def run_setting(args, setting: dict) -> dict:
     argv = [sys.executable, __file__, WORKER_FLAG]
-    for key in ("model", "num_experts", "num_experts_per_tok", "input_size", "in_channels", "batch_size", "steps",
-                "warmup", "threads", "precision", "zero", "decoder_depth", "decoder_hidden_size",
-                "decoder_num_heads"):
+    for key in (
+        "model",
+        "num_experts",
+        "num_experts_per_tok",
+        "input_size",
+        "in_channels",
+        "batch_size",
+        "steps",
+        "warmup",
+        "threads",
+        "precision",
+        "zero",
+        "decoder_depth",
+        "decoder_hidden_size",
+        "decoder_num_heads",
+    ):
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     for key, value in setting.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
@@ -153,23 +179,33 @@ def main() -> None:
         raise SystemExit(f"unknown --settings {unknown}; choose from {sorted(SETTINGS)}.")
     results = {name: run_setting(args, SETTINGS[name]) for name in names}
     plain = results["plain"]
-    print(f"{args.model} {args.num_experts}E{args.num_experts_per_tok}A, {plain['params']:,} params, batch "
-          f"{args.batch_size} of {args.in_channels}x{args.input_size}x{args.input_size}, {plain['precision']}, "
-          f"{plain['device']}, {args.steps} timed steps; decoder {args.decoder_depth}x{args.decoder_hidden_size}")
-    print(f"{'setting':>10} {'steps/s':>9} {'images/s':>9} {'peak MB':>9} {'time x':>8} {'memory x':>9}"
-          f" {'fwd+bwd s':>10} {'fwd+bwd x':>10}")
+    print(
+        f"{args.model} {args.num_experts}E{args.num_experts_per_tok}A, {plain['params']:,} params, batch "
+        f"{args.batch_size} of {args.in_channels}x{args.input_size}x{args.input_size}, {plain['precision']}, "
+        f"{plain['device']}, {args.steps} timed steps; decoder {args.decoder_depth}x{args.decoder_hidden_size}"
+    )
+    print(
+        f"{'setting':>10} {'steps/s':>9} {'images/s':>9} {'peak MB':>9} {'time x':>8} {'memory x':>9}"
+        f" {'fwd+bwd s':>10} {'fwd+bwd x':>10}"
+    )
     for name, r in results.items():
-        print(f"{name:>10} {r['steps_per_s']:9.3f} {r['images_per_s']:9.2f} {r['peak_mb']:9.0f} "
-              f"{plain['steps_per_s'] / r['steps_per_s']:8.2f} {r['peak_mb'] / max(plain['peak_mb'], 1e-9):9.2f}"
-              f" {r['fwd_bwd_s']:10.3f} {r['fwd_bwd_s'] / plain['fwd_bwd_s']:10.2f}")
-    print("time x / memory x / fwd+bwd x: whole step time, peak memory and forward+backward time relative to"
-          " 'plain' (below 1 is better); the rest of a step is the optimizer and EMA, which masking does not shrink")
+        print(
+            f"{name:>10} {r['steps_per_s']:9.3f} {r['images_per_s']:9.2f} {r['peak_mb']:9.0f} "
+            f"{plain['steps_per_s'] / r['steps_per_s']:8.2f} {r['peak_mb'] / max(plain['peak_mb'], 1e-9):9.2f}"
+            f" {r['fwd_bwd_s']:10.3f} {r['fwd_bwd_s'] / plain['fwd_bwd_s']:10.2f}"
+        )
+    print(
+        "time x / memory x / fwd+bwd x: whole step time, peak memory and forward+backward time relative to"
+        " 'plain' (below 1 is better); the rest of a step is the optimizer and EMA, which masking does not shrink"
+    )
     if "mask-0.5" in results and "decoder" in results:
         masked, unmasked = results["mask-0.5"], results["decoder"]
-        print(f"mask 0.5 vs the same MaskDiT model unmasked: time per step x"
-              f"{unmasked['steps_per_s'] / masked['steps_per_s']:.2f}, forward+backward x"
-              f"{masked['fwd_bwd_s'] / unmasked['fwd_bwd_s']:.2f}, "
-              f"peak memory x{masked['peak_mb'] / max(unmasked['peak_mb'], 1e-9):.2f}")
+        print(
+            f"mask 0.5 vs the same MaskDiT model unmasked: time per step x"
+            f"{unmasked['steps_per_s'] / masked['steps_per_s']:.2f}, forward+backward x"
+            f"{masked['fwd_bwd_s'] / unmasked['fwd_bwd_s']:.2f}, "
+            f"peak memory x{masked['peak_mb'] / max(unmasked['peak_mb'], 1e-9):.2f}"
+        )
 
 
 if __name__ == "__main__":

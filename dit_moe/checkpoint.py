@@ -56,7 +56,9 @@ class CheckpointContents:
     objective_source: Optional[str]
 
 
-def _parse_configs(model: Optional[dict], objective: Optional[dict]) -> tuple[Optional[DiTConfig], Optional[ObjectiveConfig], Optional[str]]:
+def _parse_configs(
+    model: Optional[dict], objective: Optional[dict]
+) -> tuple[Optional[DiTConfig], Optional[ObjectiveConfig], Optional[str]]:
     """(model config, objective config, objective source) from the stored dicts, old flat layout included."""
     if objective is not None:
         return DiTConfig.from_dict(model) if model is not None else None, ObjectiveConfig.from_dict(objective), "stored"
@@ -73,7 +75,7 @@ def _clean_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, value in state_dict.items():
         for prefix in _STRIP_PREFIXES:
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         cleaned[key] = value
     return cleaned
 
@@ -107,7 +109,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+    return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
 
 
 def _latest_tag_dir(directory: Path) -> Path:
@@ -121,7 +123,9 @@ def _latest_tag_dir(directory: Path) -> Path:
     return tag_dir
 
 
-def _read_deepspeed_dir(directory: Path, prefer_ema: bool) -> tuple[Optional[dict], Optional[dict], dict[str, torch.Tensor]]:
+def _read_deepspeed_dir(
+    directory: Path, prefer_ema: bool
+) -> tuple[Optional[dict], Optional[dict], dict[str, torch.Tensor]]:
     """(stored model config dict, stored objective config dict, state dict) of the tag `directory` resolves to."""
     tag_dir = _latest_tag_dir(directory)
     configs = layout.read_model_config(tag_dir), layout.read_objective_config(tag_dir)
@@ -157,7 +161,9 @@ def read_checkpoint_file(path: str | os.PathLike, prefer_ema: bool = True) -> Ch
     """Read any supported checkpoint once: weights (EMA preferred) and the configs it records."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"Checkpoint {path} does not exist; pass the path of a .pt/.safetensors file or checkpoint directory.")
+        raise CheckpointError(
+            f"Checkpoint {path} does not exist; pass the path of a .pt/.safetensors file or checkpoint directory."
+        )
     if path.is_dir():
         model, objective, state_dict = _read_deepspeed_dir(path, prefer_ema)
     elif path.suffix == ".safetensors":
@@ -201,9 +207,11 @@ def objective_evidence(state_dict: dict[str, torch.Tensor]) -> tuple[Optional[Ob
     """
     has_qkv = "blocks.0.attn.qkv.weight" in state_dict
     if FLASH_LAYOUT_KEY in state_dict:
-        return (ObjectiveConfig(objective="flow", flow_t_scale=1.0),
-                "DiT-MoE's flash-attention keys (attn.Wqkv, q_norm, k_norm, out_proj), the layout of its "
-                "rectified-flow checkpoints")
+        return (
+            ObjectiveConfig(objective="flow", flow_t_scale=1.0),
+            "DiT-MoE's flash-attention keys (attn.Wqkv, q_norm, k_norm, out_proj), the layout of its "
+            "rectified-flow checkpoints",
+        )
     if has_qkv and "blocks.0.attn.q_norm.weight" not in state_dict:
         if any(_PER_EXPERT_KEY.match(key) for key in state_dict):
             return ObjectiveConfig(), "DiT-MoE's train.py keys (attn.qkv, per-expert moe.experts.K), its DDPM layout"
@@ -349,8 +357,9 @@ def load_checkpoint_model(
     if objective is None:
         objective, evidence = objective_evidence(state_dict)
         source = "evidence" if objective is not None else None
-    return LoadedModel(model.to(device).eval(), objective, source, "stored" if stored is not None else "inferred",
-                       evidence)
+    return LoadedModel(
+        model.to(device).eval(), objective, source, "stored" if stored is not None else "inferred", evidence
+    )
 
 
 def dit_moe_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -54,8 +54,11 @@ def complete_tags(checkpoint_dir: Path) -> list[str]:
     """Tags whose write finished, oldest first (by step, so past step 9,999,999 too)."""
     if not checkpoint_dir.is_dir():
         return []
-    steps = {int(match.group(1)): path.name for path in checkpoint_dir.iterdir()
-             if (match := _TAG.fullmatch(path.name)) and is_complete(path)}
+    steps = {
+        int(match.group(1)): path.name
+        for path in checkpoint_dir.iterdir()
+        if (match := _TAG.fullmatch(path.name)) and is_complete(path)
+    }
     return [steps[step] for step in sorted(steps)]
 
 

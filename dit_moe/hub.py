@@ -54,8 +54,13 @@ DIT_BASE_URL_ENV = "DIT_MOE_DIT_BASE_URL"
 DIT_CHECKPOINTS: dict[str, Optional[str]] = {"DiT-XL-2-256x256.pt": None, "DiT-XL-2-512x512.pt": None}
 DIT_LOCAL_DIR = "pretrained_models"  # where DiT's download.py saves them, relative to the working directory
 DIT_MOE_REPO = "feizhengcong/DiT-MoE"
-DIT_MOE_CHECKPOINTS = ("dit_moe_s_8E2A.pt", "dit_moe_s_16E2A.pt", "dit_moe_b_8E2A.pt", "dit_moe_xl_8E2A.pt",
-                       "dit_moe_g_16E2A.pt")
+DIT_MOE_CHECKPOINTS = (
+    "dit_moe_s_8E2A.pt",
+    "dit_moe_s_16E2A.pt",
+    "dit_moe_b_8E2A.pt",
+    "dit_moe_xl_8E2A.pt",
+    "dit_moe_g_16E2A.pt",
+)
 DIT_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}  # DiT's --vae names
 VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -191,9 +196,12 @@ def _download(url: str, partial: Path) -> None:
             if response.status != 206:  # the server sent the whole file (no partial, or Range not supported)
                 offset = 0
             total = offset + int(response.headers.get("Content-Length") or 0)
-            with open(partial, "ab" if offset else "wb") as out, tqdm(
-                total=total or None, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=name
-            ) as bar:
+            with (
+                open(partial, "ab" if offset else "wb") as out,
+                tqdm(
+                    total=total or None, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=name
+                ) as bar,
+            ):
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     bar.update(len(chunk))
@@ -202,8 +210,11 @@ def _download(url: str, partial: Path) -> None:
     except (OSError, http.client.HTTPException) as err:  # URLError, HTTPError, timeouts, dropped connections
         reason = " ".join(str(getattr(err, "reason", err)).split()) or type(err).__name__
         have = partial.stat().st_size if partial.exists() else 0
-        fix = (f"run the command again to resume ({have} bytes are kept in {partial})" if have else
-               f"download it where there is network and pass --ckpt FILE (or put it in {partial.parent})")
+        fix = (
+            f"run the command again to resume ({have} bytes are kept in {partial})"
+            if have
+            else f"download it where there is network and pass --ckpt FILE (or put it in {partial.parent})"
+        )
         raise UserError(f"Downloading DiT's checkpoint {name} from {url} failed ({reason}); {fix}.") from None
 
 

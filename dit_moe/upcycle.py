@@ -64,7 +64,7 @@ def moe_layers_every(depth: int, every: int) -> list[int]:
 
 
 def dense_ffn_layout(state: dict[str, torch.Tensor], block: int) -> str:
-    """"gelu" (DiT's `mlp.fc1/fc2`) or "swiglu" (`mlp.gate_proj/up_proj/down_proj`) for one block."""
+    """ "gelu" (DiT's `mlp.fc1/fc2`) or "swiglu" (`mlp.gate_proj/up_proj/down_proj`) for one block."""
     present = {m.group(2) for key in state if (m := _MLP_KEY.match(key)) and int(m.group(1)) == block}
     for kind, layout in DENSE_LAYOUTS.items():
         if present == set(layout.values()):

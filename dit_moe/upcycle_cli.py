@@ -1,6 +1,6 @@
 """The command line of sparse upcycling (dit_moe.upcycle): `python upcycle.py` and `python -m dit_moe.upcycle`.
 
-    python upcycle.py --model DiT-S/2 --ckpt dense.pt --num_experts 8 --num_experts_per_tok 2 --out moe.pt
+python upcycle.py --model DiT-S/2 --ckpt dense.pt --num_experts 8 --num_experts_per_tok 2 --out moe.pt
 """
 
 from __future__ import annotations
@@ -15,24 +15,38 @@ from .upcycle import DEFAULT_AUX_LOSS_COEF, ROUTER_INIT_STD, upcycle_checkpoint
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Upcycle a dense DiT checkpoint into a DiT-MoE checkpoint that starts where the dense model was.")
-    parser.add_argument(*flag("ckpt"), required=True,
-                        help="dense checkpoint: official DiT .pt, train.py dict, export or DeepSpeed dir")
+        prog=prog,
+        description="Upcycle a dense DiT checkpoint into a DiT-MoE checkpoint that starts where the dense model was.",
+    )
+    parser.add_argument(
+        *flag("ckpt"), required=True, help="dense checkpoint: official DiT .pt, train.py dict, export or DeepSpeed dir"
+    )
     parser.add_argument(*flag("out"), required=True, help="output export, .pt or .safetensors (by suffix)")
-    parser.add_argument(*flag("model"), choices=sorted(DiT_models), metavar="NAME",
-                        help=f"must match the checkpoint when given; one of {', '.join(sorted(DiT_models))}")
+    parser.add_argument(
+        *flag("model"),
+        choices=sorted(DiT_models),
+        metavar="NAME",
+        help=f"must match the checkpoint when given; one of {', '.join(sorted(DiT_models))}",
+    )
     parser.add_argument(*flag("num-experts"), type=int, default=8)
     parser.add_argument(*flag("num-experts-per-tok"), type=int, default=2, help="top-k, at least 2")
-    parser.add_argument(*flag("image-size"), type=int,
-                        help="pixels, checked against the file: input size = image size // 8 for 4-channel latents")
+    parser.add_argument(
+        *flag("image-size"),
+        type=int,
+        help="pixels, checked against the file: input size = image size // 8 for 4-channel latents",
+    )
     parser.add_argument(*flag("input-size"), type=int, help="model input side (latent size); checked against the file")
     parser.add_argument(*flag("num-classes"), type=int, help="checked against the file")
     parser.add_argument(*flag("num-heads"), type=int, help="only for a non-preset width the file does not describe")
     blocks = parser.add_mutually_exclusive_group()
     blocks.add_argument(*flag("moe-layers"), type=parse_int_list, help="blocks to upcycle, e.g. 1,3,5 (default: all)")
     blocks.add_argument(*flag("moe-every"), type=int, help="upcycle every N-th block: 2 gives blocks 1,3,5,...")
-    parser.add_argument(*flag("expert-noise"), type=float, default=0.0,
-                        help="relative noise per expert copy: W + sigma * std(W) * N(0,1); 0: exact copies")
+    parser.add_argument(
+        *flag("expert-noise"),
+        type=float,
+        default=0.0,
+        help="relative noise per expert copy: W + sigma * std(W) * N(0,1); 0: exact copies",
+    )
     parser.add_argument(*flag("router-init-std"), type=float, default=ROUTER_INIT_STD)
     parser.add_argument(*flag("aux-loss-coef"), type=float, default=DEFAULT_AUX_LOSS_COEF)
     parser.add_argument(*flag("seed"), type=int, default=0)

@@ -137,4 +137,3 @@ def load_codec(vae_path: str | None, scale_factor: float = SD_VAE_SCALE_FACTOR, 
     if is_pixel_space(vae_path):
         return PixelCodec(channels)
     return LatentCodec.from_pretrained(vae_path, scale_factor)
-

@@ -9,6 +9,7 @@ import torch
 
 from dit_moe.checkpoint import save_export
 from dit_moe.diffusion import ObjectiveConfig
+
 from tiny_dit import tiny_model
 
 torch.set_num_threads(1)  # many small ops: one thread is fastest on a shared 2-core machine
@@ -25,5 +26,9 @@ def tiny_export(tmp_path_factory):
     """An export (no EMA) of a random-weight tiny MoE flow model on 8x8 RGB pixels: 4 experts, top-2."""
     torch.manual_seed(0)
     model = tiny_model(in_channels=3, num_experts=4, num_experts_per_tok=2)
-    return save_export(tmp_path_factory.mktemp("tiny") / "tiny.safetensors", model.config, model.state_dict(),
-                       objective=ObjectiveConfig(objective="flow"))
+    return save_export(
+        tmp_path_factory.mktemp("tiny") / "tiny.safetensors",
+        model.config,
+        model.state_dict(),
+        objective=ObjectiveConfig(objective="flow"),
+    )

@@ -5,6 +5,7 @@ import torch
 
 from dit_moe.checkpoint import CheckpointError, infer_config, load_model, save_export
 from dit_moe.models import DiT_models
+
 from reference_dit import randomize_
 from tiny_dit import tiny_model
 
@@ -45,8 +46,12 @@ def test_train_py_dict_with_args_prefers_ema(tmp_path):
     import argparse
 
     model, ema = _tiny(), _tiny()
-    blob = {"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "ema": ema.state_dict(),
-            "opt": {}, "args": argparse.Namespace(model="DiT-T/2")}
+    blob = {
+        "model": {f"module.{k}": v for k, v in model.state_dict().items()},
+        "ema": ema.state_dict(),
+        "opt": {},
+        "args": argparse.Namespace(model="DiT-T/2"),
+    }
     torch.save(blob, tmp_path / "0001000.pt")
     x, t, y = _inputs()
     torch.testing.assert_close(load_model(tmp_path / "0001000.pt")(x, t, y), ema(x, t, y))
@@ -55,8 +60,10 @@ def test_train_py_dict_with_args_prefers_ema(tmp_path):
 
 def test_flash_attention_key_layout_loads(tmp_path):
     model = _tiny(qk_norm=True)
-    renamed = {k.replace("attn.qkv.", "attn.Wqkv.").replace("attn.proj.", "attn.out_proj."): v
-               for k, v in model.state_dict().items()}
+    renamed = {
+        k.replace("attn.qkv.", "attn.Wqkv.").replace("attn.proj.", "attn.out_proj."): v
+        for k, v in model.state_dict().items()
+    }
     torch.save(renamed, tmp_path / "flash.pt")
     loaded = load_model(tmp_path / "flash.pt")
     assert loaded.config.qk_norm and loaded.config.num_heads == 4
@@ -67,7 +74,12 @@ def test_flash_attention_key_layout_loads(tmp_path):
 def test_infer_config_moe_layout():
     model = _tiny(num_experts=4, num_experts_per_tok=1, n_shared_experts=0, moe_layers=[1, 3])
     cfg = infer_config(model.state_dict(), num_experts_per_tok=1)
-    assert (cfg.num_experts, cfg.moe.moe_layers, cfg.moe.n_shared_experts, cfg.moe.expert_type) == (4, [1, 3], 0, "swiglu")
+    assert (cfg.num_experts, cfg.moe.moe_layers, cfg.moe.n_shared_experts, cfg.moe.expert_type) == (
+        4,
+        [1, 3],
+        0,
+        "swiglu",
+    )
 
 
 def test_errors_are_clear(tmp_path):

@@ -15,6 +15,7 @@ from dit_moe.diffusion import ObjectiveConfig
 from dit_moe.models import DiTConfig, MoEArgs
 from dit_moe.sampling import SamplingOptions, SamplingRequest, build_sampling_objective, prepare_sampling, sample_images
 from dit_moe.sampling.grid import sample_grid
+
 from trainer_runs import run_train
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -48,15 +49,32 @@ def test_old_files_load_with_their_recorded_objective(path):
 @pytest.mark.parametrize("name", sorted(OLD_SAMPLING))
 def test_old_exports_sample_as_they_did(tmp_path, name):
     expected = load_file(str(FIXTURES / "export_v0_samples.safetensors"))[name.split(".")[0]]
-    grid = sample_grid(FIXTURES / name, tmp_path / "grid.png", class_labels=[0, 1, 2, 3], options=OLD_SAMPLING[name],
-                       seed=3, device="cpu")
+    grid = sample_grid(
+        FIXTURES / name,
+        tmp_path / "grid.png",
+        class_labels=[0, 1, 2, 3],
+        options=OLD_SAMPLING[name],
+        seed=3,
+        device="cpu",
+    )
     torch.testing.assert_close(grid.images, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
 def test_a_cosine_run_is_sampled_with_cosine_without_the_flag(tmp_path):
-    run_train(tmp_path, "--max-steps", "2", "--global-batch-size", "8", "--num-experts", "0",
-              "--noise-schedule", "cosine", "--diffusion-steps", "500")
+    run_train(
+        tmp_path,
+        "--max-steps",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--num-experts",
+        "0",
+        "--noise-schedule",
+        "cosine",
+        "--diffusion-steps",
+        "500",
+    )
     export = tmp_path / "export.safetensors"
     assert read_checkpoint_file(export).objective.noise_schedule == "cosine"
     options = SamplingOptions(sampler="ddim", num_steps=5, cfg_scale=1.0)
@@ -65,8 +83,9 @@ def test_a_cosine_run_is_sampled_with_cosine_without_the_flag(tmp_path):
     images = prepared.sample([1, 2], [0, 1])
 
     def by_hand(schedule: str) -> torch.Tensor:
-        objective = build_sampling_objective(prepared.config, ObjectiveConfig(noise_schedule=schedule,
-                                                                              diffusion_steps=500))
+        objective = build_sampling_objective(
+            prepared.config, ObjectiveConfig(noise_schedule=schedule, diffusion_steps=500)
+        )
         return sample_images(prepared.model, prepared.codec, [1, 2], [0, 1], options, objective=objective)
 
     torch.testing.assert_close(images, by_hand("cosine"), atol=0, rtol=0)

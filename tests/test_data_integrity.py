@@ -46,6 +46,7 @@ def _assert_names(err: pytest.ExceptionInfo, path) -> None:
 
 # --- a healthy folder -------------------------------------------------------------------------------
 
+
 def test_healthy_shards_pass_and_give_every_sample_once_per_epoch(tmp_path):
     n = _synthetic_shards(tmp_path, [5, 5, 5, 4])
     _shards_cfg(tmp_path).check()
@@ -63,6 +64,7 @@ def test_healthy_npy_folder_passes_and_gives_every_sample_once_per_epoch(tmp_pat
 
 
 # --- damaged shards -----------------------------------------------------------------------------------
+
 
 def _cut_inside_a_member(path):
     _truncate(path, os.path.getsize(path) // 2 + 100)
@@ -108,6 +110,7 @@ def test_shard_damaged_after_the_check_stops_the_workers_reading_it(tmp_path, da
 
 
 # --- damaged .npy files ---------------------------------------------------------------------------------
+
 
 def _truncated(path):
     _truncate(path, os.path.getsize(path) - 4)
@@ -170,6 +173,7 @@ def test_npy_file_damaged_after_the_check_stops_the_workers_reading_it(tmp_path,
 
 # --- the trainer ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["latents", "npy"])
 def test_trainer_on_a_damaged_folder_exits_2_with_one_line(tmp_path, kind):
@@ -183,8 +187,21 @@ def test_trainer_on_a_damaged_folder_exits_2_with_one_line(tmp_path, kind):
         _npy_folder(features)
         bad, extra = features / "imagenet256_labels" / "3.npy", ["--num-classes", "5"]
         _truncated(bad)
-    proc = run_train(tmp_path / "out", "--dataset", kind, "--features-path", str(features), "--image-size", "16",
-                     "--max-steps", "2", "--global-batch-size", "2", *extra, check=False)
+    proc = run_train(
+        tmp_path / "out",
+        "--dataset",
+        kind,
+        "--features-path",
+        str(features),
+        "--image-size",
+        "16",
+        "--max-steps",
+        "2",
+        "--global-batch-size",
+        "2",
+        *extra,
+        check=False,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("train_deepspeed.py: error: ") and str(bad) in lines[0], lines[0]

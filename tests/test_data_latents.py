@@ -13,6 +13,7 @@ from dit_moe.data.extract import ExtractConfig, parse_args, run_extraction
 from dit_moe.data.folder import ImageFolderDataset
 from dit_moe.data.shards import Manifest, decode_sample, read_shard, shard_name, write_shard
 from dit_moe.vae import load_codec
+
 from test_vae import save_tiny_vae
 
 SCALE = 0.18215
@@ -48,7 +49,9 @@ class CountingCodec(torch.nn.Module):
 
 
 def _extract_cfg(image_folder, vae_path, out, **kw):
-    return ExtractConfig(image_folder, vae_path, str(out), image_size=16, shard_size=3, batch_size=2, num_workers=0, **kw)
+    return ExtractConfig(
+        image_folder, vae_path, str(out), image_size=16, shard_size=3, batch_size=2, num_workers=0, **kw
+    )
 
 
 def test_extraction_round_trip(image_folder, vae_path, tmp_path):
@@ -71,16 +74,30 @@ def test_extraction_round_trip(image_folder, vae_path, tmp_path):
     x = torch.stack([images[i][0] for i in range(10)])
     mean, std = codec.encode_distribution(torch.cat([x, x.flip(-1)]))
     for i in range(10):
-        torch.testing.assert_close(torch.from_numpy(stored[i][0]).float(), torch.stack([mean[i], mean[10 + i]]),
-                                   atol=2e-3, rtol=2e-3)
-        torch.testing.assert_close(torch.from_numpy(stored[i][1]).float(), torch.stack([std[i], std[10 + i]]),
-                                   atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(
+            torch.from_numpy(stored[i][0]).float(), torch.stack([mean[i], mean[10 + i]]), atol=2e-3, rtol=2e-3
+        )
+        torch.testing.assert_close(
+            torch.from_numpy(stored[i][1]).float(), torch.stack([std[i], std[10 + i]]), atol=2e-3, rtol=2e-3
+        )
         assert stored[i][2] == images[i][1]
 
     # the training loader gives back the same latents (mean, plain view) and labels
-    loader = build_train_loader(DataConfig("latents", features_path=str(tmp_path), image_size=16, num_workers=0,
-                                           random_flip=False, sample_latents=False, shuffle_buffer=4),
-                                0, 1, 5, seed=0)
+    loader = build_train_loader(
+        DataConfig(
+            "latents",
+            features_path=str(tmp_path),
+            image_size=16,
+            num_workers=0,
+            random_flip=False,
+            sample_latents=False,
+            shuffle_buffer=4,
+        ),
+        0,
+        1,
+        5,
+        seed=0,
+    )
     assert (loader.input_channels, loader.input_size, loader.num_classes, loader.needs_encoding) == (4, 8, 2, False)
     stream = loader.stream
     stream.num_epochs = 1
@@ -105,8 +122,10 @@ def test_extraction_resumes_and_splits_by_rank(image_folder, vae_path, tmp_path)
     assert all(os.stat(tmp_path / shard_name(s)).st_mtime_ns == mtimes[s] for s in (0, 1, 3))
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
     with pytest.raises(ValueError, match="different settings"):
-        run_extraction(ExtractConfig(image_folder, vae_path, str(tmp_path), image_size=16, shard_size=4,
-                                     num_workers=0), codec=codec)
+        run_extraction(
+            ExtractConfig(image_folder, vae_path, str(tmp_path), image_size=16, shard_size=4, num_workers=0),
+            codec=codec,
+        )
 
 
 def test_extract_cli_accepts_both_flag_spellings():
@@ -204,7 +223,9 @@ def test_fast_dit_npy_features(tmp_path):
     assert x.shape == (4, 2, 2) and float(x[0, 0, 0]) == 10 and y == 0
     with pytest.raises(ValueError, match="num-classes"):
         DataConfig("npy", features_path=str(tmp_path))
-    loader = build_train_loader(DataConfig("npy", features_path=str(tmp_path), num_classes=5, num_workers=0), 0, 1, 4, 0)
+    loader = build_train_loader(
+        DataConfig("npy", features_path=str(tmp_path), num_classes=5, num_workers=0), 0, 1, 4, 0
+    )
     x, y = next(loader)
     assert x.shape == (4, 4, 2, 2) and y.dtype == torch.long and (loader.input_channels, loader.input_size) == (4, 2)
     assert torch.equal(x[:, 0, 0, 0].long() % 5, y)

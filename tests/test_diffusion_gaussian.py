@@ -13,7 +13,6 @@ import torch
 from dit_moe.diffusion import create_diffusion, space_timesteps
 from dit_moe.diffusion.likelihood import discretized_gaussian_log_likelihood, normal_kl
 
-
 MU = torch.tensor([0.5, -0.3]).view(1, 2, 1, 1)
 S = torch.tensor([0.6, 0.4]).view(1, 2, 1, 1)
 
@@ -195,7 +194,9 @@ def test_training_losses_hybrid_terms_against_hand_computation():
             else:
                 true_mean = c1 * x0c + c2 * xt
                 var_ratio = math.exp(log_post - model_log_var)
-                total += 0.5 * (-1 + model_log_var - log_post + var_ratio + (true_mean - model_mean) ** 2 * math.exp(-model_log_var))
+                total += 0.5 * (
+                    -1 + model_log_var - log_post + var_ratio + (true_mean - model_mean) ** 2 * math.exp(-model_log_var)
+                )
         return total / 2 / math.log(2)
 
     assert float(terms["vb"][0]) == pytest.approx(hand_vb(0, 123), rel=1e-4)
@@ -222,7 +223,9 @@ def test_rescaled_vb_and_kl_loss_types():
     output = torch.cat([torch.randn(2, 1, 2, 2), torch.rand(2, 1, 2, 2) * 2 - 1], 1)
     t = torch.tensor([3, 100])
     plain = create_diffusion("250").training_losses(_fixed_output_model(output), x0, t, noise=noise)
-    rescaled = create_diffusion("250", rescale_learned_sigmas=True).training_losses(_fixed_output_model(output), x0, t, noise=noise)
+    rescaled = create_diffusion("250", rescale_learned_sigmas=True).training_losses(
+        _fixed_output_model(output), x0, t, noise=noise
+    )
     assert torch.allclose(rescaled["vb"], plain["vb"] * 0.25)
     assert torch.allclose(rescaled["mse"], plain["mse"])
     kl = create_diffusion("250", use_kl=True).training_losses(_fixed_output_model(output), x0, t, noise=noise)
@@ -233,7 +236,9 @@ def test_fixed_variance_and_xstart_prediction():
     x0, noise = torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)
     out = torch.randn(2, 1, 2, 2)
     t = torch.tensor([0, 600])
-    terms = create_diffusion("", learn_sigma=False, predict_xstart=True).training_losses(_fixed_output_model(out), x0, t, noise=noise)
+    terms = create_diffusion("", learn_sigma=False, predict_xstart=True).training_losses(
+        _fixed_output_model(out), x0, t, noise=noise
+    )
     assert set(terms) == {"loss", "mse"} and torch.allclose(terms["loss"], ((x0 - out) ** 2).mean((1, 2, 3)))
     large = create_diffusion("", learn_sigma=False).p_mean_variance_from_output(out, x0, t)
     small = create_diffusion("", learn_sigma=False, sigma_small=True).p_mean_variance_from_output(out, x0, t)
@@ -283,7 +288,9 @@ def test_respaced_process_keeps_alpha_bar_and_maps_model_timesteps():
     seen.clear()
     spaced.training_losses(model, torch.zeros(2, 1, 1, 1), torch.tensor([1, 49]))
     assert seen == [[20, 980]]
-    assert create_diffusion("ddim50", rescale_timesteps=True, diffusion_steps=500).model_timesteps(torch.tensor([1])).tolist() == [20.0]
+    assert create_diffusion("ddim50", rescale_timesteps=True, diffusion_steps=500).model_timesteps(
+        torch.tensor([1])
+    ).tolist() == [20.0]
 
 
 # ---------------------------------------------------------------- samplers on Gaussian data

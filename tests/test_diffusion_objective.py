@@ -55,7 +55,9 @@ def test_speedit_weights_apply_to_the_mse_term_only():
 
 
 def test_loss_second_moment_weights_the_whole_loss_and_learns():
-    objective = build_objective("iddpm", diffusion_steps=4, noise_schedule="cosine", timestep_sampler="loss-second-moment")
+    objective = build_objective(
+        "iddpm", diffusion_steps=4, noise_schedule="cosine", timestep_sampler="loss-second-moment"
+    )
     sampler = objective.timesteps
     assert isinstance(sampler, LossSecondMomentTimesteps)
     for _ in range(30):
@@ -95,8 +97,15 @@ def test_sampler_that_does_not_fit_is_a_clear_error():
 def test_iddpm_sampling_respaces_and_calls_back_with_original_timesteps(sampler):
     steps = []
     objective = build_objective("iddpm")
-    out = objective.sample(net(), torch.randn(2, 2, 2, 2), dict(y=torch.arange(2)), sampler=sampler, num_steps=5,
-                           progress=True, callback=lambda info: steps.append((info["step"], info["num_steps"], info["t"])))
+    out = objective.sample(
+        net(),
+        torch.randn(2, 2, 2, 2),
+        dict(y=torch.arange(2)),
+        sampler=sampler,
+        num_steps=5,
+        progress=True,
+        callback=lambda info: steps.append((info["step"], info["num_steps"], info["t"])),
+    )
     assert out.shape == (2, 2, 2, 2) and torch.isfinite(out).all()
     assert steps == [(0, 5, 999), (1, 5, 749), (2, 5, 500), (3, 5, 250), (4, 5, 0)]
 

@@ -16,6 +16,7 @@ from dit_moe.evaluation.npz import png_name, read_npz
 from dit_moe.sampling import SamplingOptions, build_sampling_objective, per_sample_noise, sample_images, sample_labels
 from dit_moe.sampling.many import default_npz_path, main, shard_indices
 from dit_moe.vae import PixelCodec
+
 from trainer_runs import free_port
 
 FLOW = ObjectiveConfig(objective="flow")
@@ -38,8 +39,23 @@ def single_run(ckpt, tmp_path_factory):
 
 
 def _args(ckpt, out, *extra):
-    return ["--ckpt", str(ckpt), "--num-samples", str(NUM_SAMPLES), "--out", str(out), "--num-sampling-steps", "2",
-            "--cfg-scale", "1.5", "--seed", "7", "--device", "cpu", *extra]
+    return [
+        "--ckpt",
+        str(ckpt),
+        "--num-samples",
+        str(NUM_SAMPLES),
+        "--out",
+        str(out),
+        "--num-sampling-steps",
+        "2",
+        "--cfg-scale",
+        "1.5",
+        "--seed",
+        "7",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def _sample(argv):
@@ -115,10 +131,26 @@ def test_two_processes_match_one_process(ckpt, single_run, tmp_path):
     port = str(free_port())
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        procs.append(subprocess.Popen([sys.executable, "-m", "dit_moe.sample_many", *_args(ckpt, out, "--batch-size", "2")],
-                                      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=str(REPO),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "dit_moe.sample_many", *_args(ckpt, out, "--batch-size", "2")],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     for proc in procs:
         output, _ = proc.communicate(timeout=240)
         assert proc.returncode == 0, output

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from dit_moe.models.config import MoEArgs
 from dit_moe.models.moe import MoEFeedForward
 from dit_moe.parallel import ExpertParallel, shard_experts
+
 from trainer_runs import free_port
 
 pytestmark = pytest.mark.multiproc
@@ -25,8 +26,13 @@ C, WORLD, E = 16, 2, 4
 
 def _layer_and_batch(case: str):
     torch.manual_seed(0)
-    layer = MoEFeedForward(C, 2 * C, MoEArgs(num_experts=E, num_experts_per_tok=2, n_shared_experts=1,
-                                      expert_type="gelu" if case == "gelu" else "swiglu")).train()
+    layer = MoEFeedForward(
+        C,
+        2 * C,
+        MoEArgs(
+            num_experts=E, num_experts_per_tok=2, n_shared_experts=1, expert_type="gelu" if case == "gelu" else "swiglu"
+        ),
+    ).train()
     x = torch.randn(2 * WORLD, 5, C)  # [N, T, C]: 2 samples per rank
     if case == "cross":
         # Feature 0 decides the experts: > 0 -> experts 2, 3 (rank 1's), < 0 -> experts 0, 1 (rank 0's).

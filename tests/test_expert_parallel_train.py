@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dit_moe.checkpoint import load_model
+
 from trainer_runs import losses, run_train
 
 pytestmark = pytest.mark.multiproc

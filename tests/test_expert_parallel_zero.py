@@ -22,6 +22,7 @@ from torch import nn
 
 from dit_moe.models.config import MoEArgs
 from dit_moe.models.moe import MoEFeedForward
+
 from trainer_runs import REPO, free_port
 from trainer_runs import env as trainer_env
 
@@ -31,7 +32,9 @@ C, EP_SIZE, PER_RANK, LR = 16, 2, 2, 1e-3
 class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.moe = MoEFeedForward(C, 2 * C, MoEArgs(num_experts=4, num_experts_per_tok=2, n_shared_experts=1, aux_loss_coef=0.0))
+        self.moe = MoEFeedForward(
+            C, 2 * C, MoEArgs(num_experts=4, num_experts_per_tok=2, n_shared_experts=1, aux_loss_coef=0.0)
+        )
 
     def forward(self, x, target):
         y, _ = self.moe(x)
@@ -39,10 +42,14 @@ class _Net(nn.Module):
 
 
 def _ds_config(stage: int, world: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": PER_RANK, "gradient_accumulation_steps": 1,
-            "train_batch_size": PER_RANK * world, "steps_per_print": 10**9,
-            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}},
-            "zero_optimization": {"stage": stage, "contiguous_gradients": True, "overlap_comm": False}}
+    return {
+        "train_micro_batch_size_per_gpu": PER_RANK,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": PER_RANK * world,
+        "steps_per_print": 10**9,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}},
+        "zero_optimization": {"stage": stage, "contiguous_gradients": True, "overlap_comm": False},
+    }
 
 
 def _check_stage(stage: int, rank: int, world: int) -> None:
@@ -69,13 +76,15 @@ def _check_stage(stage: int, rank: int, world: int) -> None:
 
     for name, param in engine.module.named_parameters():
         grad = safe_get_full_grad(param)
-        torch.testing.assert_close(grad, local(expected[name].grad, param), rtol=1e-5, atol=1e-7,
-                                   msg=f"stage {stage} grad {name}")
+        torch.testing.assert_close(
+            grad, local(expected[name].grad, param), rtol=1e-5, atol=1e-7, msg=f"stage {stage} grad {name}"
+        )
 
     engine.step()
     for name, param in engine.module.named_parameters():
-        torch.testing.assert_close(param, local(expected[name], param), rtol=1e-5, atol=1e-7,
-                                   msg=f"stage {stage} weight {name}")
+        torch.testing.assert_close(
+            param, local(expected[name], param), rtol=1e-5, atol=1e-7, msg=f"stage {stage} weight {name}"
+        )
 
     zero = engine.optimizer
     expert_groups = 0
@@ -103,9 +112,23 @@ def _worker() -> None:
 @pytest.mark.parametrize("world", [2, 4])  # 4: two expert-data-parallel ranks share each expert slice
 def test_deepspeed_reduces_and_partitions_experts_like_plain_torch(world):
     env = dict(trainer_env(), PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
-                           "--master_port", str(free_port()), __file__], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(world),
+            "--master_port",
+            str(free_port()),
+            __file__,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 

@@ -12,6 +12,7 @@ import torch
 
 from dit_moe.checkpoint import read_checkpoint_file, save_export
 from dit_moe.models import DiT_models
+
 from trainer_runs import REPO, env, run_train
 
 
@@ -23,20 +24,29 @@ def _one_error_line(proc, prog: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("model:\n  num_experts: four\n", "[model] num_experts: expected an integer, got 'four'"),
-    ("run:\n  max_steps: ten\n", "[run] max_steps: expected an integer, got 'ten'"),
-    ("run:\n  lr: fast\n", "[run] lr: expected a number, got 'fast'"),
-    ("model:\n  moe_layers: 1\n", "[model] moe_layers: expected a list of integers"),
-    ("objective:\n  objective: flow\n  noise_schedule: [1]\n", "[objective] noise_schedule: expected a string"),
-    ("model:\n  num_experts: 4\n   bad: indent\n", "YAML syntax error at line 3"),
-    ("model: [1, 2\n", "YAML syntax error"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("model:\n  num_experts: four\n", "[model] num_experts: expected an integer, got 'four'"),
+        ("run:\n  max_steps: ten\n", "[run] max_steps: expected an integer, got 'ten'"),
+        ("run:\n  lr: fast\n", "[run] lr: expected a number, got 'fast'"),
+        ("model:\n  moe_layers: 1\n", "[model] moe_layers: expected a list of integers"),
+        ("objective:\n  objective: flow\n  noise_schedule: [1]\n", "[objective] noise_schedule: expected a string"),
+        ("model:\n  num_experts: 4\n   bad: indent\n", "YAML syntax error at line 3"),
+        ("model: [1, 2\n", "YAML syntax error"),
+    ],
+)
 def test_yaml_mistakes_name_file_section_and_key(tmp_path, text, expected):
     path = tmp_path / "exp.yaml"
     path.write_text(text)
-    proc = subprocess.run([sys.executable, "train_deepspeed.py", "--config", str(path), "--results-dir",
-                           str(tmp_path / "out")], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "train_deepspeed.py", "--config", str(path), "--results-dir", str(tmp_path / "out")],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     line = _one_error_line(proc, "train_deepspeed.py")
     assert str(path) in line and expected in line, line
     assert not (tmp_path / "out").exists()
@@ -81,9 +91,14 @@ class _Evil:
 def test_pt_refused_by_safe_loading_is_one_sentence(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": _Evil()}, path)
-    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(path), "--device", "cpu", "--out",
-                           str(tmp_path / "grid.png")], cwd=REPO, env=env(), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "sample.py", "--ckpt", str(path), "--device", "cpu", "--out", str(tmp_path / "grid.png")],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     line = _one_error_line(proc, "sample.py")
     assert "safe loading" in line and "_Evil" in line and str(path) in line, line
     assert "Please file an issue" not in proc.stderr and not (tmp_path / "grid.png").exists()
@@ -110,8 +125,9 @@ def test_kill_during_export_write_leaves_the_earlier_export_whole(tmp_path):
     path = save_export(tmp_path / "export.safetensors", model.config, model.state_dict(), ema)
     before = read_checkpoint_file(path).state_dict
     for delay in (0.05, 0.3, 0.8):
-        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], cwd=REPO, env=env(),
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(path)], cwd=REPO, env=env(), stdout=subprocess.PIPE, text=True
+        )
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(delay)
         os.kill(proc.pid, signal.SIGKILL)

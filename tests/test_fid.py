@@ -90,7 +90,9 @@ class _FakeInception(torch.nn.Module):
         super().__init__()
         self.register_buffer("w", torch.randn(12, 5, generator=torch.Generator().manual_seed(0)))
 
-    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False) -> torch.Tensor:
+    def forward(
+        self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False
+    ) -> torch.Tensor:
         features = F.adaptive_avg_pool2d(img.float() / 255, 2).flatten(1)  # (N, 3, H, W) -> (N, 12)
         if return_features:
             return features
@@ -111,6 +113,8 @@ def test_fid_cli_with_torchscript_detector(tmp_path):
     assert same["fid"] == pytest.approx(0, abs=1e-6) and same["precision"] == 1.0
     assert other["fid"] > 0.01 and 1.0 <= other["inception_score"] <= 5.0
     cli.run(["stats", "--images", str(tmp_path / "real.npz"), "--out", str(tmp_path / "ref_stats.npz"), *common])
-    from_stats = cli.run(["fid", "--samples", str(tmp_path / "shifted.npz"), "--ref", str(tmp_path / "ref_stats.npz"), *common])
+    from_stats = cli.run(
+        ["fid", "--samples", str(tmp_path / "shifted.npz"), "--ref", str(tmp_path / "ref_stats.npz"), *common]
+    )
     assert from_stats["fid"] == pytest.approx(other["fid"], rel=1e-6)
     assert "precision" not in from_stats

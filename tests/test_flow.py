@@ -55,7 +55,9 @@ def test_model_sees_t_times_t_scale(t_scale):
         return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
 
     flow = RectifiedFlow(learn_sigma=True, t_scale=t_scale)
-    flow.training_losses(model, torch.zeros(2, 1, 2, 2), torch.tensor([0.1, 0.9]), model_kwargs=dict(y=torch.tensor([0, 1])))
+    flow.training_losses(
+        model, torch.zeros(2, 1, 2, 2), torch.tensor([0.1, 0.9]), model_kwargs=dict(y=torch.tensor([0, 1]))
+    )
     assert torch.allclose(seen[0], torch.tensor([0.1, 0.9]) * t_scale)
     seen.clear()
     euler(flow, model, torch.zeros(1, 1, 2, 2), model_kwargs=dict(y=torch.tensor([3])), num_steps=4)
@@ -85,10 +87,16 @@ def test_euler_and_heun_follow_the_exact_ode():
 
 def test_flow_samplers_call_back_each_step_before_the_model():
     events = []
-    model = lambda x, t, **kw: events.append(("model", float(t[0]))) or torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+    model = lambda x, t, **kw: (
+        events.append(("model", float(t[0]))) or torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+    )
     callback = lambda info: events.append(("step", info["step"], info["num_steps"], info["t"], tuple(info["x"].shape)))
     heun(RectifiedFlow(), model, torch.zeros(2, 1, 1, 1), num_steps=2, callback=callback, progress=True)
     assert events == [
-        ("step", 0, 2, 1.0, (2, 1, 1, 1)), ("model", 1.0), ("model", 0.5),
-        ("step", 1, 2, 0.5, (2, 1, 1, 1)), ("model", 0.5), ("model", 0.0),
+        ("step", 0, 2, 1.0, (2, 1, 1, 1)),
+        ("model", 1.0),
+        ("model", 0.5),
+        ("step", 1, 2, 0.5, (2, 1, 1, 1)),
+        ("model", 0.5),
+        ("model", 0.0),
     ]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dit_moe.diffusion import build_objective, guided
+
 from tiny_dit import tiny_model
 
 NULL = 10

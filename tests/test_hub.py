@@ -221,8 +221,9 @@ def test_dit_moe_release_names_come_from_its_hub_repo(hf_home):
 
 def _sample_py(cwd: Path, env: dict, *argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", **env}
-    return subprocess.run([sys.executable, str(REPO / "sample.py"), *argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / "sample.py"), *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_sample_py_without_ckpt_asks_for_dits_defaults():
@@ -244,14 +245,20 @@ def test_sample_py_without_ckpt_downloads_dits_model_once_and_samples_a_grid(tmp
     torch.save(tiny_model(in_channels=4, input_size=4, num_classes=1000).state_dict(), tiny)  # official layout
     server = _serve({NAME: tiny.read_bytes()})
     save_tiny_vae(_hf_snapshot(tmp_path / "hf", "stabilityai/sd-vae-ft-mse"))  # 4x4 latents -> 8x8 images
-    env = {"TORCH_HOME": str(tmp_path / "torch"), "HF_HOME": str(tmp_path / "hf"), hub.DIT_BASE_URL_ENV: server.url,
-           "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_OFFLINE": ""}  # the Hub: unreachable
+    env = {
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "HF_HOME": str(tmp_path / "hf"),
+        hub.DIT_BASE_URL_ENV: server.url,
+        "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        "HF_HUB_OFFLINE": "",
+    }  # the Hub: unreachable
     try:
         for out in ("sample.png", "again.png"):
             result = _sample_py(tmp_path, env, "--seed", "1", "--num-sampling-steps", "2", "--out", out)
             assert result.returncode == 0, result.stderr
-            assert ("Saved 8 samples (classes 207,360,387,974,88,979,417,279; iddpm, ddpm, 2 steps, cfg 4.0) to "
-                    f"{out}") in result.stdout
+            assert (
+                f"Saved 8 samples (classes 207,360,387,974,88,979,417,279; iddpm, ddpm, 2 steps, cfg 4.0) to {out}"
+            ) in result.stdout
         grid = np.asarray(Image.open(tmp_path / "sample.png"))
         assert grid.shape == (2 * (8 + 2) + 2, 4 * (8 + 2) + 2, 3)  # DiT's nrow=4 layout of eight 8x8 images
         assert np.array_equal(grid, np.asarray(Image.open(tmp_path / "again.png")))

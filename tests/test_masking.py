@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from reference_dit import reference_forward
 
 from dit_moe.checkpoint import infer_config, load_model, save_export
 from dit_moe.diffusion import build_objective
@@ -13,8 +12,22 @@ from dit_moe.models import DiT, DiTConfig
 from dit_moe.models.masking import MaskInfo, drop_tokens, random_mask, restore_tokens
 from dit_moe.models.moe import MoEFeedForward
 
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10,
-            num_experts=4, num_experts_per_tok=2, decoder_depth=2, decoder_hidden_size=24, decoder_num_heads=4)
+from reference_dit import reference_forward
+
+TINY = dict(
+    input_size=8,
+    patch_size=2,
+    in_channels=4,
+    hidden_size=32,
+    depth=2,
+    num_heads=4,
+    num_classes=10,
+    num_experts=4,
+    num_experts_per_tok=2,
+    decoder_depth=2,
+    decoder_hidden_size=24,
+    decoder_num_heads=4,
+)
 T = 16  # (8 / 2) ** 2 tokens
 
 
@@ -100,7 +113,7 @@ def test_masked_patches_do_not_reach_visible_encoder_outputs_and_moe_sees_visibl
     def perturbed(token: int) -> torch.Tensor:
         row, col = divmod(token, 4)
         bumped = x.clone()
-        bumped[0, :, 2 * row:2 * row + 2, 2 * col:2 * col + 2] += 5.0
+        bumped[0, :, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2] += 5.0
         model(bumped, t, y, mask=info.mask)
         return seen["enc"]
 
@@ -121,8 +134,9 @@ def test_denoising_loss_has_no_gradient_at_masked_pixels(objective):
 
     def grad(mae_weight):
         x0.grad = None
-        terms = obj.loss(lambda x, t, y: model(x, t, y, mask=info.mask), x0, dict(y=y), mask=info.mask,
-                         mae_weight=mae_weight)
+        terms = obj.loss(
+            lambda x, t, y: model(x, t, y, mask=info.mask), x0, dict(y=y), mask=info.mask, mae_weight=mae_weight
+        )
         terms["loss"].sum().backward()
         return x0.grad
 
@@ -138,11 +152,11 @@ def test_mae_target_is_the_per_patch_normalised_noisy_input():
     mask = torch.tensor([[True, False, False, True]])  # patches (0, 0) and (1, 1) masked
     expected = []
     for row, col in ((0, 0), (1, 1)):
-        patch = x_t[0, :, 2 * row:2 * row + 2, 2 * col:2 * col + 2].flatten().tolist()
+        patch = x_t[0, :, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2].flatten().tolist()
         mean = sum(patch) / 8
         var = sum((v - mean) ** 2 for v in patch) / 7  # unbiased, as torch.var / MAE
         target = [(v - mean) / math.sqrt(var + 1e-6) for v in patch]
-        pred = prediction[0, :, 2 * row:2 * row + 2, 2 * col:2 * col + 2].flatten().tolist()
+        pred = prediction[0, :, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2].flatten().tolist()
         expected.append(sum((p - q) ** 2 for p, q in zip(pred, target)) / 8)
     assert mae_loss(x_t, prediction, mask).item() == pytest.approx(sum(expected) / 2, rel=1e-5)
 

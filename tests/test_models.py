@@ -5,6 +5,7 @@ import torch
 
 from dit_moe.models import MODEL_SIZES, DiT, DiT_models, preset_config
 from dit_moe.models.attention import Attention
+
 from reference_dit import reference_forward
 from tiny_dit import tiny_config, tiny_model
 
@@ -19,9 +20,13 @@ def dense_param_count(depth, hidden, patch, in_ch=4, learn_sigma=True, num_class
     t_emb = 256 * hidden + hidden + hidden * hidden + hidden
     y_emb = (num_classes + 1) * hidden
     pos = (input_size // patch) ** 2 * hidden
-    block = (3 * hidden * hidden + 3 * hidden) + (hidden * hidden + hidden) + (mlp * hidden + mlp) + (
-        hidden * mlp + hidden
-    ) + (6 * hidden * hidden + 6 * hidden)
+    block = (
+        (3 * hidden * hidden + 3 * hidden)
+        + (hidden * hidden + hidden)
+        + (mlp * hidden + mlp)
+        + (hidden * mlp + hidden)
+        + (6 * hidden * hidden + 6 * hidden)
+    )
     final = hidden * patch * patch * out_ch + patch * patch * out_ch + 2 * hidden * hidden + 2 * hidden
     return embed + t_emb + y_emb + pos + depth * block + final
 

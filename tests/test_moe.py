@@ -27,8 +27,10 @@ def expert_fn(experts, e):
     """Expert e as a plain function of one token, straight from the stacked weights."""
     if experts.expert_type == "swiglu":
         return lambda v: experts.down_proj[e] @ (F.silu(experts.gate_proj[e] @ v) * (experts.up_proj[e] @ v))
-    return lambda v: experts.fc2_weight[e] @ F.gelu(experts.fc1_weight[e] @ v + experts.fc1_bias[e],
-                                                    approximate="tanh") + experts.fc2_bias[e]
+    return lambda v: (
+        experts.fc2_weight[e] @ F.gelu(experts.fc1_weight[e] @ v + experts.fc1_bias[e], approximate="tanh")
+        + experts.fc2_bias[e]
+    )
 
 
 def naive(moe, x, keep=None):
@@ -166,7 +168,9 @@ def test_experts_without_tokens_get_zero_gradients(grouped):
         assert grad[0].abs().sum() > 0 and grad[2].abs().sum() > 0, name
 
     experts.zero_grad(set_to_none=True)  # an expert-parallel rank whose local experts get no token at all
-    experts(torch.randn(0, C), torch.zeros(2, dtype=torch.int64), first_expert=2).mul(torch.randn(0, C)).sum().backward()
+    experts(torch.randn(0, C), torch.zeros(2, dtype=torch.int64), first_expert=2).mul(
+        torch.randn(0, C)
+    ).sum().backward()
     for name in experts.weight_names:
         assert torch.equal(getattr(experts, name).grad, torch.zeros_like(getattr(experts, name))), name
 
@@ -245,8 +249,10 @@ def feizc_sparse_moe_block(sd, x, k, alpha=0.01):
     """feizc/DiT-MoE SparseMoeBlock (training path) and its MoEGate aux loss, from their formulas."""
 
     def mlp(prefix, v):
-        return F.linear(F.silu(F.linear(v, sd[prefix + "gate_proj.weight"])) * F.linear(v, sd[prefix + "up_proj.weight"]),
-                        sd[prefix + "down_proj.weight"])
+        return F.linear(
+            F.silu(F.linear(v, sd[prefix + "gate_proj.weight"])) * F.linear(v, sd[prefix + "up_proj.weight"]),
+            sd[prefix + "down_proj.weight"],
+        )
 
     E = sd["gate.weight"].shape[0]
     h = x.reshape(-1, x.shape[-1])
@@ -280,7 +286,10 @@ def test_state_dict_round_trip_between_layouts():
     stacked = stack_expert_state_dict(sd)
     assert stacked["blocks.1.moe.experts.gate_proj"].shape == (4, 2 * C, C)
     assert stacked["blocks.1.moe.experts.down_proj"].shape == (4, C, 2 * C)
-    assert "blocks.1.moe.shared_experts.gate_proj.weight" in stacked and "blocks.1.moe.experts.0.up_proj.weight" not in stacked
+    assert (
+        "blocks.1.moe.shared_experts.gate_proj.weight" in stacked
+        and "blocks.1.moe.experts.0.up_proj.weight" not in stacked
+    )
     back = unstack_expert_state_dict(stacked)
     assert back.keys() == sd.keys()
     assert all(torch.equal(back[key], sd[key]) for key in sd)

@@ -8,7 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dit_moe.evaluation.npz import iter_npz_images, npz_from_png_folder, png_name, read_npz, to_uint8_nhwc, write_npz, write_statistics
+from dit_moe.evaluation.npz import (
+    iter_npz_images,
+    npz_from_png_folder,
+    png_name,
+    read_npz,
+    to_uint8_nhwc,
+    write_npz,
+    write_statistics,
+)
 
 
 def _adm_stream_read(path, name):

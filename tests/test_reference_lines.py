@@ -23,12 +23,21 @@ from dit_moe.sampling import SamplingRequest, per_sample_noise, prepare_sampling
 from dit_moe.sampling.grid import image_grid, main
 from dit_moe.train.build import build_model_config
 from dit_moe.train.config import load_config
+
 from test_vae import save_tiny_vae
 from tiny_dit import tiny_model
 from trainer_runs import REPO, env
 
-DIT_MOE_LINE = ["--deepspeed_config", "config/zero2.json", "--model", "DiT-T/2", "--num_experts", "4",
-                "--num_experts_per_tok", "2"]
+DIT_MOE_LINE = [
+    "--deepspeed_config",
+    "config/zero2.json",
+    "--model",
+    "DiT-T/2",
+    "--num_experts",
+    "4",
+    "--num_experts_per_tok",
+    "2",
+]
 
 
 def dit_moe_flash_attention(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -48,8 +57,9 @@ def dit_moe_flash_attention(attn: torch.nn.Module, x: torch.Tensor) -> torch.Ten
 def dit_moe_block_keys(block: int, num_experts: int) -> set[str]:
     """The parameter names of one DiT-MoE DiTBlock built with use_flash_attn=True (models.py)."""
     attn = [f"attn.{name}.{p}" for name in ("Wqkv", "q_norm", "k_norm", "out_proj") for p in ("weight", "bias")]
-    experts = [f"moe.experts.{e}.{proj}.weight" for e in range(num_experts) for proj in ("gate_proj", "up_proj",
-                                                                                          "down_proj")]
+    experts = [
+        f"moe.experts.{e}.{proj}.weight" for e in range(num_experts) for proj in ("gate_proj", "up_proj", "down_proj")
+    ]
     shared = [f"moe.shared_experts.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")]
     rest = ["moe.gate.weight", "adaLN_modulation.1.weight", "adaLN_modulation.1.bias"]
     return {f"blocks.{block}.{key}" for key in attn + experts + shared + rest}
@@ -105,8 +115,26 @@ def dit_moe_flow_samples(model, z, labels, null, steps, cfg=7.0):
 def test_dit_moe_sample_line_on_its_flow_file_gives_its_euler_samples(dit_moe_flow_file, tmp_path, caplog):
     path, model = dit_moe_flow_file
     out = tmp_path / "sample.png"
-    code = main(["--model", "DiT-T/2", "--ckpt", str(path), "--image-size", "8", "--class-labels", "1,2",
-                 "--num-sampling-steps", "4", "--seed", "5", "--device", "cpu", "--out", str(out)])
+    code = main(
+        [
+            "--model",
+            "DiT-T/2",
+            "--ckpt",
+            str(path),
+            "--image-size",
+            "8",
+            "--class-labels",
+            "1,2",
+            "--num-sampling-steps",
+            "4",
+            "--seed",
+            "5",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     note = [r.getMessage() for r in caplog.records if r.name == "dit_moe.sampling"]
     assert code == 0 and len(note) == 1 and "flash-attention keys" in note[0] and "--rf False to override" in note[0]
     z = per_sample_noise([5, 6], (3, 8, 8))
@@ -128,8 +156,9 @@ def test_files_that_record_no_objective_are_judged_by_their_layout(dit_moe_flow_
     assert objective_evidence(ours)[0] is None
     with pytest.raises(UserError, match="records no objective .* --rf True .* --rf False"):
         prepare_sampling(SamplingRequest(tmp_path / "bare.pt", objective_flag="--rf", device="cpu"))
-    told = prepare_sampling(SamplingRequest(tmp_path / "bare.pt", objective="flow", objective_flag="--rf",
-                                            device="cpu"))
+    told = prepare_sampling(
+        SamplingRequest(tmp_path / "bare.pt", objective="flow", objective_flag="--rf", device="cpu")
+    )
     assert told.objective_name == "flow" and told.options.cfg_scale == 1.5
 
 
@@ -148,8 +177,12 @@ def test_init_from_keeps_the_files_objective(dit_moe_flow_file, tmp_path):
     assert config_for("--rf", "True").qk_norm
     assert config_for("--allow-objective-change", "True").moe_shape == "4E2A"
     model = tiny_model(in_channels=3)
-    cosine = save_export(tmp_path / "cosine.safetensors", model.config, model.state_dict(),
-                         objective=ObjectiveConfig(noise_schedule="cosine"))
+    cosine = save_export(
+        tmp_path / "cosine.safetensors",
+        model.config,
+        model.state_dict(),
+        objective=ObjectiveConfig(noise_schedule="cosine"),
+    )
     cfg = load_config(["--dataset", "digits", "--init-from", str(cosine)])
     with pytest.raises(ValueError, match="noise_schedule cosine .* --noise-schedule linear"):
         build_model_config(cfg, 3, 8, 10, read_checkpoint_file(cosine))
@@ -160,12 +193,36 @@ def test_dit_moe_deepspeed_line_trains_its_architecture_end_to_end(tmp_path):
     images = tmp_path / "images" / "cls0"
     images.mkdir(parents=True)
     for i in range(4):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+            images / f"{i}.png"
+        )
     vae = save_tiny_vae(tmp_path / "vae")
-    proc = subprocess.run([sys.executable, "train_deepspeed.py", *DIT_MOE_LINE, "--data-path", str(tmp_path / "images"),
-                           "--vae-path", vae, "--image-size", "16", "--train_batch_size", "2", "--rf", "True",
-                           "--max-steps", "1", "--results-dir", str(tmp_path / "out")],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train_deepspeed.py",
+            *DIT_MOE_LINE,
+            "--data-path",
+            str(tmp_path / "images"),
+            "--vae-path",
+            vae,
+            "--image-size",
+            "16",
+            "--train_batch_size",
+            "2",
+            "--rf",
+            "True",
+            "--max-steps",
+            "1",
+            "--results-dir",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sdpa attention with QK-norm (LayerNorm eps 1e-06)" in proc.stdout + proc.stderr
     export = read_checkpoint_file(tmp_path / "out" / "export.safetensors")

@@ -67,8 +67,13 @@ def hand_balance_loss_and_logit_grad(ids, scores, N, per_sample):
 def test_load_balancing_loss_value_and_gradient(per_sample):
     N, T, C, E, k, coef = 2, 3, 5, 4, 2, 0.01
     torch.manual_seed(1)
-    moe = MoEFeedForward(C, C, MoEArgs(num_experts=E, num_experts_per_tok=k, n_shared_experts=0,
-                                    aux_loss_coef=coef, aux_loss_per_sample=per_sample)).train()
+    moe = MoEFeedForward(
+        C,
+        C,
+        MoEArgs(
+            num_experts=E, num_experts_per_tok=k, n_shared_experts=0, aux_loss_coef=coef, aux_loss_per_sample=per_sample
+        ),
+    ).train()
     x = torch.randn(N, T, C)
     _, aux = moe(x)
     assert set(aux) == {"moe_aux_loss"}
@@ -93,8 +98,9 @@ def test_per_sample_and_global_loss_differ_when_samples_differ():
 def test_z_loss_value_and_gradient():
     torch.manual_seed(3)
     C, coef = 4, 1e-3
-    moe = MoEFeedForward(C, C, MoEArgs(num_experts=3, num_experts_per_tok=1, n_shared_experts=0,
-                                    aux_loss_coef=0.0, z_loss_coef=coef)).train()
+    moe = MoEFeedForward(
+        C, C, MoEArgs(num_experts=3, num_experts_per_tok=1, n_shared_experts=0, aux_loss_coef=0.0, z_loss_coef=coef)
+    ).train()
     x = torch.randn(2, 3, C)
     _, aux = moe(x)
     assert set(aux) == {"moe_z_loss"}

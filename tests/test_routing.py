@@ -16,12 +16,23 @@ from dit_moe.diffusion import ObjectiveConfig, guided
 from dit_moe.models import DiT, MoEArgs
 from dit_moe.models.moe import MoEFeedForward
 from dit_moe.routing import (
-    RoutingFile, RoutingFileError, RoutingRecorder, analyse_checkpoint, class_heatmap, count_routing, load_counts,
-    panel_axes, patch_dominant_heatmap, patch_expert_heatmap, step_heatmap, summarize,
+    RoutingFile,
+    RoutingFileError,
+    RoutingRecorder,
+    analyse_checkpoint,
+    class_heatmap,
+    count_routing,
+    load_counts,
+    panel_axes,
+    patch_dominant_heatmap,
+    patch_expert_heatmap,
+    step_heatmap,
+    summarize,
 )
 from dit_moe.routing.plots import timestep_bins
 from dit_moe.sampling import SamplingOptions, build_sampling_objective, sample_images
 from dit_moe.vae import PixelCodec
+
 from tiny_dit import tiny_config, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +42,7 @@ TIMESTEPS = [900.0, 500.0, 100.0]
 
 
 # -- a bare MoE layer whose routing is a known function of (label, position, step) -------------
+
 
 def known_choice(label: int, position: int, step: int) -> tuple[int, int]:
     """First and second expert of a token, by construction."""
@@ -185,6 +197,7 @@ def test_missing_labels_or_mismatched_positions_fail_clearly():
 
 # -- a whole DiT ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def dit():
     """DiT-T/2 on 8x8 pixels (4x4 patches) with random weights everywhere, so every block matters."""
@@ -232,8 +245,15 @@ def test_sampling_with_the_recorder_gives_the_same_images(dit):
     flow = build_sampling_objective(dit.config, ObjectiveConfig(objective="flow"))
     plain = sample_images(dit, codec, [1, 2], [0, 1], options, objective=flow)
     with RoutingRecorder(dit) as rec:
-        tagged = sample_images(dit, codec, [1, 2], [0, 1], options, objective=flow,
-                               callback=lambda info: rec.set_context(timestep=info["t"], step=info["step"]))
+        tagged = sample_images(
+            dit,
+            codec,
+            [1, 2],
+            [0, 1],
+            options,
+            objective=flow,
+            callback=lambda info: rec.set_context(timestep=info["t"], step=info["step"]),
+        )
     assert torch.equal(plain, tagged)
     data = rec.arrays()
     np.testing.assert_array_equal(data["step"], np.repeat([0, 1], 2 * 16))
@@ -242,18 +262,21 @@ def test_sampling_with_the_recorder_gives_the_same_images(dit):
 
 # -- statistics and plots -----------------------------------------------------------------------
 
+
 def test_summary_of_a_handmade_routing():
     chunk = dict(
         ids=np.array([[[0], [0]], [[1], [0]], [[2], [0]], [[3], [0]]], np.uint8),
-        label=np.zeros(4, np.int16), position=np.arange(4, dtype=np.int16),
-        timestep=np.full(4, np.nan, np.float32), step=np.full(4, -1, np.int16),
+        label=np.zeros(4, np.int16),
+        position=np.arange(4, dtype=np.int16),
+        timestep=np.full(4, np.nan, np.float32),
+        step=np.full(4, -1, np.int16),
     )
     meta = dict(num_experts=4, top_k=1, moe_layers=[2, 5], num_classes=1, grid_size=[2, 2], timesteps=[])
     summary = summarize(count_routing([chunk], meta))
     balanced, collapsed = summary["layers"]
     assert balanced["layer"] == 2 and balanced["load_share"] == [0.25] * 4
     assert balanced["cv"] == 0.0 and balanced["entropy"] == pytest.approx(1.0) and balanced["unused_experts"] == []
-    assert collapsed["load_share"] == [1.0, 0.0, 0.0, 0.0] and collapsed["cv"] == pytest.approx(3 ** 0.5)
+    assert collapsed["load_share"] == [1.0, 0.0, 0.0, 0.0] and collapsed["cv"] == pytest.approx(3**0.5)
     assert collapsed["entropy"] == pytest.approx(0.0) and collapsed["unused_experts"] == [1, 2, 3]
 
 
@@ -284,6 +307,7 @@ def test_plots_have_one_panel_per_layer(dit):
 
 # -- routing files ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def routing_file(tmp_path_factory):
     return record_known().save(tmp_path_factory.mktemp("routing") / "routing.npz")
@@ -310,15 +334,18 @@ def _meta(path: Path) -> dict:
         return routing.meta
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing_file", "No routing file at"),
-    ("truncated", "is truncated or not an .npz routing file"),
-    ("missing_key", "lacks label"),
-    ("wrong_shape", "has position of shape \\(7,\\)"),
-    ("layer_mismatch", "holds 1 MoE layers but its metadata lists 2"),
-    ("top_k_mismatch", "top_k=3"),
-    ("bad_ids", "expert ids outside 0..3"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_file", "No routing file at"),
+        ("truncated", "is truncated or not an .npz routing file"),
+        ("missing_key", "lacks label"),
+        ("wrong_shape", "has position of shape \\(7,\\)"),
+        ("layer_mismatch", "holds 1 MoE layers but its metadata lists 2"),
+        ("top_k_mismatch", "top_k=3"),
+        ("bad_ids", "expert ids outside 0..3"),
+    ],
+)
 def test_bad_routing_files_fail_in_one_sentence(routing_file, tmp_path, case, message):
     bad = tmp_path / "bad.npz"
     if case == "truncated":
@@ -352,6 +379,7 @@ def test_cli_reports_a_bad_file_with_exit_status_2(tmp_path, monkeypatch, capsys
 
 # -- end to end on a checkpoint ------------------------------------------------------------------
 
+
 def _run_script(name: str, args: list, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", [name, *map(str, args)])
     with pytest.raises(SystemExit) as exit_info:
@@ -361,9 +389,28 @@ def _run_script(name: str, args: list, monkeypatch) -> None:
 
 def test_analysis_scripts_run_on_a_checkpoint(tiny_export, tmp_path, monkeypatch):
     routing = tmp_path / "routing.npz"
-    _run_script("expert_data.py", ["--ckpt", tiny_export, "--out", routing, "--vae-path", "none", "--classes", "3,8",
-                                   "--samples-per-class", "2", "--num-sampling-steps", "2", "--cfg-scale", "1.5",
-                                   "--device", "cpu"], monkeypatch)
+    _run_script(
+        "expert_data.py",
+        [
+            "--ckpt",
+            tiny_export,
+            "--out",
+            routing,
+            "--vae-path",
+            "none",
+            "--classes",
+            "3,8",
+            "--samples-per-class",
+            "2",
+            "--num-sampling-steps",
+            "2",
+            "--cfg-scale",
+            "1.5",
+            "--device",
+            "cpu",
+        ],
+        monkeypatch,
+    )
     with RoutingFile(routing) as data:
         meta = data.meta
         assert data.num_rows == 2 * 2 * 2 * 16  # classes x samples x steps x patches (cond half only)
@@ -372,8 +419,12 @@ def test_analysis_scripts_run_on_a_checkpoint(tiny_export, tmp_path, monkeypatch
     assert meta["num_experts"] == 4 and meta["top_k"] == 2 and meta["moe_layers"] == list(range(6))
     assert meta["sampling"]["sampler"] == "euler" and meta["sampling"]["cfg_scale"] == 1.5
     assert meta["ckpt"] == str(Path(tiny_export).resolve())
-    for script, extra in [("heatmap_class.py", []), ("heatmap_step.py", ["--bins", "3"]),
-                          ("heatmap_patch.py", ["--mode", "dominant"]), ("heatmap_patch.py", ["--mode", "per-expert"])]:
+    for script, extra in [
+        ("heatmap_class.py", []),
+        ("heatmap_step.py", ["--bins", "3"]),
+        ("heatmap_patch.py", ["--mode", "dominant"]),
+        ("heatmap_patch.py", ["--mode", "per-expert"]),
+    ]:
         png = tmp_path / f"{script}{len(extra)}.png"
         _run_script(script, ["--routing", routing, "--out", png, *extra], monkeypatch)
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
@@ -383,8 +434,9 @@ def test_analysis_scripts_run_on_a_checkpoint(tiny_export, tmp_path, monkeypatch
 
 
 def test_analyse_checkpoint_writes_everything(tiny_export, tmp_path):
-    paths = analyse_checkpoint(tiny_export, tmp_path / "out", classes=[0, 1], samples_per_class=1, num_steps=2,
-                               cfg_scale=1.0, progress=False)
+    paths = analyse_checkpoint(
+        tiny_export, tmp_path / "out", classes=[0, 1], samples_per_class=1, num_steps=2, cfg_scale=1.0, progress=False
+    )
     assert set(paths) == {"routing", "class", "patch", "patch_experts", "step", "summary_json", "summary_txt"}
     assert all(Path(p).is_file() and Path(p).stat().st_size > 0 for p in paths.values())
     assert "entropy" in Path(paths["summary_txt"]).read_text()

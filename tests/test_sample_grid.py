@@ -15,6 +15,7 @@ from dit_moe.diffusion import ObjectiveConfig
 from dit_moe.models.experts import unstack_expert_state_dict
 from dit_moe.sampling import SamplingOptions, SamplingRequest, prepare_sampling
 from dit_moe.sampling.grid import SampleGrid, default_labels, image_grid, main, sample_grid
+
 from test_vae import save_tiny_vae
 from tiny_dit import tiny_model
 
@@ -59,8 +60,20 @@ def _run(capsys, *argv):
 @pytest.mark.parametrize("kind, sampler", [("iddpm", "ddpm"), ("iddpm", "ddim"), ("flow", "euler"), ("flow", "heun")])
 def test_each_sampler_writes_a_grid(ckpts, tmp_path, capsys, kind, sampler):
     out = tmp_path / "grid.png"
-    code, stdout, err = _run(capsys, "--ckpt", ckpts[kind], "--out", out, "--sampler", sampler,
-                             "--class-labels", "0,1,2,3,4", "--cfg_scale", "2.0", *STEPS)
+    code, stdout, err = _run(
+        capsys,
+        "--ckpt",
+        ckpts[kind],
+        "--out",
+        out,
+        "--sampler",
+        sampler,
+        "--class-labels",
+        "0,1,2,3,4",
+        "--cfg_scale",
+        "2.0",
+        *STEPS,
+    )
     assert code == 0, err
     assert f"{sampler}, 2 steps" in stdout and str(out) in stdout
     grid = np.asarray(Image.open(out))
@@ -71,8 +84,22 @@ def test_each_sampler_writes_a_grid(ckpts, tmp_path, capsys, kind, sampler):
 
 def test_readme_command_with_a_vae(ckpts, tmp_path, capsys):
     out = tmp_path / "sample.png"
-    code, stdout, err = _run(capsys, "--model", "DiT-T/2", "--ckpt", ckpts["latent"], "--vae-path", ckpts["vae"],
-                             "--image-size", "8", "--cfg-scale", "1.5", "--out", out, *STEPS)
+    code, stdout, err = _run(
+        capsys,
+        "--model",
+        "DiT-T/2",
+        "--ckpt",
+        ckpts["latent"],
+        "--vae-path",
+        ckpts["vae"],
+        "--image-size",
+        "8",
+        "--cfg-scale",
+        "1.5",
+        "--out",
+        out,
+        *STEPS,
+    )
     assert code == 0, err
     assert "classes 0,1,2,3,0,1,2,3;" in stdout  # default labels for a 4-class model: two full rows
     assert np.asarray(Image.open(out)).shape == (22, 42, 3)
@@ -81,8 +108,14 @@ def test_readme_command_with_a_vae(ckpts, tmp_path, capsys):
 def test_seed_decides_the_pixels(ckpts, tmp_path):
     def grid(seed, labels=(1, 2, 3, 4)):
         options = SamplingOptions(sampler="ddpm", num_steps=3, cfg_scale=1.5)
-        return sample_grid(ckpts["iddpm"], tmp_path / f"{seed}-{len(labels)}.png", class_labels=labels,
-                           options=options, seed=seed, device="cpu")
+        return sample_grid(
+            ckpts["iddpm"],
+            tmp_path / f"{seed}-{len(labels)}.png",
+            class_labels=labels,
+            options=options,
+            seed=seed,
+            device="cpu",
+        )
 
     first, again, other = grid(3), grid(3), grid(4)
     assert isinstance(first, SampleGrid) and first.images.shape == (4, 3, 8, 8)
@@ -114,13 +147,19 @@ def test_rf_flag_chooses_the_objective_of_a_file_without_config(ckpts, tmp_path,
     assert code == 2 and "pass --rf True" in err
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--model", "DiT-S/2"], "--model DiT-S/2 does not match the checkpoint, which holds a DiT-T/2 model"),
-    (["--image-size", "16"], "--image-size 16 does not fit this checkpoint: it generates 8x8 images; pass --image-size 8"),
-    (["--dtype", "bf16"], "--dtype bf16 runs the model under CUDA autocast and is not supported on cpu"),
-    (["--class-labels", "3,10"], "Class labels [10] are outside this model's 0..9"),
-    (["--vae-path", "/no/such/vae"], "VAE folder '/no/such/vae' does not exist"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "DiT-S/2"], "--model DiT-S/2 does not match the checkpoint, which holds a DiT-T/2 model"),
+        (
+            ["--image-size", "16"],
+            "--image-size 16 does not fit this checkpoint: it generates 8x8 images; pass --image-size 8",
+        ),
+        (["--dtype", "bf16"], "--dtype bf16 runs the model under CUDA autocast and is not supported on cpu"),
+        (["--class-labels", "3,10"], "Class labels [10] are outside this model's 0..9"),
+        (["--vae-path", "/no/such/vae"], "VAE folder '/no/such/vae' does not exist"),
+    ],
+)
 def test_bad_input_is_one_sentence(ckpts, tmp_path, capsys, extra, message):
     code, _, err = _run(capsys, "--ckpt", ckpts["iddpm"], "--out", tmp_path / "x.png", *extra, *STEPS)
     assert code == 2 and err.startswith(f"sample.py: error: {message}") and err.count("\n") == 1, err
@@ -129,14 +168,29 @@ def test_bad_input_is_one_sentence(ckpts, tmp_path, capsys, extra, message):
 def test_latent_model_without_vae_and_wrong_vae_size(ckpts, tmp_path, capsys):
     code, _, err = _run(capsys, "--ckpt", ckpts["latent"], "--out", tmp_path / "x.png", *STEPS)
     assert code == 2 and "4-channel latents but no --vae-path was given; pass --vae-path DIR" in err
-    code, _, err = _run(capsys, "--ckpt", ckpts["latent"], "--vae-path", ckpts["vae"], "--image-size", "4",
-                        "--out", tmp_path / "x.png", *STEPS)
+    code, _, err = _run(
+        capsys,
+        "--ckpt",
+        ckpts["latent"],
+        "--vae-path",
+        ckpts["vae"],
+        "--image-size",
+        "4",
+        "--out",
+        tmp_path / "x.png",
+        *STEPS,
+    )
     assert code == 2 and "4x4 latents, which the VAE decodes to 8x8 pixels; pass --image-size 8" in err
 
 
 def test_entry_script_exits_2_without_traceback(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "sample.py"), "--ckpt", str(tmp_path / "missing.pt")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "sample.py"), "--ckpt", str(tmp_path / "missing.pt")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("sample.py: error: Checkpoint") and "does not exist" in result.stderr
 
@@ -162,18 +216,39 @@ def test_dit_vae_flag_takes_none_and_says_what_to_fetch_offline(ckpts, tmp_path,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = _run(capsys, "--ckpt", ckpts["latent"], "--vae", "ema", "--out", tmp_path / "g.png")
     assert code == 2 and "stabilityai/sd-vae-ft-ema" in err and "pass --vae-path DIR" in err
-    assert main(["--ckpt", str(ckpts["iddpm"]), "--vae", "none", "--num-sampling-steps", "2",
-                 "--out", str(tmp_path / "g.png")]) == 0
+    assert (
+        main(
+            [
+                "--ckpt",
+                str(ckpts["iddpm"]),
+                "--vae",
+                "none",
+                "--num-sampling-steps",
+                "2",
+                "--out",
+                str(tmp_path / "g.png"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_prepare_says_where_config_and_objective_came_from(ckpts):
     stored = prepare_sampling(SamplingRequest(ckpts["flow"], device="cpu"))
     assert (stored.config_source, stored.objective_name, stored.objective_source) == (
-        "stored", "flow", "the checkpoint's config")
+        "stored",
+        "flow",
+        "the checkpoint's config",
+    )
     assert (stored.sampler, stored.num_steps) == ("euler", 50)
-    inferred = prepare_sampling(SamplingRequest(ckpts["feizc"], objective="flow", objective_flag="--rf",
-                                                num_experts_per_tok=1, device="cpu"))
-    assert (inferred.config_source, inferred.objective_name, inferred.objective_source) == ("inferred", "flow", "--rf True")
+    inferred = prepare_sampling(
+        SamplingRequest(ckpts["feizc"], objective="flow", objective_flag="--rf", num_experts_per_tok=1, device="cpu")
+    )
+    assert (inferred.config_source, inferred.objective_name, inferred.objective_source) == (
+        "inferred",
+        "flow",
+        "--rf True",
+    )
     with pytest.raises(UserError, match="trained with rectified flow but --objective iddpm .* pass --objective flow"):
         prepare_sampling(SamplingRequest(ckpts["flow"], objective="iddpm", device="cpu"))
     with pytest.raises(UserError, match="--noise-schedule and --diffusion-steps describe IDDPM models"):

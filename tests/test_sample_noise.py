@@ -12,6 +12,7 @@ from dit_moe.sampling import (
     sample_images,
 )
 from dit_moe.vae import PixelCodec
+
 from tiny_dit import tiny_model
 
 

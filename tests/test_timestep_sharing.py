@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 from dit_moe.diffusion import DrawSpec, Objective, create_diffusion
 from dit_moe.diffusion.timesteps import LossSecondMomentTimesteps, UniformTimesteps
 from dit_moe.train.distributed import RankSlice
+
 from trainer_runs import free_port
 
 WORLD, T, HISTORY = 2, 4, 2

@@ -57,7 +57,7 @@ def test_speedit_dual_half_and_p2_weights(alphas_cumprod):
     sampler = SpeeDiTTimesteps(alphas_cumprod)
     batch = 9
     t, weights = sampler.sample(batch, "cpu")
-    drawn, dual = t[: batch // 2 + 1], t[batch // 2 + 1:]
+    drawn, dual = t[: batch // 2 + 1], t[batch // 2 + 1 :]
     tau = sampler.meaningful_step
     expected_dual = [tau - d if d < tau else d - tau for d in drawn.tolist()][: len(dual)]
     assert dual.tolist() == expected_dual
@@ -123,7 +123,7 @@ def test_speed_seeded_frequencies_dual_half_and_weights():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         t, weights = sampler.sample(batch, "cpu")
-    drawn, dual = t[: batch // 2 + 1], t[batch // 2 + 1:]
+    drawn, dual = t[: batch // 2 + 1], t[batch // 2 + 1 :]
     freq = torch.bincount(drawn, minlength=8).double() / len(drawn)
     assert torch.allclose(freq, torch.tensor([5 / 28] * 5 + [1 / 28] * 3, dtype=torch.float64), atol=0.01)
     assert dual.tolist() == [7 - d if d < 7 else d - 7 for d in drawn.tolist()][: len(dual)]

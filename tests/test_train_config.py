@@ -11,12 +11,40 @@ DIGITS = ["--dataset", "digits"]
 
 
 def test_dit_moe_readme_flags_parse_with_both_spellings():
-    cfg = load_config([
-        "--deepspeed_config", "config/zero2.json", "--model", "DiT-S/2", "--num_experts", "8",
-        "--num-experts-per-tok", "2", "--data-path", "/data", "--vae-path", "/vae", "--image-size", "256",
-        "--train_batch_size", "32", "--rf", "True", "--global_seed", "7",
-        "--ckpt-every", "500", "--log_every", "10", "--results_dir", "out", "--epochs", "3", "--accum_iter", "4",
-    ])
+    cfg = load_config(
+        [
+            "--deepspeed_config",
+            "config/zero2.json",
+            "--model",
+            "DiT-S/2",
+            "--num_experts",
+            "8",
+            "--num-experts-per-tok",
+            "2",
+            "--data-path",
+            "/data",
+            "--vae-path",
+            "/vae",
+            "--image-size",
+            "256",
+            "--train_batch_size",
+            "32",
+            "--rf",
+            "True",
+            "--global_seed",
+            "7",
+            "--ckpt-every",
+            "500",
+            "--log_every",
+            "10",
+            "--results_dir",
+            "out",
+            "--epochs",
+            "3",
+            "--accum_iter",
+            "4",
+        ]
+    )
     assert cfg.run.deepspeed_config == "config/zero2.json" and cfg.model.model == "DiT-S/2"
     assert (cfg.model.num_experts, cfg.model.num_experts_per_tok) == (8, 2)
     assert (cfg.data.data_path, cfg.data.vae_path, cfg.data.image_size) == ("/data", "/vae", 256)
@@ -82,11 +110,15 @@ def test_batch_plan_reconciles_and_names_the_numbers():
         BatchPlan.resolve(_run(), world_size=1, ds_config={})
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "config").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "config").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_experiment_yamls_load(path):
-    cfg = load_config(["--config", str(path), "--features-path", "/data/latents"] if "latents" in path.read_text()
-                      else ["--config", str(path)])
+    cfg = load_config(
+        ["--config", str(path), "--features-path", "/data/latents"]
+        if "latents" in path.read_text()
+        else ["--config", str(path)]
+    )
     assert cfg.model.model in DiT_models and cfg.run.global_batch_size
 
 
@@ -102,14 +134,30 @@ def test_fast_dit_feature_path_spelling_means_features_path(tmp_path):
 
 
 def test_every_model_field_is_a_flag_and_reaches_the_config():
-    cfg = load_config(DIGITS + ["--model", "DiT-T/2", "--mlp-ratio", "2", "--grouped-gemm", "off",
-                                "--qk_norm_eps", "1e-6", "--num-experts", "4", "--hidden-size", "64"])
+    cfg = load_config(
+        DIGITS
+        + [
+            "--model",
+            "DiT-T/2",
+            "--mlp-ratio",
+            "2",
+            "--grouped-gemm",
+            "off",
+            "--qk_norm_eps",
+            "1e-6",
+            "--num-experts",
+            "4",
+            "--hidden-size",
+            "64",
+        ]
+    )
     config = cfg.model.architecture(input_size=8, in_channels=1, num_classes=10)
     assert (config.mlp_ratio, config.qk_norm_eps, config.hidden_size, config.depth) == (2.0, 1e-6, 64, 6)
     assert (config.moe.grouped_gemm, config.moe.num_experts) == ("off", 4)
     assert config.moe.num_experts_per_tok == 2  # DiT-MoE's default top-k, from MoEArgs
-    model = DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=10, mlp_ratio=2.0, hidden_size=64,
-                                  num_experts=4)
+    model = DiT_models["DiT-T/2"](
+        input_size=8, in_channels=1, num_classes=10, mlp_ratio=2.0, hidden_size=64, num_experts=4
+    )
     assert model.blocks[0].moe.experts.gate_proj.shape == (4, 128, 64)  # [E, mlp_ratio x hidden, hidden]
     dense = load_config(DIGITS + ["--num-experts", "0"]).model.architecture(32, 4, 1000)
     assert dense.moe is None

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dit_moe.checkpoint import load_model
+
 from trainer_runs import losses, run_train
 
 pytestmark = pytest.mark.multiproc
@@ -43,8 +44,18 @@ def test_two_ranks_match_single_process(single, tmp_path, zero):
 
 def test_resuming_on_another_number_of_processes_says_how_to_continue(single, tmp_path):
     shutil.copytree(single / "checkpoints", tmp_path / "checkpoints")
-    proc = run_train(tmp_path, *ONE_TOKEN[:-4], "--max-steps", "4", "--aux-loss-coef", "0", "--resume", "auto",
-                     launcher="deepspeed", check=False)
+    proc = run_train(
+        tmp_path,
+        *ONE_TOKEN[:-4],
+        "--max-steps",
+        "4",
+        "--aux-loss-coef",
+        "0",
+        "--resume",
+        "auto",
+        launcher="deepspeed",
+        check=False,
+    )
     assert proc.returncode != 0
     assert "was written by 1 process(es) and this run has 2" in proc.stdout + proc.stderr
     assert "--init-from" in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr

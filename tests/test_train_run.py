@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from dit_moe.checkpoint import load_model, read_checkpoint_file
-from dit_moe.diffusion import ObjectiveConfig
 from dit_moe.checkpoint_layout import COMPLETE_MARKER, latest_complete_tag
+from dit_moe.diffusion import ObjectiveConfig
+
 from trainer_runs import REPO, env, losses, run_train, train_cmd
 
 
@@ -32,7 +33,9 @@ def test_short_run_writes_metrics_curve_checkpoints_and_export(reference_run):
     assert (out / "config.yaml").is_file() and any((out / "tensorboard").iterdir())
     ckpts = out / "checkpoints"
     assert latest_complete_tag(ckpts) == "step0000004" and (ckpts / "step0000002" / COMPLETE_MARKER).is_file()
-    assert read_checkpoint_file(ckpts).objective == ObjectiveConfig(timestep_sampler="uniform")  # beside dit_config.json
+    assert read_checkpoint_file(ckpts).objective == ObjectiveConfig(
+        timestep_sampler="uniform"
+    )  # beside dit_config.json
     assert not list(out.rglob(".*.tmp*"))  # every write went through a temporary name and was renamed
     model = load_model(out / "export.safetensors")
     assert model.config.num_experts == 4 and model.config.input_size == 8 and model.config.num_classes == 10
@@ -61,9 +64,13 @@ def test_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path):
 @pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
     """kill -9 while checkpoints are being written every step, then resume."""
-    proc = subprocess.Popen(train_cmd(tmp_path, "--global-batch-size", "8", "--max-steps", "200",
-                                      "--ckpt-every", "1", "--keep-last", "2"),
-                            cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_cmd(tmp_path, "--global-batch-size", "8", "--max-steps", "200", "--ckpt-every", "1", "--keep-last", "2"),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpts = tmp_path / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and len(list(ckpts.glob(f"*/{COMPLETE_MARKER}"))) < 2:
@@ -94,9 +101,14 @@ def test_incomplete_tag_is_skipped(reference_run, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    proc = subprocess.Popen(train_cmd(tmp_path, "--global-batch-size", "8", "--max-steps", "500",
-                                      "--ckpt-every", "1000"),
-                            cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(tmp_path, "--global-batch-size", "8", "--max-steps", "500", "--ckpt-every", "1000"),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
@@ -109,12 +121,15 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert not (tmp_path / "export.safetensors").exists()  # an unfinished run is not exported
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--global-batch-size", "10", "--train_batch_size", "3"], "Global batch 10 is not divisible by micro batch 3"),
-    (["--dataset", "folder", "--data-path", "/nonexistent/images", "--vae-path", "none"], "/nonexistent/images"),
-    (["--dataset", "folder", "--data-path", "{tmp}", "--vae-path", "/nonexistent/vae"], "/nonexistent/vae"),
-    (["--deepspeed_config", "config/zero9.json"], "config/zero9.json does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--global-batch-size", "10", "--train_batch_size", "3"], "Global batch 10 is not divisible by micro batch 3"),
+        (["--dataset", "folder", "--data-path", "/nonexistent/images", "--vae-path", "none"], "/nonexistent/images"),
+        (["--dataset", "folder", "--data-path", "{tmp}", "--vae-path", "/nonexistent/vae"], "/nonexistent/vae"),
+        (["--deepspeed_config", "config/zero9.json"], "config/zero9.json does not exist"),
+    ],
+)
 def test_bad_input_gives_one_line_error(tmp_path, args, message):
     (tmp_path / "cls0").mkdir()
     from PIL import Image
@@ -130,8 +145,21 @@ def test_bad_input_gives_one_line_error(tmp_path, args, message):
 
 @pytest.mark.slow
 def test_masked_training_logs_the_mae_term_and_exports_a_model_that_runs_unmasked(tmp_path):
-    run_train(tmp_path, "--global-batch-size", "8", "--max-steps", "2", "--mask-ratio", "0.5",
-              "--decoder-depth", "1", "--decoder-hidden-size", "64", "--decoder-num-heads", "4")
+    run_train(
+        tmp_path,
+        "--global-batch-size",
+        "8",
+        "--max-steps",
+        "2",
+        "--mask-ratio",
+        "0.5",
+        "--decoder-depth",
+        "1",
+        "--decoder-hidden-size",
+        "64",
+        "--decoder-num-heads",
+        "4",
+    )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(rec["mae"] > 0 and rec["loss"] > 0 for rec in records)
     model = load_model(tmp_path / "export.safetensors")
@@ -145,9 +173,24 @@ def test_init_from_an_upcycled_dense_run_starts_where_the_dense_model_was(tmp_pa
     dense = tmp_path / "dense"
     run_train(dense, "--global-batch-size", "8", "--max-steps", "2", "--num_experts", "0")
     moe_file = tmp_path / "moe.safetensors"
-    subprocess.run([sys.executable, "upcycle.py", "--ckpt", str(dense / "export.safetensors"), "--num_experts", "4",
-                    "--num_experts_per_tok", "2", "--out", str(moe_file)], cwd=REPO, env=env(), check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "upcycle.py",
+            "--ckpt",
+            str(dense / "export.safetensors"),
+            "--num_experts",
+            "4",
+            "--num_experts_per_tok",
+            "2",
+            "--out",
+            str(moe_file),
+        ],
+        cwd=REPO,
+        env=env(),
+        check=True,
+        capture_output=True,
+    )
     continued, upcycled = tmp_path / "continued", tmp_path / "upcycled"
     common = ("--global-batch-size", "8", "--max-steps", "1", "--seed", "5")
     run_train(continued, *common, "--init-from", str(dense / "export.safetensors"))

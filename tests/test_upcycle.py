@@ -14,12 +14,23 @@ from dit_moe.checkpoint import CheckpointError, infer_config, load_model, read_c
 from dit_moe.diffusion import ObjectiveConfig
 from dit_moe.models import DiT, DiTConfig
 from dit_moe.upcycle import UpcycleError, moe_layers_every, upcycle_checkpoint, upcycle_state_dict
+
 from reference_dit import randomize_
 from tiny_dit import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CUSTOM = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=3, num_heads=3,
-                   mlp_ratio=2.0, num_classes=10, learn_sigma=False, qk_norm=True)
+CUSTOM = DiTConfig(
+    input_size=8,
+    patch_size=2,
+    in_channels=4,
+    hidden_size=48,
+    depth=3,
+    num_heads=3,
+    mlp_ratio=2.0,
+    num_classes=10,
+    learn_sigma=False,
+    qk_norm=True,
+)
 
 
 def _dense(config=None):
@@ -57,7 +68,11 @@ def test_upcycled_equals_dense(config, experts):
     before = {k: v.clone() for k, v in dense.state_dict().items()}
     moe_config, state = upcycle_state_dict(dense.state_dict(), dense.config, *experts)
     assert (moe_config.num_experts, moe_config.moe.num_experts_per_tok) == experts
-    assert (moe_config.moe.expert_type, moe_config.moe.n_shared_experts, moe_config.moe.norm_topk_prob) == ("gelu", 0, True)
+    assert (moe_config.moe.expert_type, moe_config.moe.n_shared_experts, moe_config.moe.norm_topk_prob) == (
+        "gelu",
+        0,
+        True,
+    )
     assert (moe_config.class_dropout_prob, moe_config.moe.aux_loss_coef, moe_config.moe.moe_layers) == (0.1, 0.01, None)
     moe = _build(moe_config, state)
     assert moe.moe_blocks == list(range(dense.config.depth))
@@ -95,11 +110,17 @@ def test_expert_noise_breaks_symmetry_within_the_stated_bound():
     h = torch.randn(2, 16, 128)
     mlp, layer = dense.blocks[0].mlp, noisy.blocks[0].moe
     experts = layer.experts
-    per_expert = torch.stack([
-        F.linear(F.gelu(F.linear(h, experts.fc1_weight[e], experts.fc1_bias[e]), approximate="tanh"),
-                 experts.fc2_weight[e], experts.fc2_bias[e]) - mlp(h)
-        for e in range(4)
-    ]).norm(dim=-1)  # [E, N, T]
+    per_expert = torch.stack(
+        [
+            F.linear(
+                F.gelu(F.linear(h, experts.fc1_weight[e], experts.fc1_bias[e]), approximate="tanh"),
+                experts.fc2_weight[e],
+                experts.fc2_bias[e],
+            )
+            - mlp(h)
+            for e in range(4)
+        ]
+    ).norm(dim=-1)  # [E, N, T]
     with torch.no_grad():
         moe_diff = (layer(h)[0] - mlp(h)).norm(dim=-1)  # [N, T]
     assert moe_diff.max() > 0
@@ -188,8 +209,12 @@ def test_swiglu_dense_source_upcycles_to_swiglu_experts(tmp_path):
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_own_export_round_trip_keeps_config(tmp_path, suffix):
     dense = _dense(CUSTOM)
-    src = save_export(tmp_path / f"dense{suffix}", dense.config, dense.state_dict(),
-                      objective=ObjectiveConfig(objective="flow", flow_t_scale=1000.0))
+    src = save_export(
+        tmp_path / f"dense{suffix}",
+        dense.config,
+        dense.state_dict(),
+        objective=ObjectiveConfig(objective="flow", flow_t_scale=1000.0),
+    )
     digest = _sha(src)
     _, moe_config, out = upcycle_checkpoint(src, tmp_path / f"moe{suffix}", 4, 2, moe_layers=[0, 2])
     assert _sha(src) == digest
@@ -203,15 +228,37 @@ def test_own_export_round_trip_keeps_config(tmp_path, suffix):
 def test_cli_end_to_end_uses_ema_and_leaves_source_untouched(tmp_path):
     model, ema = _dense(), _dense()
     src = tmp_path / "0001000.pt"
-    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "ema": ema.state_dict(),
-                "opt": {}}, src)
+    torch.save(
+        {"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "ema": ema.state_dict(), "opt": {}}, src
+    )
     digest = _sha(src)
     out = tmp_path / "moe.safetensors"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "upcycle.py"), "--model", "DiT-T/2", "--ckpt", str(src), "--num_experts", "4",
-         "--num-experts-per-tok", "2", "--image-size", "64", "--num_classes", "10", "--moe-every", "2",
-         "--expert_noise", "0", "--out", str(out)],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            str(ROOT / "upcycle.py"),
+            "--model",
+            "DiT-T/2",
+            "--ckpt",
+            str(src),
+            "--num_experts",
+            "4",
+            "--num-experts-per-tok",
+            "2",
+            "--image-size",
+            "64",
+            "--num_classes",
+            "10",
+            "--moe-every",
+            "2",
+            "--expert_noise",
+            "0",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
     assert "MoE blocks 1,3,5" in result.stdout
@@ -270,7 +317,22 @@ def test_errors_are_one_clear_sentence(tmp_path, capsys):
 
 
 def test_module_entry_is_the_same_command(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "dit_moe.upcycle", "--ckpt", str(tmp_path / "missing.pt"),
-                             "--out", str(tmp_path / "moe.pt")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dit_moe.upcycle",
+            "--ckpt",
+            str(tmp_path / "missing.pt"),
+            "--out",
+            str(tmp_path / "moe.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("python -m dit_moe.upcycle: error: Checkpoint") and "does not exist" in result.stderr
+    assert (
+        result.stderr.startswith("python -m dit_moe.upcycle: error: Checkpoint") and "does not exist" in result.stderr
+    )

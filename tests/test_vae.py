@@ -12,8 +12,12 @@ def save_tiny_vae(path, blocks=2):
 
     torch.manual_seed(0)
     vae = AutoencoderKL(
-        block_out_channels=(8,) * blocks, layers_per_block=1, latent_channels=4, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=(8,) * blocks,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
     )
     vae.save_pretrained(str(path))
     return str(path)

@@ -1,6 +1,7 @@
 """The suite's tiny model, built from the registry so every test shares one definition."""
 
 from dit_moe.models import DiT, DiTConfig, preset_config
+
 from reference_dit import randomize_
 
 

@@ -9,8 +9,20 @@ from pathlib import Path
 from dit_moe.cli import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--model", "DiT-T/2", "--num_experts", "4", "--num_experts_per_tok", "2", "--dataset", "digits",
-        "--image-size", "8", "--log-every", "1"]
+TINY = [
+    "--model",
+    "DiT-T/2",
+    "--num_experts",
+    "4",
+    "--num_experts_per_tok",
+    "2",
+    "--dataset",
+    "digits",
+    "--image-size",
+    "8",
+    "--log-every",
+    "1",
+]
 
 
 def env() -> dict:
@@ -21,17 +33,38 @@ def env() -> dict:
 
 
 def train_cmd(results_dir, *args, zero="zero2", launcher=None):
-    base = ["train_deepspeed.py", "--deepspeed_config", f"config/{zero}.json", *TINY, "--results-dir",
-            str(results_dir), *args]
+    base = [
+        "train_deepspeed.py",
+        "--deepspeed_config",
+        f"config/{zero}.json",
+        *TINY,
+        "--results-dir",
+        str(results_dir),
+        *args,
+    ]
     if launcher == "deepspeed":
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                "--master_port", str(free_port()), *base]
+        return [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            *base,
+        ]
     return [sys.executable, *base]
 
 
 def run_train(results_dir, *args, zero="zero2", launcher=None, check=True, timeout=600):
-    proc = subprocess.run(train_cmd(results_dir, *args, zero=zero, launcher=launcher), cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        train_cmd(results_dir, *args, zero=zero, launcher=launcher),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -11,7 +11,17 @@ from dit_moe.data.loader import DataInfo, MapTrainLoader, ShardTrainLoader, Trai
 from dit_moe.data.npy_features import NpyFeatureDataset
 
 __all__ = [
-    "DATASETS", "DataConfig", "DataInfo", "DigitsDataset", "ImageFolderDataset", "LatentShardStream",
-    "MapTrainLoader", "NpyFeatureDataset", "ShardTrainLoader", "TrainLoader", "build_codec",
-    "build_train_loader", "digits_arrays",
+    "DATASETS",
+    "DataConfig",
+    "DataInfo",
+    "DigitsDataset",
+    "ImageFolderDataset",
+    "LatentShardStream",
+    "MapTrainLoader",
+    "NpyFeatureDataset",
+    "ShardTrainLoader",
+    "TrainLoader",
+    "build_codec",
+    "build_train_loader",
+    "digits_arrays",
 ]

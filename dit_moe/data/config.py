@@ -35,17 +35,17 @@ class DataConfig:
     """
 
     dataset: str = "auto"
-    data_path: Optional[str] = None           # image folder ("folder")
-    features_path: Optional[str] = None       # shards ("latents") / fast-DiT folder ("npy"); defaults to data_path
-    vae_path: Optional[str] = None            # AutoencoderKL folder, ema|mse or a hub id (fetched), "none": pixels
-    image_size: Optional[int] = None          # None: 32 for digits, 256 otherwise
-    channels: int = 3                         # digits / pixel-space images: 1 (grey) or 3
-    num_classes: Optional[int] = None         # None: inferred from the data (required for "npy")
+    data_path: Optional[str] = None  # image folder ("folder")
+    features_path: Optional[str] = None  # shards ("latents") / fast-DiT folder ("npy"); defaults to data_path
+    vae_path: Optional[str] = None  # AutoencoderKL folder, ema|mse or a hub id (fetched), "none": pixels
+    image_size: Optional[int] = None  # None: 32 for digits, 256 otherwise
+    channels: int = 3  # digits / pixel-space images: 1 (grey) or 3
+    num_classes: Optional[int] = None  # None: inferred from the data (required for "npy")
     vae_scale_factor: float = SD_VAE_SCALE_FACTOR  # on-the-fly encoding; latent shards use their manifest's
-    random_flip: bool = True                  # folder images and latent shards; digits are never mirrored
-    num_workers: int = 4                      # DataLoader workers (digits are in memory and use none)
-    shuffle_buffer: int = 1000                # latent shards: samples held for shuffling per worker
-    sample_latents: bool = True               # latent shards: draw from N(mean, std) rather than use the mean
+    random_flip: bool = True  # folder images and latent shards; digits are never mirrored
+    num_workers: int = 4  # DataLoader workers (digits are in memory and use none)
+    shuffle_buffer: int = 1000  # latent shards: samples held for shuffling per worker
+    sample_latents: bool = True  # latent shards: draw from N(mean, std) rather than use the mean
 
     def __post_init__(self):
         if self.dataset == "auto":
@@ -59,7 +59,9 @@ class DataConfig:
         if self.dataset == "folder" and not self.data_path:
             raise ValueError("The folder dataset needs --data-path: a folder with one sub-folder of images per class.")
         if self.dataset in ("latents", "npy") and not self.features_path:
-            raise ValueError(f"The {self.dataset} dataset needs --features-path (or --data-path): the extracted features folder.")
+            raise ValueError(
+                f"The {self.dataset} dataset needs --features-path (or --data-path): the extracted features folder."
+            )
         if self.dataset == "folder" and self.vae_path is None:
             raise ValueError(
                 "The folder dataset needs --vae-path: a local diffusers AutoencoderKL folder to encode images, "
@@ -76,7 +78,9 @@ class DataConfig:
         if self.vae_scale_factor <= 0:
             raise ValueError(f"vae_scale_factor must be positive, got {self.vae_scale_factor}.")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
-            raise ValueError(f"num_workers and shuffle_buffer must be >= 0, got {self.num_workers} and {self.shuffle_buffer}.")
+            raise ValueError(
+                f"num_workers and shuffle_buffer must be >= 0, got {self.num_workers} and {self.shuffle_buffer}."
+            )
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {self.num_classes}.")
 

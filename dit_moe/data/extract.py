@@ -38,14 +38,16 @@ class ExtractConfig:
     vae_path: str
     features_path: str
     image_size: int = 256
-    shard_size: int = 1000                    # samples per tar shard
-    batch_size: int = 32                      # images per encoder call (x2 with the flips)
-    num_workers: int = 4                      # image-decoding worker processes
+    shard_size: int = 1000  # samples per tar shard
+    batch_size: int = 32  # images per encoder call (x2 with the flips)
+    num_workers: int = 4  # image-decoding worker processes
     scale_factor: float = SD_VAE_SCALE_FACTOR  # recorded in the manifest; the loader multiplies by it
 
     def __post_init__(self):
         if self.shard_size < 1 or self.batch_size < 1:
-            raise ValueError(f"--shard-size and --batch-size must be positive, got {self.shard_size} and {self.batch_size}.")
+            raise ValueError(
+                f"--shard-size and --batch-size must be positive, got {self.shard_size} and {self.batch_size}."
+            )
 
 
 def _manifest_for(cfg: ExtractConfig, dataset: ImageFolderDataset, codec) -> Manifest:
@@ -79,8 +81,9 @@ def _agree_on_manifest(cfg: ExtractConfig, manifest: Manifest) -> None:
         )
 
 
-def run_extraction(cfg: ExtractConfig, rank: int = 0, world_size: int = 1, codec=None,
-                   device: Optional[torch.device] = None) -> List[int]:
+def run_extraction(
+    cfg: ExtractConfig, rank: int = 0, world_size: int = 1, codec=None, device: Optional[torch.device] = None
+) -> List[int]:
     """Encode the shards owned by `rank` that are not on disk yet; returns their numbers.
 
     `codec` defaults to `load_codec(cfg.vae_path, cfg.scale_factor)` on `device`.
@@ -92,15 +95,24 @@ def run_extraction(cfg: ExtractConfig, rank: int = 0, world_size: int = 1, codec
     os.makedirs(cfg.features_path, exist_ok=True)
     _agree_on_manifest(cfg, manifest)
 
-    todo = [s for s in range(rank, manifest.num_shards, world_size)
-            if not os.path.isfile(os.path.join(cfg.features_path, shard_name(s)))]
-    progress = tqdm(total=sum(len(manifest.shard_range(s)) for s in todo), unit="img",
-                    desc=f"extract rank {rank}", disable=rank != 0)
+    todo = [
+        s
+        for s in range(rank, manifest.num_shards, world_size)
+        if not os.path.isfile(os.path.join(cfg.features_path, shard_name(s)))
+    ]
+    progress = tqdm(
+        total=sum(len(manifest.shard_range(s)) for s in todo),
+        unit="img",
+        desc=f"extract rank {rank}",
+        disable=rank != 0,
+    )
     for shard in todo:
         indices = manifest.shard_range(shard)
         loader = DataLoader(Subset(dataset, indices), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-        write_shard(os.path.join(cfg.features_path, shard_name(shard)),
-                    _encode_batches(loader, indices, codec, device, progress))
+        write_shard(
+            os.path.join(cfg.features_path, shard_name(shard)),
+            _encode_batches(loader, indices, codec, device, progress),
+        )
     progress.close()
     return todo
 
@@ -122,23 +134,40 @@ def _encode_batches(loader, indices, codec, device, progress):
 def parse_args(argv=None) -> ExtractConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(*flag("data-path"), required=True, help="image folder, one sub-folder per class")
-    parser.add_argument(*flag("vae-path"), required=True,
-                        help="diffusers AutoencoderKL folder, DiT's ema|mse or a Hugging Face id (fetched once "
-                             "into its cache), or 'none' for pixels")
-    parser.add_argument(*flag("features-path"), *flag("feature-path"), dest="features_path", required=True,
-                        help="output folder for the shards and manifest.json")
+    parser.add_argument(
+        *flag("vae-path"),
+        required=True,
+        help="diffusers AutoencoderKL folder, DiT's ema|mse or a Hugging Face id (fetched once "
+        "into its cache), or 'none' for pixels",
+    )
+    parser.add_argument(
+        *flag("features-path"),
+        *flag("feature-path"),
+        dest="features_path",
+        required=True,
+        help="output folder for the shards and manifest.json",
+    )
     parser.add_argument(*flag("image-size"), type=int, default=256)
     parser.add_argument(*flag("shard-size"), type=int, default=1000)
     parser.add_argument(*flag("batch-size"), type=int, default=32)
     parser.add_argument(*flag("num-workers"), type=int, default=4)
     parser.add_argument(*flag("vae-scale-factor"), type=float, default=SD_VAE_SCALE_FACTOR)
     args = parser.parse_args(argv)
-    return ExtractConfig(args.data_path, resolve_vae(args.vae_path), args.features_path, args.image_size, args.shard_size,
-                         args.batch_size, args.num_workers, args.vae_scale_factor)
+    return ExtractConfig(
+        args.data_path,
+        resolve_vae(args.vae_path),
+        args.features_path,
+        args.image_size,
+        args.shard_size,
+        args.batch_size,
+        args.num_workers,
+        args.vae_scale_factor,
+    )
 
 
 def main(argv=None) -> int:
     """Encode this rank's shards; bad input (missing folder, changed settings) exits 2 with one sentence."""
+
     def work() -> None:
         cfg = parse_args(argv)
         env = LaunchEnv.from_environ()

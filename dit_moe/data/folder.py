@@ -86,9 +86,7 @@ class ImageFolderDataset(Dataset):
         for label, name in enumerate(self.classes):
             for dirpath, _, filenames in sorted(os.walk(os.path.join(self.root, name), followlinks=True)):
                 files += [
-                    (os.path.join(dirpath, f), label)
-                    for f in sorted(filenames)
-                    if f.lower().endswith(IMAGE_EXTENSIONS)
+                    (os.path.join(dirpath, f), label) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)
                 ]
         return files
 
@@ -107,7 +105,9 @@ class ImageFolderDataset(Dataset):
         try:
             image = _load_rgb(path)
         except Exception as error:
-            raise OSError(f"Image {path!r} became unreadable after indexing ({error}); remove or replace it.") from error
+            raise OSError(
+                f"Image {path!r} became unreadable after indexing ({error}); remove or replace it."
+            ) from error
         x = to_tensor(center_crop_arr(image, self.image_size))
         if self.random_flip and flip_coin(self.seed, self.epoch, index):
             x = hflip(x)

@@ -91,4 +91,4 @@ def without_worker_traceback(err: DataIntegrityError) -> DataIntegrityError:
     """
     prefix = f"{DataIntegrityError.__module__}.{DataIntegrityError.__qualname__}: "
     last = (str(err).strip().splitlines() or [""])[-1]
-    return DataIntegrityError(last[len(prefix):]) if last.startswith(prefix) else err
+    return DataIntegrityError(last[len(prefix) :]) if last.startswith(prefix) else err

@@ -47,9 +47,18 @@ class LatentShardStream(IterableDataset):
     batches of the DataLoader that wraps this stream.
     """
 
-    def __init__(self, features_path: str, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 1000, random_flip: bool = True, sample_latents: bool = True,
-                 scale_factor: float = 0.18215, num_epochs: Optional[int] = None):
+    def __init__(
+        self,
+        features_path: str,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        random_flip: bool = True,
+        sample_latents: bool = True,
+        scale_factor: float = 0.18215,
+        num_epochs: Optional[int] = None,
+    ):
         self.manifest = Manifest.load(features_path)
         self.paths = self.manifest.check_complete(features_path)
         self.counts = self.manifest.shard_counts()
@@ -85,8 +94,9 @@ class LatentShardStream(IterableDataset):
     def _raw_epoch(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
         """This slot's raw samples of `epoch`, after the shuffle buffer."""
         rng = np.random.default_rng([self.seed, epoch, slot, slots])
-        raw = itertools.chain.from_iterable(self.manifest.shard_samples(self.paths[s], s)
-                                            for s in self.slot_shards(epoch, slot, slots))
+        raw = itertools.chain.from_iterable(
+            self.manifest.shard_samples(self.paths[s], s) for s in self.slot_shards(epoch, slot, slots)
+        )
         buffer: List[dict] = []
         for sample in raw:
             if len(buffer) < self.shuffle_buffer:

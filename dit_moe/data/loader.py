@@ -115,8 +115,16 @@ class MapTrainLoader(TrainLoader):
     does not fill a global batch is dropped), in micro-batches.
     """
 
-    def __init__(self, dataset: Dataset, info: DataInfo, rank: int, world_size: int, micro_batch_size: int,
-                 seed: int, num_workers: int = 0):
+    def __init__(
+        self,
+        dataset: Dataset,
+        info: DataInfo,
+        rank: int,
+        world_size: int,
+        micro_batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+    ):
         super().__init__(info)
         self.dataset, self.rank, self.world_size = dataset, rank, world_size
         self.micro_batch_size, self.seed, self.num_workers = micro_batch_size, seed, num_workers
@@ -154,9 +162,15 @@ class MapTrainLoader(TrainLoader):
             return x, y.long()
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"kind": "map", "epoch": self.epoch, "batch": self.batch, "seed": self.seed,
-                "world_size": self.world_size, "micro_batch_size": self.micro_batch_size,
-                "num_samples": len(self.dataset)}
+        return {
+            "kind": "map",
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "micro_batch_size": self.micro_batch_size,
+            "num_samples": len(self.dataset),
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._check_state(state, ("kind", "seed", "world_size", "micro_batch_size", "num_samples"))
@@ -179,24 +193,34 @@ class ShardTrainLoader(TrainLoader):
         workers = max(1, self.num_workers)
         slots = self.stream.world_size * workers
         return min(
-            self.stream.epoch_after(worker_batches_before(self.batches, w, workers) * self.micro_batch_size,
-                                    self.stream.rank * workers + w, slots)[0]
+            self.stream.epoch_after(
+                worker_batches_before(self.batches, w, workers) * self.micro_batch_size,
+                self.stream.rank * workers + w,
+                slots,
+            )[0]
             for w in range(workers)
         )
 
     def __next__(self) -> Batch:
         if self._batches is None:
             self.stream.start_batch, self.stream.batch_size = self.batches, self.micro_batch_size
-            self._batches = iter(DataLoader(self.stream, batch_size=self.micro_batch_size,
-                                            num_workers=self.num_workers))
+            self._batches = iter(
+                DataLoader(self.stream, batch_size=self.micro_batch_size, num_workers=self.num_workers)
+            )
         x, y, _ = self._next_of(self._batches)
         self.batches += 1
         return x, y.long()
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"kind": "shards", "batches": self.batches, "seed": self.stream.seed,
-                "world_size": self.stream.world_size, "micro_batch_size": self.micro_batch_size,
-                "num_workers": self.num_workers, "num_samples": self.stream.manifest.num_samples}
+        return {
+            "kind": "shards",
+            "batches": self.batches,
+            "seed": self.stream.seed,
+            "world_size": self.stream.world_size,
+            "micro_batch_size": self.micro_batch_size,
+            "num_workers": self.num_workers,
+            "num_samples": self.stream.manifest.num_samples,
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._check_state(state, ("kind", "seed", "world_size", "micro_batch_size", "num_workers", "num_samples"))
@@ -211,8 +235,16 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, micro_batch_
         raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}.")
     if cfg.dataset == "latents":
         manifest = Manifest.load(cfg.features_path)
-        stream = LatentShardStream(cfg.features_path, rank, world_size, seed, cfg.shuffle_buffer, cfg.random_flip,
-                                   cfg.sample_latents, manifest.scale_factor)
+        stream = LatentShardStream(
+            cfg.features_path,
+            rank,
+            world_size,
+            seed,
+            cfg.shuffle_buffer,
+            cfg.random_flip,
+            cfg.sample_latents,
+            manifest.scale_factor,
+        )
         if manifest.image_size != cfg.image_size:
             raise ValueError(
                 f"{cfg.features_path!r} was extracted at image size {manifest.image_size}, not {cfg.image_size}; "

@@ -41,7 +41,10 @@ def find_feature_dirs(features_path: str) -> Tuple[str, str]:
             f"Features folder {features_path!r} holds {len(pairs)} <name>_features/ + <name>_labels/ folder "
             f"pairs {pairs}; it needs exactly one (as fast-DiT's extract_features.py writes)."
         )
-    return (os.path.join(features_path, pairs[0] + FEATURES_SUFFIX), os.path.join(features_path, pairs[0] + LABELS_SUFFIX))
+    return (
+        os.path.join(features_path, pairs[0] + FEATURES_SUFFIX),
+        os.path.join(features_path, pairs[0] + LABELS_SUFFIX),
+    )
 
 
 def _numbered_npy(folder: str) -> List[str]:
@@ -93,7 +96,9 @@ class NpyFeatureDataset(Dataset):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         feature, label = self.paths(index)
         x, y = _load(feature, label), _load(label, feature)
-        return torch.from_numpy(x.reshape(x.shape[-3:]).astype(np.float32)), int(y.reshape(-1)[0])  # (1, C, H, W) -> (C, H, W)
+        return torch.from_numpy(x.reshape(x.shape[-3:]).astype(np.float32)), int(
+            y.reshape(-1)[0]
+        )  # (1, C, H, W) -> (C, H, W)
 
 
 def _fix(path: str, partner: str) -> str:
@@ -117,8 +122,9 @@ def _check_label(label: str, feature: str) -> None:
     """Raise unless `label` holds one integer."""
     shape, dtype = check_npy_file(label, _fix(label, feature))
     if math.prod(shape) != 1 or dtype.kind not in "iu":
-        raise DataIntegrityError(f"{label!r} holds a {dtype} {shape} array, not one integer class label; "
-                                 f"{_fix(label, feature)}.")
+        raise DataIntegrityError(
+            f"{label!r} holds a {dtype} {shape} array, not one integer class label; {_fix(label, feature)}."
+        )
 
 
 def _load(path: str, partner: str) -> np.ndarray:

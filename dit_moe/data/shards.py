@@ -55,12 +55,12 @@ class Manifest:
 
     num_samples: int
     shard_size: int
-    latent_shape: List[int]          # (C, H, W) of one latent
+    latent_shape: List[int]  # (C, H, W) of one latent
     num_classes: int
     image_size: int
     vae_path: str
     vae_name: str
-    scale_factor: float              # what the trainer should multiply latents by (stored unscaled)
+    scale_factor: float  # what the trainer should multiply latents by (stored unscaled)
     classes: List[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
@@ -103,8 +103,11 @@ class Manifest:
     def member_sizes(self, shard: int) -> Dict[str, Tuple[int, int]]:
         """Tar member name -> (smallest, largest) size in bytes, for every file shard `shard` must hold."""
         latent = npy_size([2, *self.latent_shape], LATENT_DTYPE)
-        sizes = {"cls": (1, len(str(max(0, self.num_classes - 1)))), "mean.npy": (latent, latent),
-                 "std.npy": (latent, latent)}
+        sizes = {
+            "cls": (1, len(str(max(0, self.num_classes - 1)))),
+            "mean.npy": (latent, latent),
+            "std.npy": (latent, latent),
+        }
         return {f"{sample_key(i)}.{name}": sizes[name] for i in self.shard_range(shard) for name in SAMPLE_FIELDS}
 
     def check_shard(self, path: str, shard: int) -> None:
@@ -188,12 +191,14 @@ def write_shard(path: str, samples: Iterable[Tuple[int, np.ndarray, np.ndarray, 
     with atomic_path(path) as tmp, open(tmp, "wb") as stream:
         with wds.TarWriter(stream) as writer:
             for index, mean, std, label in samples:
-                writer.write({
-                    "__key__": sample_key(index),
-                    "mean.npy": np.asarray(mean, dtype=LATENT_DTYPE),
-                    "std.npy": np.asarray(std, dtype=LATENT_DTYPE),
-                    "cls": int(label),
-                })
+                writer.write(
+                    {
+                        "__key__": sample_key(index),
+                        "mean.npy": np.asarray(mean, dtype=LATENT_DTYPE),
+                        "std.npy": np.asarray(std, dtype=LATENT_DTYPE),
+                        "cls": int(label),
+                    }
+                )
                 count += 1
     return count
 

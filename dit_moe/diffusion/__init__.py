@@ -1,6 +1,6 @@
 """Diffusion objectives (IDDPM, rectified flow), their samplers, timestep strategies and guidance.
 
-    from dit_moe.diffusion import create_diffusion, build_objective, guided
+from dit_moe.diffusion import create_diffusion, build_objective, guided
 """
 
 from .config import ObjectiveConfig

@@ -23,11 +23,11 @@ DEFAULT_TIMESTEP_SAMPLERS = {"iddpm": "uniform", "flow": "logit-normal"}
 class ObjectiveConfig:
     """The training objective and everything its samplers need to invert it."""
 
-    objective: str = "iddpm"                  # "iddpm" (DiT) or "flow" (rectified flow, DiT-MoE's --rf True)
-    noise_schedule: str = "linear"            # IDDPM beta schedule: "linear" (DiT) or "cosine"
-    diffusion_steps: int = 1000               # IDDPM training steps
-    timestep_sampler: str = "auto"            # auto: uniform (iddpm) / logit-normal (flow); or speedit, ...
-    flow_t_scale: float = 1.0                 # DiT-MoE feeds raw t in (0, 1); 1000 matches the embedder range
+    objective: str = "iddpm"  # "iddpm" (DiT) or "flow" (rectified flow, DiT-MoE's --rf True)
+    noise_schedule: str = "linear"  # IDDPM beta schedule: "linear" (DiT) or "cosine"
+    diffusion_steps: int = 1000  # IDDPM training steps
+    timestep_sampler: str = "auto"  # auto: uniform (iddpm) / logit-normal (flow); or speedit, ...
+    flow_t_scale: float = 1.0  # DiT-MoE feeds raw t in (0, 1); 1000 matches the embedder range
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -53,8 +53,12 @@ class ObjectiveConfig:
         """Keyword options of `build_objective(self.objective, ...)` for a model with `learn_sigma`."""
         sampler = self.resolved().timestep_sampler
         if self.objective == "iddpm":
-            return dict(noise_schedule=self.noise_schedule, diffusion_steps=self.diffusion_steps,
-                        learn_sigma=learn_sigma, timestep_sampler=sampler)
+            return dict(
+                noise_schedule=self.noise_schedule,
+                diffusion_steps=self.diffusion_steps,
+                learn_sigma=learn_sigma,
+                timestep_sampler=sampler,
+            )
         return dict(learn_sigma=learn_sigma, t_scale=self.flow_t_scale, timestep_sampler=sampler)
 
     def to_dict(self) -> dict[str, Any]:

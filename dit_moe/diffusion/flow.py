@@ -43,7 +43,9 @@ class RectifiedFlow:
         """The velocity v = eps - x_0 along the straight path."""
         return noise - x0
 
-    def velocity(self, model_fn: Callable[..., Tensor], x: Tensor, t: Tensor, model_kwargs: dict | None = None) -> Tensor:
+    def velocity(
+        self, model_fn: Callable[..., Tensor], x: Tensor, t: Tensor, model_kwargs: dict | None = None
+    ) -> Tensor:
         """v_theta(x_t, t): the model called at t * t_scale, variance channels dropped."""
         output = model_fn(x, t * self.t_scale, **(model_kwargs or {}))
         channels = x.shape[1]

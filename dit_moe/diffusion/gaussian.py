@@ -66,7 +66,10 @@ def linear_betas(num_timesteps: int) -> np.ndarray:
 
 def betas_for_alpha_bar(num_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999) -> np.ndarray:
     """Discretise a continuous alpha_bar(s), s in [0, 1], into betas, each capped at max_beta."""
-    betas = [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta) for i in range(num_timesteps)]
+    betas = [
+        min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+        for i in range(num_timesteps)
+    ]
     return np.array(betas, dtype=np.float64)
 
 
@@ -97,7 +100,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     """
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
+            desired = int(section_counts[len("ddim") :])
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return list(range(0, num_timesteps, stride))
@@ -172,7 +175,9 @@ class GaussianDiffusion:
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # beta_tilde_0 = 0, so its log is clipped to log beta_tilde_1.
         if self.num_timesteps > 1:
-            self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+            self.posterior_log_variance_clipped = np.log(
+                np.append(self.posterior_variance[1], self.posterior_variance[1:])
+            )
         else:
             self.posterior_log_variance_clipped = np.array([])
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
@@ -237,7 +242,10 @@ class GaussianDiffusion:
         """Mean, variance and clipped log-variance of the posterior q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7)."""
         if x_start.shape != x_t.shape:
             raise ValueError(f"x_start shape {tuple(x_start.shape)} differs from x_t shape {tuple(x_t.shape)}")
-        mean = self._extract("posterior_mean_coef1", t, x_t.ndim) * x_start + self._extract("posterior_mean_coef2", t, x_t.ndim) * x_t
+        mean = (
+            self._extract("posterior_mean_coef1", t, x_t.ndim) * x_start
+            + self._extract("posterior_mean_coef2", t, x_t.ndim) * x_t
+        )
         variance = self._extract("posterior_variance", t, x_t.ndim).expand_as(x_t)
         log_variance = self._extract("posterior_log_variance_clipped", t, x_t.ndim).expand_as(x_t)
         return mean, variance, log_variance
@@ -394,8 +402,15 @@ class GaussianDiffusion:
 
         x_T = _initial_noise(shape, noise, device)
         return ddpm(
-            self, model, x_T, model_kwargs=model_kwargs, progress=progress, callback=callback,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, noise_fn=noise_fn,
+            self,
+            model,
+            x_T,
+            model_kwargs=model_kwargs,
+            progress=progress,
+            callback=callback,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            noise_fn=noise_fn,
         )
 
     def ddim_sample_loop(
@@ -421,25 +436,37 @@ class GaussianDiffusion:
 
         x_T = _initial_noise(shape, noise, device)
         return ddim(
-            self, model, x_T, model_kwargs=model_kwargs, progress=progress, callback=callback,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, eta=eta, noise_fn=noise_fn,
+            self,
+            model,
+            x_T,
+            model_kwargs=model_kwargs,
+            progress=progress,
+            callback=callback,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            eta=eta,
+            noise_fn=noise_fn,
         )
 
-    def vb_terms_bpd(self, output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor,
-                     loss_mask: Tensor | None = None) -> Tensor:
+    def vb_terms_bpd(
+        self, output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor, loss_mask: Tensor | None = None
+    ) -> Tensor:
         """Per-sample L_t of the variational bound in bits per dimension, from a model output.
 
         KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 and the discretised
         decoder NLL -log p(x_0 | x_1) at t = 0 (IDDPM eq. 4-5); x_0 is not clipped.
         ``loss_mask`` (N, 1, H, W) averages over the pixels where it is 1 only.
         """
+
         def average(x: Tensor) -> Tensor:
             return mean_flat(x) if loss_mask is None else masked_mean_flat(x, loss_mask)
 
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance_from_output(output, x_t, t, clip_denoised=False)
         kl = average(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
-        decoder_nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
+        decoder_nll = -discretized_gaussian_log_likelihood(
+            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
+        )
         decoder_nll = average(decoder_nll) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)
 

@@ -46,8 +46,8 @@ from .timesteps import TimestepSampler, build_continuous_sampler, build_discrete
 class Kind:
     """What differs between objectives besides the process: names for messages and samplers."""
 
-    description: str                          # for messages: "euler on an IDDPM model: ..."
-    samplers: tuple[str, ...]                 # the samplers that fit; the first is the default
+    description: str  # for messages: "euler on an IDDPM model: ..."
+    samplers: tuple[str, ...]  # the samplers that fit; the first is the default
     default_num_steps: int
 
 
@@ -63,21 +63,21 @@ Gather = Callable[[Tensor], Tensor]
 class DrawSpec:
     """What each training sample draws besides its timestep; fixed for a run."""
 
-    sample_shape: tuple[int, ...]             # (C, H, W) of x0, the shape of the noise
-    label_dropout: float = 0.0                # probability of the null label (classifier-free guidance)
-    mask_ratio: float = 0.0                   # MaskDiT: fraction of patches hidden; 0 draws no mask
-    num_tokens: int = 0                       # patches per sample, for the mask
+    sample_shape: tuple[int, ...]  # (C, H, W) of x0, the shape of the noise
+    label_dropout: float = 0.0  # probability of the null label (classifier-free guidance)
+    mask_ratio: float = 0.0  # MaskDiT: fraction of patches hidden; 0 draws no mask
+    num_tokens: int = 0  # patches per sample, for the mask
 
 
 @dataclass
 class Draws:
     """One slice of a global micro-batch's randomness."""
 
-    t: Tensor                                 # (N,) timesteps
-    weights: Tensor                           # (N,) their loss weights
-    noise: Tensor                             # (N, C, H, W)
-    drop: Tensor                              # (N,) long, 1 = train on the null label
-    mask: Tensor | None = None                # (N, T) bool, True = masked patch; None: no masking
+    t: Tensor  # (N,) timesteps
+    weights: Tensor  # (N,) their loss weights
+    noise: Tensor  # (N, C, H, W)
+    drop: Tensor  # (N,) long, 1 = train on the null label
+    mask: Tensor | None = None  # (N, T) bool, True = masked patch; None: no masking
 
 
 class Objective:
@@ -89,8 +89,13 @@ class Objective:
     uses it so an adaptive timestep sampler learns from the whole global batch on every rank.
     """
 
-    def __init__(self, name: str, process: GaussianDiffusion | RectifiedFlow, timesteps: TimestepSampler,
-                 gather: Gather | None = None):
+    def __init__(
+        self,
+        name: str,
+        process: GaussianDiffusion | RectifiedFlow,
+        timesteps: TimestepSampler,
+        gather: Gather | None = None,
+    ):
         kind = KINDS[name]
         self.name = name
         self.process = process
@@ -100,8 +105,14 @@ class Objective:
         self.samplers = kind.samplers
         self.default_num_steps = kind.default_num_steps
 
-    def draw(self, key: tuple[int, int, int], global_batch: int, spec: DrawSpec, device: torch.device | str,
-             part: slice = slice(None)) -> Draws:
+    def draw(
+        self,
+        key: tuple[int, int, int],
+        global_batch: int,
+        spec: DrawSpec,
+        device: torch.device | str,
+        part: slice = slice(None),
+    ) -> Draws:
         """The randomness of one global micro-batch, drawn from a stream seeded by ``key`` =
         (seed, step, micro-step); returns the samples ``part`` selects (a data-parallel rank's slice).
 
@@ -114,8 +125,11 @@ class Objective:
             t, weights = self.timesteps.sample(global_batch, device)
             noise = torch.randn((global_batch, *spec.sample_shape), device=device)
             drop = torch.rand(global_batch, device=device) < spec.label_dropout
-            mask = random_mask(global_batch, spec.num_tokens, spec.mask_ratio, device=device).mask[part] \
-                if spec.mask_ratio else None
+            mask = (
+                random_mask(global_batch, spec.num_tokens, spec.mask_ratio, device=device).mask[part]
+                if spec.mask_ratio
+                else None
+            )
         return Draws(t[part], weights[part], noise[part], drop[part].long(), mask)
 
     def observe(self, t: Tensor, losses: Tensor) -> None:
@@ -166,8 +180,9 @@ class Objective:
                 seen["x_t"], seen["output"] = x, model_fn(x, *args, **kwargs)
                 return seen["output"]
 
-            terms = self.process.training_losses(recorded_fn, x0, t, model_kwargs=model_kwargs, noise=noise,
-                                                 loss_mask=visible_pixels(mask, x0.shape))
+            terms = self.process.training_losses(
+                recorded_fn, x0, t, model_kwargs=model_kwargs, noise=noise, loss_mask=visible_pixels(mask, x0.shape)
+            )
         self.observe(t, terms["loss"].detach())
         if self.timesteps.weight_target == "mse" and "mse" in terms:
             weighted = weights * terms["mse"] + (terms["loss"] - terms["mse"])
@@ -214,8 +229,14 @@ class Objective:
 
 
 _IDDPM_OPTIONS = {
-    "noise_schedule", "learn_sigma", "diffusion_steps", "timestep_sampler",
-    "sigma_small", "predict_xstart", "rescale_learned_sigmas", "use_kl",
+    "noise_schedule",
+    "learn_sigma",
+    "diffusion_steps",
+    "timestep_sampler",
+    "sigma_small",
+    "predict_xstart",
+    "rescale_learned_sigmas",
+    "use_kl",
 }
 _FLOW_OPTIONS = {"learn_sigma", "t_scale", "timestep_sampler"}
 
@@ -243,7 +264,9 @@ def build_objective(name: str, gather: Gather | None = None, **options) -> Objec
 def _check_options(name: str, options: dict, allowed: set[str]) -> None:
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(f"{name} objective has no option(s) {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}")
+        raise ValueError(
+            f"{name} objective has no option(s) {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}"
+        )
 
 
 def patch_size_of(mask: Tensor, shape: torch.Size | tuple[int, ...]) -> int:
@@ -251,7 +274,9 @@ def patch_size_of(mask: Tensor, shape: torch.Size | tuple[int, ...]) -> int:
     height, width = shape[-2:]
     grid = math.isqrt(mask.shape[1])
     if grid * grid != mask.shape[1] or height != width or height % grid:
-        raise ValueError(f"a mask over {mask.shape[1]} tokens does not tile a {height}x{width} input into square patches.")
+        raise ValueError(
+            f"a mask over {mask.shape[1]} tokens does not tile a {height}x{width} input into square patches."
+        )
     return height // grid
 
 

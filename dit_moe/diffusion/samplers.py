@@ -53,7 +53,9 @@ def _respaced(process, num_steps: int | None):
     return process.respaced(str(num_steps))
 
 
-def _gaussian_loop(step_fn: str, process, model_fn, noise, model_kwargs, num_steps, progress, callback, **step_options) -> Tensor:
+def _gaussian_loop(
+    step_fn: str, process, model_fn, noise, model_kwargs, num_steps, progress, callback, **step_options
+) -> Tensor:
     """The DDPM/DDIM loop from index T-1 down to 0; ``step_fn`` names the process's one-step method."""
     process = _respaced(process, num_steps)
     x = noise
@@ -82,8 +84,17 @@ def ddpm(
 ) -> Tensor:
     """Ancestral sampling: Ho et al. 2020 "DDPM", Algorithm 2, with IDDPM's learned variances."""
     return _gaussian_loop(
-        "p_sample", process, model_fn, noise, model_kwargs, num_steps, progress, callback,
-        clip_denoised=clip_denoised, denoised_fn=denoised_fn, noise_fn=noise_fn,
+        "p_sample",
+        process,
+        model_fn,
+        noise,
+        model_kwargs,
+        num_steps,
+        progress,
+        callback,
+        clip_denoised=clip_denoised,
+        denoised_fn=denoised_fn,
+        noise_fn=noise_fn,
     )
 
 
@@ -104,8 +115,18 @@ def ddim(
 ) -> Tensor:
     """DDIM: Song et al. 2021, eq. 12 (deterministic for eta = 0, the probability-flow discretisation)."""
     return _gaussian_loop(
-        "ddim_sample", process, model_fn, noise, model_kwargs, num_steps, progress, callback,
-        clip_denoised=clip_denoised, denoised_fn=denoised_fn, eta=eta, noise_fn=noise_fn,
+        "ddim_sample",
+        process,
+        model_fn,
+        noise,
+        model_kwargs,
+        num_steps,
+        progress,
+        callback,
+        clip_denoised=clip_denoised,
+        denoised_fn=denoised_fn,
+        eta=eta,
+        noise_fn=noise_fn,
     )
 
 

@@ -45,7 +45,7 @@ class TimestepSampler:
     """Base class: draws (t, weights) for a batch; see the module docstring."""
 
     weight_target = "loss"
-    learns_from_losses = False                # True: `update` changes what `sample` draws
+    learns_from_losses = False  # True: `update` changes what `sample` draws
 
     def sample(self, batch_size: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

@@ -15,7 +15,16 @@ from .fid import (
     precision_recall,
     save_reference_statistics,
 )
-from .npz import NpzBatch, iter_npz_images, npz_from_png_folder, png_name, read_npz, to_uint8_nhwc, write_npz, write_statistics
+from .npz import (
+    NpzBatch,
+    iter_npz_images,
+    npz_from_png_folder,
+    png_name,
+    read_npz,
+    to_uint8_nhwc,
+    write_npz,
+    write_statistics,
+)
 
 __all__ = [
     "DigitsScorer",

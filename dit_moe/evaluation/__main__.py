@@ -19,13 +19,15 @@ from .digits_score import DigitsScorer
 from .fid import evaluate, save_reference_statistics
 from .npz import read_npz
 
-
 PROG = "python -m dit_moe.evaluation"
 
 
 def _add_inception_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(*flag("inception-weights"), default=None,
-                        help="inception-2015-12-05.pt (NVIDIA's TorchScript FID network) or the folder holding it")
+    parser.add_argument(
+        *flag("inception-weights"),
+        default=None,
+        help="inception-2015-12-05.pt (NVIDIA's TorchScript FID network) or the folder holding it",
+    )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument(*flag("batch-size"), type=int, default=64)
 
@@ -36,7 +38,9 @@ def _write_json(path: Optional[str], results: dict) -> None:
 
 
 def _fid(args: argparse.Namespace) -> dict:
-    results = evaluate(args.samples, args.ref, args.inception_weights, args.device or default_device(), args.batch_size, progress=True)
+    results = evaluate(
+        args.samples, args.ref, args.inception_weights, args.device or default_device(), args.batch_size, progress=True
+    )
     for name, value in results.items():
         print(f"{name}: {value:.4f}" if name != "num_samples" else f"{name}: {int(value)}")
     _write_json(args.json, results)
@@ -44,7 +48,9 @@ def _fid(args: argparse.Namespace) -> dict:
 
 
 def _stats(args: argparse.Namespace) -> dict:
-    path = save_reference_statistics(args.images, args.out, args.inception_weights, args.device or default_device(), args.batch_size, progress=True)
+    path = save_reference_statistics(
+        args.images, args.out, args.inception_weights, args.device or default_device(), args.batch_size, progress=True
+    )
     print(f"Saved reference statistics to {path}")
     return {"out": str(path)}
 
@@ -52,10 +58,15 @@ def _stats(args: argparse.Namespace) -> dict:
 def _digits(args: argparse.Namespace) -> dict:
     batch = read_npz(args.samples)
     if batch.images is None or batch.labels is None:
-        raise UserError(f"{args.samples} needs images (arr_0) and their conditioning labels (arr_1) for the digits score.")
+        raise UserError(
+            f"{args.samples} needs images (arr_0) and their conditioning labels (arr_1) for the digits score."
+        )
     scorer = DigitsScorer.fit(seed=args.seed, cache_dir=args.cache_dir)
-    results = {"samples": scorer.score(batch.images, batch.labels), "real_ceiling": scorer.real_ceiling(),
-               "classifier_heldout_accuracy": scorer.heldout_accuracy}
+    results = {
+        "samples": scorer.score(batch.images, batch.labels),
+        "real_ceiling": scorer.real_ceiling(),
+        "classifier_heldout_accuracy": scorer.heldout_accuracy,
+    }
     print(f"digits classifier held-out accuracy: {scorer.heldout_accuracy:.3f}")
     for name in ("samples", "real_ceiling"):
         r = results[name]
@@ -98,6 +109,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: bad input (missing file, weights or labels) exits 2 with one sentence on stderr."""
+
     def work() -> None:
         run(argv)
 

@@ -90,10 +90,17 @@ class DigitsScorer:
 
         x_train, y_train = _split_inputs("train")
         classifier = MLPClassifier(
-            hidden_layer_sizes=(HIDDEN_UNITS,), alpha=1e-3, batch_size=128, learning_rate_init=1e-2, max_iter=150, random_state=seed
+            hidden_layer_sizes=(HIDDEN_UNITS,),
+            alpha=1e-3,
+            batch_size=128,
+            learning_rate_init=1e-2,
+            max_iter=150,
+            random_state=seed,
         )
         classifier.fit(x_train, y_train)
-        mlp = DigitsMLP(classifier.coefs_[0], classifier.intercepts_[0], classifier.coefs_[1], classifier.intercepts_[1])
+        mlp = DigitsMLP(
+            classifier.coefs_[0], classifier.intercepts_[0], classifier.coefs_[1], classifier.intercepts_[1]
+        )
         (x_ref, _), (x_eval, y_eval) = _heldout_halves()
         accuracy = float((mlp.predict(x_eval) == y_eval).mean())
         scorer = cls(mlp, FeatureStatistics.of(mlp.features(x_ref)), accuracy, seed)
@@ -104,7 +111,9 @@ class DigitsScorer:
     def save(self, path: str | os.PathLike) -> Path:
         """Store the fit as plain arrays (no pickle), atomically."""
         arrays = {name: getattr(self.mlp, name) for name in DigitsMLP.__dataclass_fields__}
-        arrays.update(mu=self.reference.mu, sigma=self.reference.sigma, heldout_accuracy=self.heldout_accuracy, seed=self.seed)
+        arrays.update(
+            mu=self.reference.mu, sigma=self.reference.sigma, heldout_accuracy=self.heldout_accuracy, seed=self.seed
+        )
         with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez adds no .npz suffix
             np.savez(f, **arrays)
         return Path(path)
@@ -113,7 +122,9 @@ class DigitsScorer:
     def load(cls, path: str | os.PathLike) -> "DigitsScorer":
         with np.load(path) as data:
             mlp = DigitsMLP(**{name: data[name] for name in DigitsMLP.__dataclass_fields__})
-            return cls(mlp, FeatureStatistics(data["mu"], data["sigma"]), float(data["heldout_accuracy"]), int(data["seed"]))
+            return cls(
+                mlp, FeatureStatistics(data["mu"], data["sigma"]), float(data["heldout_accuracy"]), int(data["seed"])
+            )
 
     def score(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> dict[str, float]:
         """{"label_accuracy", "frechet_distance", "n"} of conditional samples: float (N, C, H, W) in [-1, 1] or uint8 NHWC."""

@@ -56,12 +56,16 @@ class FeatureStatistics:
         return cls(features.mean(axis=0), np.cov(features, rowvar=False))
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (TTUR/ADM formula and safeguards)."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"Statistics of different feature sizes: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}.")
+        raise ValueError(
+            f"Statistics of different feature sizes: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}."
+        )
     diff = mu1 - mu2
     with warnings.catch_warnings():
         # Feature covariances are often rank-deficient (N < D, dead ReLU units); scipy warns on every
@@ -75,7 +79,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Frechet distance: matrix square root has an imaginary part of {np.abs(covmean.imag).max():.3g}.")
+            raise ValueError(
+                f"Frechet distance: matrix square root has an imaginary part of {np.abs(covmean.imag).max():.3g}."
+            )
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -97,17 +103,25 @@ def _pairwise_sq_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _knn_radii(features: torch.Tensor, k: int, block: int) -> torch.Tensor:
     """Squared distance of each feature to its k-th nearest neighbour (itself excluded): (N,)."""
-    radii = [_pairwise_sq_distances(features[i : i + block], features).kthvalue(k + 1, dim=1).values for i in range(0, len(features), block)]
+    radii = [
+        _pairwise_sq_distances(features[i : i + block], features).kthvalue(k + 1, dim=1).values
+        for i in range(0, len(features), block)
+    ]
     return torch.cat(radii)
 
 
 def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, block: int) -> float:
     """Share of `points` inside at least one ball (centre, squared radius)."""
-    inside = [(_pairwise_sq_distances(points[i : i + block], centres) <= radii[None]).any(dim=1) for i in range(0, len(points), block)]
+    inside = [
+        (_pairwise_sq_distances(points[i : i + block], centres) <= radii[None]).any(dim=1)
+        for i in range(0, len(points), block)
+    ]
     return float(torch.cat(inside).double().mean())
 
 
-def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray, k: int = PR_NEIGHBOURHOOD, block: int = 10000) -> tuple[float, float]:
+def precision_recall(
+    ref_features: np.ndarray, sample_features: np.ndarray, k: int = PR_NEIGHBOURHOOD, block: int = 10000
+) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN manifolds, k = 3 as in ADM."""
     ref = torch.as_tensor(ref_features, dtype=torch.float64)
     sample = torch.as_tensor(sample_features, dtype=torch.float64)
@@ -125,12 +139,16 @@ class InceptionDetector:
         self.network = torch.jit.load(str(resolve_inception_weights(weights)), map_location=self.device).eval()
 
     @torch.no_grad()
-    def __call__(self, images: np.ndarray, batch_size: int = 64, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self, images: np.ndarray, batch_size: int = 64, progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(pool features (N, D), class probabilities (N, K)) of uint8 NHWC images, float64."""
         return self.embed((images[i : i + batch_size] for i in range(0, len(images), batch_size)), progress)
 
     @torch.no_grad()
-    def embed(self, batches: Iterable[np.ndarray], progress: bool = False, total: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    def embed(
+        self, batches: Iterable[np.ndarray], progress: bool = False, total: Optional[int] = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """`__call__` over an iterable of uint8 NHWC batches (two forwards each: features, then probabilities)."""
         features, probs = [], []
         for images in tqdm(batches, desc="Inception features", total=total, disable=not progress):
@@ -163,7 +181,9 @@ class ImageSetFeatures:
     probs: Optional[np.ndarray] = None  # (N, K)
 
 
-def npz_features(path: str | os.PathLike, detector: InceptionDetector, batch_size: int = 64, progress: bool = False) -> ImageSetFeatures:
+def npz_features(
+    path: str | os.PathLike, detector: InceptionDetector, batch_size: int = 64, progress: bool = False
+) -> ImageSetFeatures:
     """Features of an `.npz`: stored `mu`/`sigma` are used for FID as ADM does; images (if any) are also embedded."""
     batch = read_npz(path, load_images=False)
     features = probs = None

@@ -102,7 +102,9 @@ def read_npz(path: str | os.PathLike, load_images: bool = True) -> NpzBatch:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass an .npz written by dit_moe.sampling.many or the ADM tools.")
+        raise FileNotFoundError(
+            f"{path} does not exist; pass an .npz written by dit_moe.sampling.many or the ADM tools."
+        )
     with np.load(path) as data:
         keys = set(data.files)
         label_key = LABELS_KEY if LABELS_KEY in keys else "labels" if "labels" in keys else None
@@ -110,7 +112,9 @@ def read_npz(path: str | os.PathLike, load_images: bool = True) -> NpzBatch:
         mu = data[MU_KEY] if MU_KEY in keys else None
         sigma = data[SIGMA_KEY] if SIGMA_KEY in keys else None
     if IMAGES_KEY not in keys and mu is None:
-        raise ValueError(f"{path} holds neither images ({IMAGES_KEY}) nor statistics ({MU_KEY}/{SIGMA_KEY}); keys: {sorted(keys)}.")
+        raise ValueError(
+            f"{path} holds neither images ({IMAGES_KEY}) nor statistics ({MU_KEY}/{SIGMA_KEY}); keys: {sorted(keys)}."
+        )
     images, num_images = None, 0
     if IMAGES_KEY in keys:
         shape, dtype = _images_header(path)
@@ -139,8 +143,12 @@ def iter_npz_images(path: str | os.PathLike, batch_size: int) -> Iterator[np.nda
             count = min(batch_size, shape[0] - start)
             data = arr_f.read(count * per_image)
             if len(data) != count * per_image:
-                raise ValueError(f"{path} is truncated: {IMAGES_KEY} ends before image {start + len(data) // per_image}.")
-            yield np.frombuffer(bytearray(data), dtype=dtype).reshape(count, *shape[1:])  # bytearray: writable for torch
+                raise ValueError(
+                    f"{path} is truncated: {IMAGES_KEY} ends before image {start + len(data) // per_image}."
+                )
+            yield np.frombuffer(bytearray(data), dtype=dtype).reshape(
+                count, *shape[1:]
+            )  # bytearray: writable for torch
 
 
 def png_name(index: int) -> str:
@@ -156,13 +164,19 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
 
 
 def npz_from_png_folder(
-    folder: str | os.PathLike, num: int, path: str | os.PathLike, labels: Optional[np.ndarray] = None, progress: bool = True
+    folder: str | os.PathLike,
+    num: int,
+    path: str | os.PathLike,
+    labels: Optional[np.ndarray] = None,
+    progress: bool = True,
 ) -> Path:
     """Assemble PNGs `000000.png` .. `{num-1:06d}.png` of `folder`, in index order, into one `.npz`."""
     folder = Path(folder)
     missing = [i for i in range(num) if not (folder / png_name(i)).is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder} lacks {len(missing)} of {num} samples (first: {png_name(missing[0])}); rerun the sampler to fill them in.")
+        raise FileNotFoundError(
+            f"{folder} lacks {len(missing)} of {num} samples (first: {png_name(missing[0])}); rerun the sampler to fill them in."
+        )
     indices = tqdm(range(num), desc="Building .npz", disable=not progress)
     images = np.stack([np.asarray(Image.open(folder / png_name(i))) for i in indices])
     if images.ndim == 3:

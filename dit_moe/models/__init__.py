@@ -31,10 +31,11 @@ def preset_config(name: str, **overrides) -> DiTConfig:
     and the MoE fields flat (`num_experts=8, num_experts_per_tok=2`; 0 experts is the dense DiT)."""
     if name not in DiT_models:
         raise ValueError(f"Unknown model {name!r}; choose one of {sorted(DiT_models)}.")
-    size, patch = name[len("DiT-"):].split("/")
+    size, patch = name[len("DiT-") :].split("/")
     depth, hidden, heads = MODEL_SIZES[size]
-    return DiTConfig.from_flat(**{"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": int(patch),
-                                  **overrides})
+    return DiTConfig.from_flat(
+        **{"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": int(patch), **overrides}
+    )
 
 
 def _build(name: str, **overrides) -> DiT:

@@ -24,8 +24,9 @@ def flash_attn_available() -> bool:
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False, backend: str = "sdpa",
-                 qk_norm_eps: float = 1e-6):
+    def __init__(
+        self, hidden_size: int, num_heads: int, qk_norm: bool = False, backend: str = "sdpa", qk_norm_eps: float = 1e-6
+    ):
         super().__init__()
         if backend == "flash" and not flash_attn_available():
             raise RuntimeError(
@@ -68,10 +69,10 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 def _rename_flash_keys(state_dict, prefix, *_args) -> None:
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        suffix = key[len(prefix):]
+        suffix = key[len(prefix) :]
         for old, new in _FLASH_RENAMES.items():
             if suffix.startswith(old):
-                state_dict[prefix + new + suffix[len(old):]] = state_dict.pop(key)
+                state_dict[prefix + new + suffix[len(old) :]] = state_dict.pop(key)
 
 
 def flash_layout_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -82,9 +83,9 @@ def flash_layout_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     for key, value in state_dict.items():
         prefix = next((p for p in flash_blocks if key.startswith(p)), None)
         if prefix is not None:
-            suffix = key[len(prefix):]
+            suffix = key[len(prefix) :]
             for new, old in _FLASH_RENAMES.items():
                 if suffix.startswith(old):
-                    key = prefix + new + suffix[len(old):]
+                    key = prefix + new + suffix[len(old) :]
         out[key] = value
     return out

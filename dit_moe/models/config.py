@@ -25,19 +25,19 @@ GROUPED_GEMM_MODES = ("auto", "on", "off")
 class MoEArgs:
     """Shape, placement and router options of the MoE feed-forward layers (DiT-MoE defaults)."""
 
-    num_experts: int = 8                      # routed experts per MoE layer; as a flag or DiT_models keyword, 0: dense DiT
-    num_experts_per_tok: int = 2              # top-k: experts each token is routed to
+    num_experts: int = 8  # routed experts per MoE layer; as a flag or DiT_models keyword, 0: dense DiT
+    num_experts_per_tok: int = 2  # top-k: experts each token is routed to
     # DiT-MoE's checkpoint layout: n_shared_experts=2 is ONE shared SwiGLU expert of
     # intermediate width 2 * hidden. 0 disables shared experts.
-    n_shared_experts: int = 2                 # shared expert width in multiples of hidden (DiT-MoE: 2); 0: none
-    expert_type: str = "swiglu"               # "swiglu" (DiT-MoE) or "gelu" (dense DiT MLP, for upcycling)
-    moe_layers: Optional[list[int]] = None    # block indices that are MoE; None: every block
-    norm_topk_prob: bool = False              # renormalise the k selected weights to sum to 1
-    aux_loss_coef: float = 0.01               # load-balancing loss coefficient; 0 disables it
-    aux_loss_per_sample: bool = False         # DiT-MoE's "seq_aux": balance within each sample
-    z_loss_coef: float = 0.0                  # router z-loss coefficient; 0 disables it
-    capacity_factor: Optional[float] = None   # None: dropless; else tokens per expert = cf * k * T / E
-    grouped_gemm: str = "auto"                # "auto": grouped GEMM on CUDA half precision; "on" / "off"
+    n_shared_experts: int = 2  # shared expert width in multiples of hidden (DiT-MoE: 2); 0: none
+    expert_type: str = "swiglu"  # "swiglu" (DiT-MoE) or "gelu" (dense DiT MLP, for upcycling)
+    moe_layers: Optional[list[int]] = None  # block indices that are MoE; None: every block
+    norm_topk_prob: bool = False  # renormalise the k selected weights to sum to 1
+    aux_loss_coef: float = 0.01  # load-balancing loss coefficient; 0 disables it
+    aux_loss_per_sample: bool = False  # DiT-MoE's "seq_aux": balance within each sample
+    z_loss_coef: float = 0.0  # router z-loss coefficient; 0 disables it
+    capacity_factor: Optional[float] = None  # None: dropless; else tokens per expert = cf * k * T / E
+    grouped_gemm: str = "auto"  # "auto": grouped GEMM on CUDA half precision; "on" / "off"
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -68,25 +68,25 @@ _LEGACY_QK_NORM_EPS = 1e-5  # what files of the flat layout, which record no eps
 class DiTConfig:
     """Everything that determines a DiT's parameters and forward pass."""
 
-    input_size: int = 32                      # latent (or pixel) side length
-    patch_size: int = 2                       # patch side p (the --model preset's unless given)
+    input_size: int = 32  # latent (or pixel) side length
+    patch_size: int = 2  # patch side p (the --model preset's unless given)
     in_channels: int = 4
-    hidden_size: int = 1152                   # token width (the --model preset's unless given)
-    depth: int = 28                           # transformer blocks (the --model preset's unless given)
-    num_heads: int = 16                       # attention heads (the --model preset's unless given)
-    mlp_ratio: float = 4.0                    # feed-forward width / hidden, dense MLPs and routed experts alike
-    class_dropout_prob: float = 0.1           # label dropout for classifier-free guidance
+    hidden_size: int = 1152  # token width (the --model preset's unless given)
+    depth: int = 28  # transformer blocks (the --model preset's unless given)
+    num_heads: int = 16  # attention heads (the --model preset's unless given)
+    mlp_ratio: float = 4.0  # feed-forward width / hidden, dense MLPs and routed experts alike
+    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance
     num_classes: int = 1000
-    learn_sigma: bool = True                  # output 2 * in_channels (epsilon and variance)
-    qk_norm: bool = False                     # LayerNorm over the head dim on q and k (DiT-MoE's flash block)
-    qk_norm_eps: float = 1e-6                 # epsilon of the q/k LayerNorms (DiT-MoE's flash block: 1e-6)
-    attn_backend: str = "sdpa"                # "sdpa" | "flash" (flash-attn package) | "math"
-    grad_checkpointing: bool = False          # recompute each block in backward (saves activation memory)
-    moe: Optional[MoEArgs] = None             # None: the dense DiT of facebookresearch/DiT
+    learn_sigma: bool = True  # output 2 * in_channels (epsilon and variance)
+    qk_norm: bool = False  # LayerNorm over the head dim on q and k (DiT-MoE's flash block)
+    qk_norm_eps: float = 1e-6  # epsilon of the q/k LayerNorms (DiT-MoE's flash block: 1e-6)
+    attn_backend: str = "sdpa"  # "sdpa" | "flash" (flash-attn package) | "math"
+    grad_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
+    moe: Optional[MoEArgs] = None  # None: the dense DiT of facebookresearch/DiT
     # MaskDiT decoder: dense DiT blocks over all tokens after the encoder blocks. 0: none (plain DiT).
-    decoder_depth: int = 0                    # MaskDiT decoder blocks (MaskDiT: 8); 0: no decoder
-    decoder_hidden_size: int = 512            # MaskDiT decoder width (MaskDiT: 512)
-    decoder_num_heads: int = 16               # MaskDiT decoder heads (MaskDiT: 16)
+    decoder_depth: int = 0  # MaskDiT decoder blocks (MaskDiT: 8); 0: no decoder
+    decoder_hidden_size: int = 512  # MaskDiT decoder width (MaskDiT: 512)
+    decoder_num_heads: int = 16  # MaskDiT decoder heads (MaskDiT: 16)
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):

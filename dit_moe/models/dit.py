@@ -50,8 +50,9 @@ class DiTBlock(nn.Module):
         hidden = config.decoder_hidden_size if decoder else config.hidden_size
         heads = config.decoder_num_heads if decoder else config.num_heads
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden, heads, qk_norm=config.qk_norm, backend=config.attn_backend,
-                              qk_norm_eps=config.qk_norm_eps)
+        self.attn = Attention(
+            hidden, heads, qk_norm=config.qk_norm, backend=config.attn_backend, qk_norm_eps=config.qk_norm_eps
+        )
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         if not decoder and config.is_moe_block(index):
             self.moe = MoEFeedForward(hidden, int(hidden * config.mlp_ratio), config.moe)
@@ -134,9 +135,7 @@ class DiT(nn.Module):
             self.decoder_pos_embed = nn.Parameter(
                 torch.zeros(1, self.x_embedder.num_patches, final_width), requires_grad=False
             )
-            self.decoder_blocks = nn.ModuleList(
-                DiTBlock(config, i, decoder=True) for i in range(config.decoder_depth)
-            )
+            self.decoder_blocks = nn.ModuleList(DiTBlock(config, i, decoder=True) for i in range(config.decoder_depth))
         self.final_layer = FinalLayer(final_width, config.patch_size, self.out_channels, config.hidden_size)
         self.initialize_weights()
 
@@ -199,8 +198,9 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)  # (N, c, h, p, w, p)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-              force_drop_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch tokens with positions (N, T, C) and the conditioning vector c = emb(t) + emb(y) (N, C)."""
         tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, C)
         label_emb = self.y_embedder(y, self.training, force_drop_ids)
@@ -228,8 +228,15 @@ class DiT(nn.Module):
         tokens, _ = self.run_blocks(tokens, c, self.decoder_blocks)  # dense blocks: no aux losses
         return tokens
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_aux: bool = False,
-                force_drop_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        return_aux: bool = False,
+        force_drop_ids: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ):
         """x (N, in_channels, H, W), t (N,) timesteps, y (N,) labels -> (N, out_channels, H, W).
 
         With `return_aux=True` also returns the dict of weighted MoE aux losses summed over layers.

@@ -28,7 +28,9 @@ class MaskInfo:
     def from_mask(cls, mask: Tensor) -> "MaskInfo":
         """Build from a (N, T) bool mask; every row must mask the same number of tokens."""
         if mask.ndim != 2 or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a (N, T) bool tensor (True = masked), got {mask.dtype} {tuple(mask.shape)}.")
+            raise ValueError(
+                f"mask must be a (N, T) bool tensor (True = masked), got {mask.dtype} {tuple(mask.shape)}."
+            )
         counts = mask.sum(dim=1)
         if bool((counts != counts[0]).any()):  # host sync: validates the batch once per forward
             raise ValueError(f"every sample must mask the same number of tokens, got counts {counts.tolist()}.")
@@ -42,8 +44,13 @@ class MaskInfo:
         return self.mask.shape[1]
 
 
-def random_mask(batch: int, num_tokens: int, ratio: float, generator: torch.Generator | None = None,
-                device: torch.device | str | None = None) -> MaskInfo:
+def random_mask(
+    batch: int,
+    num_tokens: int,
+    ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> MaskInfo:
     """Per-sample uniformly random masks, each hiding exactly round(ratio * num_tokens) tokens.
 
     The masked set of a sample is the top of a random permutation (MAE's argsort of uniform

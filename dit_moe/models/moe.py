@@ -94,7 +94,9 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         self.args = args
         self.gate = TopKRouter(hidden_size, args.num_experts, args.num_experts_per_tok, args.norm_topk_prob)
-        self.experts = GroupedExperts(args.num_experts, hidden_size, intermediate_size, args.expert_type, args.grouped_gemm)
+        self.experts = GroupedExperts(
+            args.num_experts, hidden_size, intermediate_size, args.expert_type, args.grouped_gemm
+        )
         if args.n_shared_experts > 0:
             self.shared_experts = SwiGLUMLP(hidden_size, args.n_shared_experts * hidden_size)
         else:

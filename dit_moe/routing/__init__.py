@@ -14,7 +14,13 @@ the analysis/ scripts).
 """
 
 from .collect import (
-    analyse_checkpoint, analyse_request, collect_routing, default_classes, plot_routing, record_routing, write_summary,
+    analyse_checkpoint,
+    analyse_request,
+    collect_routing,
+    default_classes,
+    plot_routing,
+    record_routing,
+    write_summary,
 )
 from .plots import class_heatmap, panel_axes, patch_dominant_heatmap, patch_expert_heatmap, save_figure, step_heatmap
 from .recorder import RoutingRecorder, find_moe_layers
@@ -22,9 +28,27 @@ from .stats import RoutingCounts, count_routing, format_summary, load_counts, su
 from .store import RoutingFile, RoutingFileError, write_routing
 
 __all__ = [
-    "RoutingRecorder", "find_moe_layers", "RoutingFile", "RoutingFileError", "write_routing",
-    "RoutingCounts", "count_routing", "load_counts", "summarize", "format_summary",
-    "class_heatmap", "step_heatmap", "patch_dominant_heatmap", "patch_expert_heatmap", "panel_axes", "save_figure",
-    "collect_routing", "record_routing", "analyse_checkpoint", "analyse_request", "plot_routing", "write_summary",
+    "RoutingRecorder",
+    "find_moe_layers",
+    "RoutingFile",
+    "RoutingFileError",
+    "write_routing",
+    "RoutingCounts",
+    "count_routing",
+    "load_counts",
+    "summarize",
+    "format_summary",
+    "class_heatmap",
+    "step_heatmap",
+    "patch_dominant_heatmap",
+    "patch_expert_heatmap",
+    "panel_axes",
+    "save_figure",
+    "collect_routing",
+    "record_routing",
+    "analyse_checkpoint",
+    "analyse_request",
+    "plot_routing",
+    "write_summary",
     "default_classes",
 ]

@@ -37,19 +37,27 @@ DESCRIPTIONS = {
 
 def _add_collect_options(parser: argparse.ArgumentParser) -> None:
     add_sampling_flags(parser)
-    parser.add_argument(*flag("classes"), type=parse_int_list, default=None,
-                        help="e.g. 0,1,2 (default: up to 10 evenly spaced)")
+    parser.add_argument(
+        *flag("classes"), type=parse_int_list, default=None, help="e.g. 0,1,2 (default: up to 10 evenly spaced)"
+    )
     parser.add_argument(*flag("samples-per-class"), type=int, default=2)
-    parser.add_argument(*flag("record-uncond"), action="store_true",
-                        help="also record CFG's unconditional half (tagged with the null label)")
+    parser.add_argument(
+        *flag("record-uncond"),
+        action="store_true",
+        help="also record CFG's unconditional half (tagged with the null label)",
+    )
     parser.add_argument(*flag("batch-size"), type=int, default=32)
 
 
 def _add_routing_input(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument(*flag("routing"), required=True, help="routing file written by analysis/expert_data.py")
     parser.add_argument(*flag("out"), required=True, help=out_help)
-    parser.add_argument(*flag("layers"), type=parse_optional_int_list, default=None,
-                        help="MoE layer (block) indices to plot; default (or \"all\") all")
+    parser.add_argument(
+        *flag("layers"),
+        type=parse_optional_int_list,
+        default=None,
+        help='MoE layer (block) indices to plot; default (or "all") all',
+    )
 
 
 def _add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -66,8 +74,12 @@ def _add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     else:
         _add_routing_input(parser, "PNG to write")
     if command == "patch":
-        parser.add_argument(*flag("mode"), choices=["dominant", "per-expert"], default="dominant",
-                            help="dominant: most frequent expert per patch; per-expert: each expert's frequency map")
+        parser.add_argument(
+            *flag("mode"),
+            choices=["dominant", "per-expert"],
+            default="dominant",
+            help="dominant: most frequent expert per patch; per-expert: each expert's frequency map",
+        )
     if command == "step":
         parser.add_argument(*flag("bins"), type=int, default=10, help="timestep bins (rows)")
 
@@ -87,8 +99,13 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def _recording(args: argparse.Namespace) -> dict:
-    return dict(classes=args.classes, samples_per_class=args.samples_per_class, seed=args.seed,
-                batch_size=args.batch_size, record_uncond=args.record_uncond)
+    return dict(
+        classes=args.classes,
+        samples_per_class=args.samples_per_class,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        record_uncond=args.record_uncond,
+    )
 
 
 def run(args: argparse.Namespace) -> None:

@@ -59,8 +59,9 @@ def collect_routing(
     """
     options = SamplingOptions(sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale)
     request = SamplingRequest(ckpt, vae_path=vae_path, options=options, dtype=dtype, device=device)
-    return record_routing(request, out, classes, samples_per_class, seed, batch_size, record_uncond,
-                          max_memory_mb, progress)
+    return record_routing(
+        request, out, classes, samples_per_class, seed, batch_size, record_uncond, max_memory_mb, progress
+    )
 
 
 def record_routing(
@@ -88,17 +89,24 @@ def record_routing(
         with recorder:
             _sample_recorded(prepared, recorder, labels, seed, batch_size, progress)
         return recorder.save(
-            out, ckpt=str(Path(request.ckpt).resolve()), vae_path=prepared.vae_path, classes=classes,
-            samples_per_class=samples_per_class, seed=seed, objective=prepared.objective_name,
-            sampling=dict(asdict(prepared.options), sampler=prepared.sampler, num_steps=prepared.num_steps,
-                          dtype=request.dtype),
+            out,
+            ckpt=str(Path(request.ckpt).resolve()),
+            vae_path=prepared.vae_path,
+            classes=classes,
+            samples_per_class=samples_per_class,
+            seed=seed,
+            objective=prepared.objective_name,
+            sampling=dict(
+                asdict(prepared.options), sampler=prepared.sampler, num_steps=prepared.num_steps, dtype=request.dtype
+            ),
         )
     finally:
         recorder.close()
 
 
-def _sample_recorded(prepared: PreparedSampler, recorder: RoutingRecorder, labels: list[int], seed: int,
-                     batch_size: int, progress: bool) -> None:
+def _sample_recorded(
+    prepared: PreparedSampler, recorder: RoutingRecorder, labels: list[int], seed: int, batch_size: int, progress: bool
+) -> None:
     """Sample `labels` (sample i with seed `seed + i`) in batches, tagging each step's forwards for `recorder`."""
     batches = [range(i, min(i + batch_size, len(labels))) for i in range(0, len(labels), batch_size)]
     bar = tqdm(total=len(batches) * prepared.num_steps, desc="routing", unit="step", disable=not progress)
@@ -157,8 +165,9 @@ def analyse_checkpoint(
     """
     options = SamplingOptions(sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale)
     request = SamplingRequest(ckpt, vae_path=vae_path, options=options, device=device)
-    return analyse_request(request, out_dir, classes=classes, samples_per_class=samples_per_class, seed=seed,
-                           progress=progress)
+    return analyse_request(
+        request, out_dir, classes=classes, samples_per_class=samples_per_class, seed=seed, progress=progress
+    )
 
 
 def analyse_request(request: SamplingRequest, out_dir: str | os.PathLike, **recording) -> dict[str, Path]:

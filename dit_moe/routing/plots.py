@@ -33,8 +33,9 @@ def _panels(num: int, ncols: int = MAX_COLUMNS, size: tuple[float, float] = (2.6
     """A figure with `num` panel axes on a grid (unused cells removed)."""
     ncols = min(ncols, num)
     nrows = math.ceil(num / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols + 1.2, size[1] * nrows + 0.8), squeeze=False,
-                             constrained_layout=True)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(size[0] * ncols + 1.2, size[1] * nrows + 0.8), squeeze=False, constrained_layout=True
+    )
     flat = list(axes.reshape(-1))
     for ax in flat[num:]:
         fig.delaxes(ax)
@@ -56,8 +57,15 @@ def _expert_axis(ax, num_experts: int) -> None:
     ax.set_xlabel("expert")
 
 
-def _row_heatmaps(counts: RoutingCounts, freq: np.ndarray, row_labels: list[str], ylabel: str, title: str,
-                  cmap: str, layers: Optional[Iterable[int]]) -> Figure:
+def _row_heatmaps(
+    counts: RoutingCounts,
+    freq: np.ndarray,
+    row_labels: list[str],
+    ylabel: str,
+    title: str,
+    cmap: str,
+    layers: Optional[Iterable[int]],
+) -> Figure:
     """One [rows x experts] panel per layer with a shared colour bar."""
     slots = counts.layer_slots(layers)
     fig, axes = _panels(len(slots))
@@ -110,13 +118,16 @@ def step_heatmap(counts: RoutingCounts, bins: int = 10, layers: Optional[Iterabl
     np.add.at(binned, (slice(None), index), counts.by_timestep)
     np.add.at(tokens, index, counts.tokens_by_timestep)
     freq = frequencies(binned, tokens)
-    return _row_heatmaps(counts, freq, labels, "timestep (noise -> data)", "Expert selection by denoising timestep",
-                         "Blues", layers)
+    return _row_heatmaps(
+        counts, freq, labels, "timestep (noise -> data)", "Expert selection by denoising timestep", "Blues", layers
+    )
 
 
 def _grid(counts: RoutingCounts) -> tuple[int, int]:
     if counts.grid_size is None:
-        raise RoutingFileError(f"{counts.source} records no patch grid size; record it from a DiT with analysis/expert_data.py.")
+        raise RoutingFileError(
+            f"{counts.source} records no patch grid size; record it from a DiT with analysis/expert_data.py."
+        )
     return counts.grid_size
 
 
@@ -153,8 +164,9 @@ def patch_expert_heatmap(counts: RoutingCounts, layers: Optional[Iterable[int]] 
     for i, slot in enumerate(slots):
         for e in range(E):
             ax = axes[i * E + e]
-            image = ax.imshow(freq[slot, :, e].reshape(rows, cols), cmap="Greens", vmin=0.0, vmax=vmax,
-                              interpolation="nearest")
+            image = ax.imshow(
+                freq[slot, :, e].reshape(rows, cols), cmap="Greens", vmin=0.0, vmax=vmax, interpolation="nearest"
+            )
             ax.set_title(f"layer {counts.moe_layers[slot]}, expert {e}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])

@@ -87,11 +87,15 @@ class RoutingRecorder:
         if layers is not None:
             unknown = sorted(set(layers) - {i for i, _ in found})
             if unknown:
-                raise ValueError(f"Layers {unknown} are not MoE layers of this model; choose from {[i for i, _ in found]}.")
+                raise ValueError(
+                    f"Layers {unknown} are not MoE layers of this model; choose from {[i for i, _ in found]}."
+                )
             found = [(i, m) for i, m in found if i in set(layers)]
         shapes = {(m.gate.num_experts, m.gate.top_k) for _, m in found}
         if len(shapes) != 1:
-            raise ValueError(f"The recorded MoE layers differ in (experts, top-k): {sorted(shapes)}; record them separately.")
+            raise ValueError(
+                f"The recorded MoE layers differ in (experts, top-k): {sorted(shapes)}; record them separately."
+            )
         self.model = model
         self.layers = found
         self.num_experts, self.top_k = shapes.pop()
@@ -237,7 +241,9 @@ class RoutingRecorder:
         if positions.shape == (t,):
             return np.broadcast_to(positions, (n, t))
         if positions.shape != (n, t):
-            raise RuntimeError(f"positions of shape {positions.shape} do not fit a forward of {n} samples x {t} tokens.")
+            raise RuntimeError(
+                f"positions of shape {positions.shape} do not fit a forward of {n} samples x {t} tokens."
+            )
         return positions
 
     @staticmethod
@@ -246,7 +252,9 @@ class RoutingRecorder:
         if array.size == 1:
             return np.full(n, array[0], dtype=np.float32)
         if array.size != n:
-            raise RuntimeError(f"{name} has {array.size} values for a forward of {n} samples; pass a scalar or one per sample.")
+            raise RuntimeError(
+                f"{name} has {array.size} values for a forward of {n} samples; pass a scalar or one per sample."
+            )
         return array
 
     # -- buffering -----------------------------------------------------------------------------
@@ -262,7 +270,9 @@ class RoutingRecorder:
                 f"A forward skipped MoE layers {missing}; pass layers=[...] to record only the layers it runs."
             )
         block = {key: self._tags[key] for key in ("label", "position", "timestep", "step")}
-        block["ids"] = np.stack([self._pending[s][0] for s in range(len(self.layers))], axis=1)  # L x [R, k] -> [R, L, k]
+        block["ids"] = np.stack(
+            [self._pending[s][0] for s in range(len(self.layers))], axis=1
+        )  # L x [R, k] -> [R, L, k]
         if self.record_weights:
             block["weights"] = np.stack([self._pending[s][1] for s in range(len(self.layers))], axis=1)
         self._pending.clear()

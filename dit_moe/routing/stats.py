@@ -106,11 +106,21 @@ def count_routing(chunks: Iterable[dict[str, np.ndarray]], meta: dict, source: s
             weights = chunk["weights"].astype(np.float64).reshape(-1)
             weight_sum += np.bincount((layer_offset * E + ids).reshape(-1), weights=weights, minlength=L * E)
     return RoutingCounts(
-        num_experts=E, top_k=k, moe_layers=layers, num_classes=num_classes, grid_size=grid, timesteps=timesteps,
-        by_class=by_class.reshape(L, C1, E), by_position=by_position.reshape(L, P, E),
-        by_timestep=by_timestep.reshape(L, max(U, 1), E)[:, :U], tokens_by_class=tokens_by_class,
-        tokens_by_position=tokens_by_position, tokens_by_timestep=tokens_by_timestep[:U],
-        weight_sum=None if weight_sum is None else weight_sum.reshape(L, E), num_tokens=num_tokens, source=source,
+        num_experts=E,
+        top_k=k,
+        moe_layers=layers,
+        num_classes=num_classes,
+        grid_size=grid,
+        timesteps=timesteps,
+        by_class=by_class.reshape(L, C1, E),
+        by_position=by_position.reshape(L, P, E),
+        by_timestep=by_timestep.reshape(L, max(U, 1), E)[:, :U],
+        tokens_by_class=tokens_by_class,
+        tokens_by_position=tokens_by_position,
+        tokens_by_timestep=tokens_by_timestep[:U],
+        weight_sum=None if weight_sum is None else weight_sum.reshape(L, E),
+        num_tokens=num_tokens,
+        source=source,
     )
 
 

@@ -55,8 +55,11 @@ def write_routing(
 
 def _write_member(zf: zipfile.ZipFile, key: str, chunks, num_rows: int, example: np.ndarray) -> None:
     """Stream one [num_rows, ...] array into `key.npy`: header first, then each chunk's bytes."""
-    header = {"descr": np.lib.format.dtype_to_descr(example.dtype), "fortran_order": False,
-              "shape": (num_rows, *example.shape[1:])}
+    header = {
+        "descr": np.lib.format.dtype_to_descr(example.dtype),
+        "fortran_order": False,
+        "shape": (num_rows, *example.shape[1:]),
+    }
     written = 0
     with zf.open(f"{key}.npy", "w", force_zip64=True) as fp:
         np.lib.format.write_array_header_1_0(fp, header)
@@ -81,11 +84,15 @@ class RoutingFile:
         try:
             self._zip = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError) as err:
-            raise RoutingFileError(f"{self.path} is truncated or not an .npz routing file ({err}); {_REMAKE}.") from None
+            raise RoutingFileError(
+                f"{self.path} is truncated or not an .npz routing file ({err}); {_REMAKE}."
+            ) from None
         names = {n[: -len(".npy")] for n in self._zip.namelist() if n.endswith(".npy")}
         missing = [k for k in ("meta",) + ROW_ARRAYS if k not in names]
         if missing:
-            raise RoutingFileError(f"{self.path} lacks {', '.join(missing)}, so it is not a complete routing file; {_REMAKE}.")
+            raise RoutingFileError(
+                f"{self.path} lacks {', '.join(missing)}, so it is not a complete routing file; {_REMAKE}."
+            )
         self.meta = self._read_meta()
         self.arrays = [k for k in ROW_ARRAYS + OPTIONAL_ARRAYS if k in names]
         self._headers = {k: self._header(k) for k in self.arrays}
@@ -135,7 +142,9 @@ class RoutingFile:
         for key in self.arrays:
             expected = ids_shape if key in ("ids", "weights") else (self.num_rows,)
             if self.shapes[key] != expected:
-                raise RoutingFileError(f"{self.path} has {key} of shape {self.shapes[key]}, expected {expected}; {_REMAKE}.")
+                raise RoutingFileError(
+                    f"{self.path} has {key} of shape {self.shapes[key]}, expected {expected}; {_REMAKE}."
+                )
         if self.num_rows == 0:
             raise RoutingFileError(f"{self.path} holds no token rows; {_REMAKE} with at least one sample.")
 
@@ -174,4 +183,3 @@ class RoutingFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
-

@@ -11,13 +11,30 @@ starts from the same prepare step.
 """
 
 from .images import (
-    LABEL_MODES, SamplingOptions, StackedRandomGenerator, build_sampling_objective, check_codec, latent_shape,
-    per_sample_noise, sample_images, sample_labels,
+    LABEL_MODES,
+    SamplingOptions,
+    StackedRandomGenerator,
+    build_sampling_objective,
+    check_codec,
+    latent_shape,
+    per_sample_noise,
+    sample_images,
+    sample_labels,
 )
 from .prepare import PreparedSampler, SamplingRequest, prepare_sampling, resolve_objective
 
 __all__ = [
-    "LABEL_MODES", "SamplingOptions", "StackedRandomGenerator", "build_sampling_objective", "check_codec",
-    "latent_shape", "per_sample_noise", "sample_images", "sample_labels",
-    "PreparedSampler", "SamplingRequest", "prepare_sampling", "resolve_objective",
+    "LABEL_MODES",
+    "SamplingOptions",
+    "StackedRandomGenerator",
+    "build_sampling_objective",
+    "check_codec",
+    "latent_shape",
+    "per_sample_noise",
+    "sample_images",
+    "sample_labels",
+    "PreparedSampler",
+    "SamplingRequest",
+    "prepare_sampling",
+    "resolve_objective",
 ]

@@ -38,48 +38,103 @@ def _rf_objective(text: str) -> str:
 def add_sampling_flags(parser: argparse.ArgumentParser, zero_setup: bool = False) -> None:
     """The checkpoint, codec, objective, sampler, guidance, precision and device flags; with
     `zero_setup`, --ckpt may be left out and means DiT's released model (`DIT_ZERO_SETUP`)."""
-    zero_help = (" (default: DiT's released DiT-XL-2-{size}x{size}.pt for --image-size 256|512, downloaded "
-                 "once, with --vae mse and --cfg-scale 4.0 as DiT's sample.py)") if zero_setup else ""
-    parser.add_argument(*flag("ckpt"), required=not zero_setup, default=None,
-                        help="official DiT .pt, feizc/DiT-MoE .pt, dit-moe export or DeepSpeed checkpoint directory, "
-                             f"or a release name (DiT-XL-2-256x256.pt, dit_moe_xl_8E2A.pt, ...){zero_help}")
-    parser.add_argument(*flag("vae-path"), "--vae", dest="vae_path", default=None,
-                        help="diffusers AutoencoderKL folder, DiT's ema|mse (stabilityai/sd-vae-ft-ema|mse) or a "
-                             "Hugging Face id (fetched once into its cache), or 'none' for pixel space "
-                             "(default: none for 1/3-channel models)")
-    parser.add_argument(*flag("model"), choices=sorted(DiT_models), metavar="NAME", default=None,
-                        help="for DiT's command line: must match the checkpoint's architecture when given")
-    parser.add_argument(*flag("image-size"), type=int, default=None, help="pixels; checked against the checkpoint and VAE")
+    zero_help = (
+        (
+            " (default: DiT's released DiT-XL-2-{size}x{size}.pt for --image-size 256|512, downloaded "
+            "once, with --vae mse and --cfg-scale 4.0 as DiT's sample.py)"
+        )
+        if zero_setup
+        else ""
+    )
+    parser.add_argument(
+        *flag("ckpt"),
+        required=not zero_setup,
+        default=None,
+        help="official DiT .pt, feizc/DiT-MoE .pt, dit-moe export or DeepSpeed checkpoint directory, "
+        f"or a release name (DiT-XL-2-256x256.pt, dit_moe_xl_8E2A.pt, ...){zero_help}",
+    )
+    parser.add_argument(
+        *flag("vae-path"),
+        "--vae",
+        dest="vae_path",
+        default=None,
+        help="diffusers AutoencoderKL folder, DiT's ema|mse (stabilityai/sd-vae-ft-ema|mse) or a "
+        "Hugging Face id (fetched once into its cache), or 'none' for pixel space "
+        "(default: none for 1/3-channel models)",
+    )
+    parser.add_argument(
+        *flag("model"),
+        choices=sorted(DiT_models),
+        metavar="NAME",
+        default=None,
+        help="for DiT's command line: must match the checkpoint's architecture when given",
+    )
+    parser.add_argument(
+        *flag("image-size"), type=int, default=None, help="pixels; checked against the checkpoint and VAE"
+    )
     parser.add_argument(*flag("num-classes"), type=int, default=None, help="checked against the checkpoint when given")
-    parser.add_argument(*flag("num-experts-per-tok"), type=int, default=None,
-                        help="top-k override (feizc/DiT-MoE files do not record it; default 2)")
+    parser.add_argument(
+        *flag("num-experts-per-tok"),
+        type=int,
+        default=None,
+        help="top-k override (feizc/DiT-MoE files do not record it; default 2)",
+    )
     _add_objective_flags(parser)
-    parser.add_argument(*flag("seed"), *flag("global-seed"), dest="seed", type=int, default=0,
-                        help="sample i uses seed + i")
+    parser.add_argument(
+        *flag("seed"), *flag("global-seed"), dest="seed", type=int, default=0, help="sample i uses seed + i"
+    )
     parser.add_argument(*flag("dtype"), choices=sorted(DTYPES), default="fp32", help="bf16/fp16: CUDA autocast only")
     parser.add_argument(*flag("device"), default=None, help="default: cuda:LOCAL_RANK when a GPU is present, else cpu")
 
 
 def _add_objective_flags(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(objective=None, objective_flag="--rf")
-    parser.add_argument(*flag("rf"), action=_ObjectiveAction, type=_rf_objective, nargs="?", const="flow",
-                        metavar="BOOL", help="True: rectified-flow model; must agree with a checkpoint that records its objective")
-    parser.add_argument(*flag("objective"), action=_ObjectiveAction, choices=["iddpm", "flow"],
-                        help="the objective of a file without a config (default iddpm); must agree with one that records it")
-    parser.add_argument(*flag("sampler"), choices=SAMPLERS, default=None,
-                        help="default: ddpm (IDDPM models), euler (flow models)")
+    parser.add_argument(
+        *flag("rf"),
+        action=_ObjectiveAction,
+        type=_rf_objective,
+        nargs="?",
+        const="flow",
+        metavar="BOOL",
+        help="True: rectified-flow model; must agree with a checkpoint that records its objective",
+    )
+    parser.add_argument(
+        *flag("objective"),
+        action=_ObjectiveAction,
+        choices=["iddpm", "flow"],
+        help="the objective of a file without a config (default iddpm); must agree with one that records it",
+    )
+    parser.add_argument(
+        *flag("sampler"), choices=SAMPLERS, default=None, help="default: ddpm (IDDPM models), euler (flow models)"
+    )
     parser.add_argument(*flag("num-sampling-steps"), type=int, default=None, help="default: 250 (IDDPM), 50 (flow)")
-    parser.add_argument(*flag("cfg-scale"), type=float, default=None,
-                        help="classifier-free guidance; 1 disables it. Default: 7.0 for a DiT-MoE rectified-flow "
-                             "file (its sample.py applies 7.0 to them whatever --cfg-scale says), 4.0 (DiT's) when "
-                             "sample.py is given no --ckpt, else 1.5 (DiT-MoE's README command)")
-    parser.add_argument(*flag("cfg-channels"), type=int, default=None,
-                        help="guided prediction channels (default all; 3 = DiT's forward_with_cfg)")
-    parser.add_argument(*flag("noise-schedule"), choices=["linear", "cosine"], default=None,
-                        help="IDDPM files that record no objective config: the beta schedule they were trained "
-                             "with (default linear); checkpoints that record it are sampled with theirs")
-    parser.add_argument(*flag("diffusion-steps"), type=int, default=None,
-                        help="IDDPM files that record no objective config: training steps (default 1000)")
+    parser.add_argument(
+        *flag("cfg-scale"),
+        type=float,
+        default=None,
+        help="classifier-free guidance; 1 disables it. Default: 7.0 for a DiT-MoE rectified-flow "
+        "file (its sample.py applies 7.0 to them whatever --cfg-scale says), 4.0 (DiT's) when "
+        "sample.py is given no --ckpt, else 1.5 (DiT-MoE's README command)",
+    )
+    parser.add_argument(
+        *flag("cfg-channels"),
+        type=int,
+        default=None,
+        help="guided prediction channels (default all; 3 = DiT's forward_with_cfg)",
+    )
+    parser.add_argument(
+        *flag("noise-schedule"),
+        choices=["linear", "cosine"],
+        default=None,
+        help="IDDPM files that record no objective config: the beta schedule they were trained "
+        "with (default linear); checkpoints that record it are sampled with theirs",
+    )
+    parser.add_argument(
+        *flag("diffusion-steps"),
+        type=int,
+        default=None,
+        help="IDDPM files that record no objective config: training steps (default 1000)",
+    )
 
 
 def request_from_args(args: argparse.Namespace) -> SamplingRequest:
@@ -91,11 +146,23 @@ def request_from_args(args: argparse.Namespace) -> SamplingRequest:
         vae_path = DIT_ZERO_SETUP["vae"] if vae_path is None else vae_path
         cfg_scale = DIT_ZERO_SETUP["cfg_scale"] if cfg_scale is None else cfg_scale
     options = SamplingOptions(
-        sampler=args.sampler, num_steps=args.num_sampling_steps,
-        cfg_scale=cfg_scale, cfg_channels=args.cfg_channels,
+        sampler=args.sampler,
+        num_steps=args.num_sampling_steps,
+        cfg_scale=cfg_scale,
+        cfg_channels=args.cfg_channels,
     )
     return SamplingRequest(
-        ckpt, vae_path=vae_path, options=options, objective=args.objective,
-        objective_flag=args.objective_flag, noise_schedule=args.noise_schedule, diffusion_steps=args.diffusion_steps, num_experts_per_tok=args.num_experts_per_tok, model_name=args.model,
-        num_classes=args.num_classes, image_size=args.image_size, dtype=args.dtype, device=args.device,
+        ckpt,
+        vae_path=vae_path,
+        options=options,
+        objective=args.objective,
+        objective_flag=args.objective_flag,
+        noise_schedule=args.noise_schedule,
+        diffusion_steps=args.diffusion_steps,
+        num_experts_per_tok=args.num_experts_per_tok,
+        model_name=args.model,
+        num_classes=args.num_classes,
+        image_size=args.image_size,
+        dtype=args.dtype,
+        device=args.device,
     )

@@ -64,8 +64,9 @@ def default_labels(num_classes: int) -> list[int]:
     return [i % num_classes for i in range(count)]
 
 
-def image_grid(images: torch.Tensor | np.ndarray, nrow: int = GRID_NROW, padding: int = GRID_PADDING,
-               scale: int = 1) -> np.ndarray:
+def image_grid(
+    images: torch.Tensor | np.ndarray, nrow: int = GRID_NROW, padding: int = GRID_PADDING, scale: int = 1
+) -> np.ndarray:
     """One uint8 HWC image holding `images` (float NCHW in [-1, 1], or uint8 NHWC) in rows of `nrow`,
     `padding` black pixels around and between them (torchvision's make_grid layout); `scale`
     enlarges each image by pixel repetition first, so tiny samples (8x8 digits) stay visible."""
@@ -109,37 +110,59 @@ def sample_grid(
     Bad input raises one sentence that says how to fix it, before any sampling (see prepare.py).
     """
     objective = None if rf is None else ("flow" if rf else "iddpm")
-    request = SamplingRequest(ckpt, options=options or SamplingOptions(),
-                              objective=objective, objective_flag="--rf", **request)
+    request = SamplingRequest(
+        ckpt, options=options or SamplingOptions(), objective=objective, objective_flag="--rf", **request
+    )
     return write_grid(request, out, class_labels, seed, progress, nrow, scale)
 
 
-def write_grid(request: SamplingRequest, out: str | Path, class_labels: Optional[Sequence[int]] = None,
-               seed: int = 0, progress: bool = False, nrow: int = GRID_NROW, scale: int = 1) -> SampleGrid:
+def write_grid(
+    request: SamplingRequest,
+    out: str | Path,
+    class_labels: Optional[Sequence[int]] = None,
+    seed: int = 0,
+    progress: bool = False,
+    nrow: int = GRID_NROW,
+    scale: int = 1,
+) -> SampleGrid:
     """`sample_grid` for a prepared request: image i has seed `seed + i`."""
     if nrow < 1 or scale < 1:
         raise UserError(f"--nrow and --scale must be at least 1, got {nrow} and {scale}.")
     prepared = prepare_sampling(request)
-    labels = prepared.check_labels(default_labels(prepared.config.num_classes) if class_labels is None else class_labels)
+    labels = prepared.check_labels(
+        default_labels(prepared.config.num_classes) if class_labels is None else class_labels
+    )
     images = prepared.sample(labels, [seed + i for i in range(len(labels))], progress=progress)
     path = save_grid(images, out, nrow=nrow, scale=scale)
-    return SampleGrid(path, images, labels, prepared.objective_name, prepared.sampler, prepared.num_steps,
-                      prepared.options.cfg_scale)
+    return SampleGrid(
+        path, images, labels, prepared.objective_name, prepared.sampler, prepared.num_steps, prepared.options.cfg_scale
+    )
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Sample a PNG grid of chosen classes from any supported DiT / DiT-MoE checkpoint.",
+        prog=prog,
+        description="Sample a PNG grid of chosen classes from any supported DiT / DiT-MoE checkpoint.",
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_sampling_flags(parser, zero_setup=True)
     parser.add_argument(*flag("out"), default="sample.png", help="PNG grid to write (default: sample.png)")
-    parser.add_argument(*flag("class-labels"), type=parse_int_list, default=None,
-                        help="e.g. 207,360,387 (default: DiT's eight for ImageNet models, else 0, 1, ... cycled)")
-    parser.add_argument(*flag("nrow"), type=int, default=GRID_NROW, help=f"images per grid row (default {GRID_NROW}, as DiT)")
-    parser.add_argument(*flag("scale"), type=int, default=1,
-                        help="enlarge each image this many times by pixel repetition (for tiny images)")
+    parser.add_argument(
+        *flag("class-labels"),
+        type=parse_int_list,
+        default=None,
+        help="e.g. 207,360,387 (default: DiT's eight for ImageNet models, else 0, 1, ... cycled)",
+    )
+    parser.add_argument(
+        *flag("nrow"), type=int, default=GRID_NROW, help=f"images per grid row (default {GRID_NROW}, as DiT)"
+    )
+    parser.add_argument(
+        *flag("scale"),
+        type=int,
+        default=1,
+        help="enlarge each image this many times by pixel repetition (for tiny images)",
+    )
     return parser
 
 
@@ -150,8 +173,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
 
     def work() -> None:
         request = request_from_args(args)
-        grid = write_grid(request, args.out, args.class_labels, args.seed, progress=True, nrow=args.nrow,
-                          scale=args.scale)
+        grid = write_grid(
+            request, args.out, args.class_labels, args.seed, progress=True, nrow=args.nrow, scale=args.scale
+        )
         print(
             f"Saved {len(grid.labels)} samples (classes {','.join(map(str, grid.labels))}; {grid.objective}, "
             f"{grid.sampler}, {grid.num_steps} steps, cfg {grid.cfg_scale}) to {grid.path}"

@@ -63,7 +63,9 @@ class StackedRandomGenerator:
     def __init__(self, seeds: Sequence[int]):
         self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
-    def randn(self, shape: Sequence[int], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def randn(
+        self, shape: Sequence[int], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """Standard normal (N, *shape): the next draw of each sample's generator."""
         rows = [torch.randn(tuple(shape), generator=generator) for generator in self.generators]
         return torch.stack(rows).to(device=device, dtype=dtype)
@@ -91,7 +93,9 @@ def sample_labels(indices: Sequence[int], num_classes: int, seed: int = 0, mode:
     indices = np.asarray(indices, dtype=np.int64)
     if mode == "cycle":
         return indices % num_classes
-    return np.array([np.random.default_rng((seed + int(i), _LABEL_STREAM)).integers(num_classes) for i in indices], dtype=np.int64)
+    return np.array(
+        [np.random.default_rng((seed + int(i), _LABEL_STREAM)).integers(num_classes) for i in indices], dtype=np.int64
+    )
 
 
 def latent_shape(config: DiTConfig) -> tuple[int, int, int]:
@@ -144,8 +148,14 @@ def sample_images(
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     with autocast:
         latents = objective.sample(
-            model_fn, noise, dict(y=labels.to(device)), sampler=options.sampler, num_steps=options.num_steps, progress=progress,
-            callback=callback, noise_fn=rng.randn_like,
+            model_fn,
+            noise,
+            dict(y=labels.to(device)),
+            sampler=options.sampler,
+            num_steps=options.num_steps,
+            progress=progress,
+            callback=callback,
+            noise_fn=rng.randn_like,
         )
         images = codec.decode(latents.float())
     return images.float().clamp(-1, 1).cpu()

@@ -91,8 +91,15 @@ def _barrier(env: LaunchEnv) -> None:
         dist.barrier()
 
 
-def sample_many(request: SamplingRequest, out: str | Path, num_samples: int, batch_size: int = 32, seed: int = 0,
-                label_mode: str = "cycle", npz: Optional[str | Path] = None) -> Optional[Path]:
+def sample_many(
+    request: SamplingRequest,
+    out: str | Path,
+    num_samples: int,
+    batch_size: int = 32,
+    seed: int = 0,
+    label_mode: str = "cycle",
+    npz: Optional[str | Path] = None,
+) -> Optional[Path]:
     """Draw this rank's missing samples into `out`, then (rank 0) gather all into the `.npz`; returns its path on rank 0."""
     if num_samples < 1 or batch_size < 1:
         raise UserError(f"--num-samples and --batch-size must be positive, got {num_samples} and {batch_size}.")
@@ -101,23 +108,36 @@ def sample_many(request: SamplingRequest, out: str | Path, num_samples: int, bat
         prepared = prepare_sampling(dataclasses.replace(request, device=str(device)))
         out = Path(out)
         settings = dict(
-            asdict(request.options), objective=prepared.objective_config.to_dict(), ckpt=str(Path(request.ckpt).resolve()),
-            vae_path=prepared.vae_path, seed=seed,
-            label_mode=label_mode, num_classes=prepared.config.num_classes, dtype=request.dtype,
+            asdict(request.options),
+            objective=prepared.objective_config.to_dict(),
+            ckpt=str(Path(request.ckpt).resolve()),
+            vae_path=prepared.vae_path,
+            seed=seed,
+            label_mode=label_mode,
+            num_classes=prepared.config.num_classes,
+            dtype=request.dtype,
         )
         out.mkdir(parents=True, exist_ok=True)
         check_settings(out, settings, write=env.rank == 0)
         labels = sample_labels(range(num_samples), prepared.config.num_classes, seed, label_mode)
-        _draw_pngs(prepared, out, pending_indices(out, shard_indices(num_samples, env.rank, env.world_size)),
-                   labels, seed, batch_size, env.rank)
+        _draw_pngs(
+            prepared,
+            out,
+            pending_indices(out, shard_indices(num_samples, env.rank, env.world_size)),
+            labels,
+            seed,
+            batch_size,
+            env.rank,
+        )
         _barrier(env)  # every rank's PNGs are on disk before rank 0 reads them
         path = npz_from_png_folder(out, num_samples, npz or default_npz_path(out), labels) if env.rank == 0 else None
         _barrier(env)
     return path
 
 
-def _draw_pngs(prepared: PreparedSampler, out: Path, todo: list[int], labels: np.ndarray, seed: int,
-               batch_size: int, rank: int) -> None:
+def _draw_pngs(
+    prepared: PreparedSampler, out: Path, todo: list[int], labels: np.ndarray, seed: int, batch_size: int, rank: int
+) -> None:
     """Sample the indices `todo` in batches and write each as `out/<index>.png`."""
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     for batch in tqdm(batches, desc=f"rank {rank} sampling", disable=rank != 0):
@@ -127,11 +147,14 @@ def _draw_pngs(prepared: PreparedSampler, out: Path, todo: list[int], labels: np
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_sampling_flags(parser)
     parser.add_argument(*flag("num-samples"), *flag("num-fid-samples"), dest="num_samples", type=int, default=50_000)
-    parser.add_argument(*flag("out"), *flag("sample-dir"), dest="out", required=True, help="folder for the PNGs (resumable)")
+    parser.add_argument(
+        *flag("out"), *flag("sample-dir"), dest="out", required=True, help="folder for the PNGs (resumable)"
+    )
     parser.add_argument(*flag("npz"), default=None, help="where to write the .npz (default: OUT.npz)")
     parser.add_argument(*flag("batch-size"), *flag("per-proc-batch-size"), dest="batch_size", type=int, default=32)
     parser.add_argument(*flag("label-mode"), choices=LABEL_MODES, default="cycle")
@@ -144,8 +167,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     args = parser.parse_args(argv)
 
     def work() -> None:
-        path = sample_many(request_from_args(args), args.out, args.num_samples, args.batch_size, args.seed,
-                           args.label_mode, args.npz)
+        path = sample_many(
+            request_from_args(args), args.out, args.num_samples, args.batch_size, args.seed, args.label_mode, args.npz
+        )
         if path is not None:
             print(f"Saved {args.num_samples} samples to {path}")
 

@@ -97,7 +97,7 @@ class PreparedSampler:
 
     @property
     def objective_name(self) -> str:
-        """"iddpm" | "flow"."""
+        """ "iddpm" | "flow"."""
         return self.objective_config.objective
 
     @property
@@ -118,11 +118,26 @@ class PreparedSampler:
             raise UserError(f"Class labels {bad} are outside this model's 0..{last}; pick {flag} in that range.")
         return labels
 
-    def sample(self, labels: Sequence[int], seeds: Sequence[int], progress: bool = False,
-               callback: Optional[Callable[[dict], None]] = None) -> torch.Tensor:
+    def sample(
+        self,
+        labels: Sequence[int],
+        seeds: Sequence[int],
+        progress: bool = False,
+        callback: Optional[Callable[[dict], None]] = None,
+    ) -> torch.Tensor:
         """Images (N, C, H, W) float32 in [-1, 1] on the CPU, one per (label, seed) (see images.sample_images)."""
-        return sample_images(self.model, self.codec, labels, seeds, self.options, device=self.device, dtype=self.dtype,
-                             progress=progress, objective=self.objective, callback=callback)
+        return sample_images(
+            self.model,
+            self.codec,
+            labels,
+            seeds,
+            self.options,
+            device=self.device,
+            dtype=self.dtype,
+            progress=progress,
+            objective=self.objective,
+            callback=callback,
+        )
 
 
 class ResolvedObjective(NamedTuple):
@@ -155,8 +170,18 @@ def prepare_sampling(request: SamplingRequest) -> PreparedSampler:
     options = request.options
     if options.cfg_scale is None:
         options = dataclasses.replace(options, cfg_scale=resolved.default_cfg_scale)
-    return PreparedSampler(loaded.model, codec, resolved.objective, resolved.config, resolved.source,
-                           loaded.config_source, options, vae_path, device, dtype)
+    return PreparedSampler(
+        loaded.model,
+        codec,
+        resolved.objective,
+        resolved.config,
+        resolved.source,
+        loaded.config_source,
+        options,
+        vae_path,
+        device,
+        dtype,
+    )
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
@@ -223,8 +248,11 @@ def resolve_objective(loaded: LoadedModel, request: SamplingRequest) -> Resolved
             f"{request.ckpt} records no objective and its {loaded.evidence}; say how it was trained with "
             f"{_flag_text(flag, 'flow')} (rectified flow) or {_flag_text(flag, 'iddpm')} (IDDPM)."
         )
-    schedule = {key: value for key, value in (("noise_schedule", request.noise_schedule),
-                                                ("diffusion_steps", request.diffusion_steps)) if value is not None}
+    schedule = {
+        key: value
+        for key, value in (("noise_schedule", request.noise_schedule), ("diffusion_steps", request.diffusion_steps))
+        if value is not None
+    }
     known = recorded or evidence
     name = known.objective if asked is None else asked
     if name == "flow" and schedule:
@@ -237,14 +265,27 @@ def resolve_objective(loaded: LoadedModel, request: SamplingRequest) -> Resolved
     else:
         t_scale = known.flow_t_scale if known is not None else ObjectiveConfig.flow_t_scale
         config = ObjectiveConfig(objective=name, flow_t_scale=t_scale, **schedule)
-        source = ("the checkpoint's config" if recorded is not None else _flag_text(flag, asked) if asked is not None
-                  else f"the file's keys: {loaded.evidence}")
+        source = (
+            "the checkpoint's config"
+            if recorded is not None
+            else _flag_text(flag, asked)
+            if asked is not None
+            else f"the file's keys: {loaded.evidence}"
+        )
         if recorded is None and asked is None:
-            log.warning("%s records no objective: sampling it as %s (time scale %g), judged from %s; pass %s to "
-                        "override.", request.ckpt, OBJECTIVE_WORDS[name][0], t_scale, loaded.evidence,
-                        _flag_text(flag, "iddpm" if name == "flow" else "flow"))
-    default_cfg = DIT_MOE_FLOW_CFG_SCALE if evidence is not None and evidence.objective == "flow" and asked is None \
+            log.warning(
+                "%s records no objective: sampling it as %s (time scale %g), judged from %s; pass %s to override.",
+                request.ckpt,
+                OBJECTIVE_WORDS[name][0],
+                t_scale,
+                loaded.evidence,
+                _flag_text(flag, "iddpm" if name == "flow" else "flow"),
+            )
+    default_cfg = (
+        DIT_MOE_FLOW_CFG_SCALE
+        if evidence is not None and evidence.objective == "flow" and asked is None
         else DEFAULT_CFG_SCALE
+    )
     return ResolvedObjective(build_sampling_objective(loaded.model.config, config), config, source, default_cfg)
 
 
@@ -295,7 +336,8 @@ def check_image_size(image_size: Optional[int], config: DiTConfig, codec: nn.Mod
     if image_size is not None and image_size != produced:
         what = (
             f"{config.input_size}x{config.input_size} latents, which the VAE decodes to {produced}x{produced} pixels"
-            if codec.downsample > 1 else f"{produced}x{produced} images"
+            if codec.downsample > 1
+            else f"{produced}x{produced} images"
         )
         raise UserError(
             f"--image-size {image_size} does not fit this checkpoint: it generates {what}; "

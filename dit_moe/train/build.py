@@ -13,8 +13,9 @@ from ..models import DiT, DiTConfig
 from .config import TRAINING_FIELDS, TrainConfig
 
 
-def build_model_config(cfg: TrainConfig, input_channels: int, input_size: int, num_classes: int,
-                       init: Optional[CheckpointContents] = None) -> DiTConfig:
+def build_model_config(
+    cfg: TrainConfig, input_channels: int, input_size: int, num_classes: int, init: Optional[CheckpointContents] = None
+) -> DiTConfig:
     """The DiTConfig for this run: the --init-from file's architecture (`init`, read once by the
     caller) with this run's training options, else the preset + flags."""
     if init is None:

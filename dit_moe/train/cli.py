@@ -14,8 +14,12 @@ from .results import claim_results_dir
 def _train(argv: Optional[list[str]]) -> None:
     config = load_config(argv)
     run = config.run
-    claim_results_dir(Path(run.results_dir), fresh=run.resume is None and not run.export_only,
-                      overwrite=run.overwrite, rank=LaunchEnv.from_environ().rank)
+    claim_results_dir(
+        Path(run.results_dir),
+        fresh=run.resume is None and not run.export_only,
+        overwrite=run.overwrite,
+        rank=LaunchEnv.from_environ().rank,
+    )
     from .loop import train  # imports DeepSpeed: only once the flags are known to be valid
 
     train(config)

@@ -21,12 +21,11 @@ from typing import Any, Optional
 
 import yaml
 
+from ..cli import flag, parse_bool, parse_optional_int_list
 from ..data import DataConfig
 from ..diffusion.config import ObjectiveConfig
-from ..models import DiT_models, DiTConfig, MoEArgs, preset_config
-from ..cli import flag, parse_bool, parse_optional_int_list
 from ..hub import resolve_vae
-
+from ..models import DiT_models, DiTConfig, MoEArgs, preset_config
 
 # Architecture fields the --model preset sets (None: the preset's value) and those the data sets.
 PRESET_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads")
@@ -37,20 +36,28 @@ TRAINER_DEFAULTS = {"num_experts": 8}
 # the rule for --help. DiT-MoE's train_deepspeed.py builds its QK-norm flash block for every size; DiT has none.
 AUTO_FIELDS = {"qk_norm": "default: on for MoE models (DiT-MoE's train_deepspeed.py), off for dense DiT"}
 # Model options that change training, not weights: an --init-from run takes them from the flags.
-TRAINING_FIELDS = ("grad_checkpointing", "attn_backend", "grouped_gemm", "aux_loss_coef", "aux_loss_per_sample",
-                   "z_loss_coef", "capacity_factor", "class_dropout_prob")
+TRAINING_FIELDS = (
+    "grad_checkpointing",
+    "attn_backend",
+    "grouped_gemm",
+    "aux_loss_coef",
+    "aux_loss_per_sample",
+    "z_loss_coef",
+    "capacity_factor",
+    "class_dropout_prob",
+)
 
 
 @dataclass
 class ModelChoice:
     """The model section's own fields; `ModelSection` adds every DiTConfig / MoEArgs field to them."""
 
-    model: str = "DiT-S/2"                    # registry name, e.g. "DiT-XL/2"; "DiT-T/2" for laptops
-    init_from: Optional[str] = None           # weights to start from (export, upcycled model, DiT .pt)
+    model: str = "DiT-S/2"  # registry name, e.g. "DiT-XL/2"; "DiT-T/2" for laptops
+    init_from: Optional[str] = None  # weights to start from (export, upcycled model, DiT .pt)
     # MaskDiT: encoder on 1 - mask_ratio of the patches, a dense decoder over all of them.
-    mask_ratio: float = 0.0                   # 0: no masking (MaskDiT trains at 0.5, fine-tunes at 0)
-    mae_loss_coef: float = 0.1                # weight of the MAE term on masked patches
-    allow_objective_change: bool = False      # --init-from: train another objective than the file records
+    mask_ratio: float = 0.0  # 0: no masking (MaskDiT trains at 0.5, fine-tunes at 0)
+    mae_loss_coef: float = 0.1  # weight of the MAE term on masked patches
+    allow_objective_change: bool = False  # --init-from: train another objective than the file records
 
     def __post_init__(self) -> None:
         if self.model not in DiT_models:
@@ -65,8 +72,9 @@ class ModelChoice:
         overrides = {k: v for k, v in overrides.items() if not (k in PRESET_FIELDS and v is None)}
         if overrides["qk_norm"] is None:
             overrides["qk_norm"] = bool(overrides["num_experts"])
-        return preset_config(self.model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                             **overrides)
+        return preset_config(
+            self.model, input_size=input_size, in_channels=in_channels, num_classes=num_classes, **overrides
+        )
 
 
 def _architecture_fields() -> list[tuple[str, Any, Any]]:
@@ -92,24 +100,24 @@ ARCHITECTURE_FIELDS = tuple(name for name, _, _ in _architecture_fields())
 @dataclass
 class RunSection:
     deepspeed_config: str = "config/zero2.json"
-    precision: str = "auto"                   # auto: the DeepSpeed config's on GPU, fp32 on CPU; fp32|bf16|fp16
-    global_batch_size: Optional[int] = None   # micro x accumulation x world size
-    micro_batch_size: Optional[int] = None    # per process; DiT-MoE's --train_batch_size
+    precision: str = "auto"  # auto: the DeepSpeed config's on GPU, fp32 on CPU; fp32|bf16|fp16
+    global_batch_size: Optional[int] = None  # micro x accumulation x world size
+    micro_batch_size: Optional[int] = None  # per process; DiT-MoE's --train_batch_size
     grad_accum_steps: Optional[int] = None
-    lr: Optional[float] = None                # overrides the DeepSpeed config's optimizer lr
-    max_steps: Optional[int] = None           # optimizer steps; takes precedence over epochs
+    lr: Optional[float] = None  # overrides the DeepSpeed config's optimizer lr
+    max_steps: Optional[int] = None  # optimizer steps; takes precedence over epochs
     epochs: int = 1400
     log_every: int = 100
     ckpt_every: int = 10_000
-    keep_last: int = 3                        # checkpoints kept on disk
+    keep_last: int = 3  # checkpoints kept on disk
     ema_decay: float = 0.9999
     seed: int = 0
     results_dir: str = "results"
-    resume: Optional[str] = None              # "auto": latest checkpoint in results_dir; or a checkpoint dir
-    overwrite: bool = False                   # a fresh run may delete the run already in results_dir
-    export_format: str = "safetensors"        # "safetensors" | "pt"
-    export_only: bool = False                 # load --resume, write the export, exit
-    ep_size: int = 1                          # expert-parallel group size
+    resume: Optional[str] = None  # "auto": latest checkpoint in results_dir; or a checkpoint dir
+    overwrite: bool = False  # a fresh run may delete the run already in results_dir
+    export_format: str = "safetensors"  # "safetensors" | "pt"
+    export_only: bool = False  # load --resume, write the export, exit
+    ep_size: int = 1  # expert-parallel group size
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -137,8 +145,13 @@ class TrainConfig:
 
 SECTIONS = {"model": ModelSection, "data": DataConfig, "objective": ObjectiveConfig, "run": RunSection}
 # Where each section's fields are declared, for their --help text (the trailing comments there).
-FIELD_SOURCES = {"model": (ModelChoice, DiTConfig, MoEArgs), "data": (DataConfig,), "objective": (ObjectiveConfig,),
-                 "run": (RunSection,)}
+FIELD_SOURCES = {
+    "model": (ModelChoice, DiTConfig, MoEArgs),
+    "data": (DataConfig,),
+    "objective": (ObjectiveConfig,),
+    "run": (RunSection,),
+}
+
 
 def _field_parser(annotation: Any):
     """argparse `type=` for a dataclass field annotation (resolved type hints)."""
@@ -182,23 +195,54 @@ def build_parser() -> argparse.ArgumentParser:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else None
             group.add_argument(
-                *flag(f.name), dest=f"{section}.{f.name}", type=_field_parser(hints[f.name]),
-                default=argparse.SUPPRESS, metavar=f.name.upper(),
+                *flag(f.name),
+                dest=f"{section}.{f.name}",
+                type=_field_parser(hints[f.name]),
+                default=argparse.SUPPRESS,
+                metavar=f.name.upper(),
                 help=f"{comments.get(f.name, '')} (default: {default})".lstrip(),
             )
     aliases = parser.add_argument_group("DiT-MoE spellings")
-    aliases.add_argument("--train_batch_size", "--train-batch-size", dest="run.micro_batch_size", type=int,
-                         default=argparse.SUPPRESS, help="per-process micro batch (DiT-MoE's meaning)")
-    aliases.add_argument("--accum_iter", "--accum-iter", dest="run.grad_accum_steps", type=int,
-                         default=argparse.SUPPRESS, help="gradient accumulation steps (DiT-MoE's name)")
+    aliases.add_argument(
+        "--train_batch_size",
+        "--train-batch-size",
+        dest="run.micro_batch_size",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="per-process micro batch (DiT-MoE's meaning)",
+    )
+    aliases.add_argument(
+        "--accum_iter",
+        "--accum-iter",
+        dest="run.grad_accum_steps",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="gradient accumulation steps (DiT-MoE's name)",
+    )
     aliases.add_argument("--global-seed", "--global_seed", dest="run.seed", type=int, default=argparse.SUPPRESS)
-    aliases.add_argument("--vae", dest="data.vae_path", default=argparse.SUPPRESS,
-                         help="DiT's flag, the same as --vae-path: ema|mse (stabilityai/sd-vae-ft-ema|mse, fetched "
-                              "once into the Hugging Face cache), a hub id, a local AutoencoderKL folder or 'none'")
-    aliases.add_argument("--feature-path", "--feature_path", dest="data.features_path", default=argparse.SUPPRESS,
-                         help="fast-DiT's spelling of --features-path")
-    aliases.add_argument("--rf", dest="rf", type=parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
-                         help="rectified flow (same as --objective flow); --rf False keeps IDDPM")
+    aliases.add_argument(
+        "--vae",
+        dest="data.vae_path",
+        default=argparse.SUPPRESS,
+        help="DiT's flag, the same as --vae-path: ema|mse (stabilityai/sd-vae-ft-ema|mse, fetched "
+        "once into the Hugging Face cache), a hub id, a local AutoencoderKL folder or 'none'",
+    )
+    aliases.add_argument(
+        "--feature-path",
+        "--feature_path",
+        dest="data.features_path",
+        default=argparse.SUPPRESS,
+        help="fast-DiT's spelling of --features-path",
+    )
+    aliases.add_argument(
+        "--rf",
+        dest="rf",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=argparse.SUPPRESS,
+        help="rectified flow (same as --objective flow); --rf False keeps IDDPM",
+    )
     return parser
 
 
@@ -220,9 +264,12 @@ def _yaml_value(value: Any, hint: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    fits = {bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
-            int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-            float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}
+    fits = {
+        bool: lambda v: isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    }
     if typing.get_origin(hint) is list:
         ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     else:
@@ -236,7 +283,9 @@ def _read_yaml(path: str) -> dict[str, Any]:
     """The experiment file's mapping; a missing file or a syntax error is one sentence with its line."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"--config {path} does not exist; pass an experiment YAML such as config/quickstart.yaml.")
+        raise FileNotFoundError(
+            f"--config {path} does not exist; pass an experiment YAML such as config/quickstart.yaml."
+        )
     try:
         raw = yaml.safe_load(file.read_text())
     except yaml.YAMLError as err:
@@ -264,8 +313,9 @@ def _yaml_sections(path: str) -> dict[str, dict[str, Any]]:
         unknown = sorted(set(section_values) - set(hints))
         if unknown:
             raise ValueError(f"{path} [{name}]: unknown keys {unknown}; valid keys are {sorted(hints)}.")
-        sections[name] = {key: _yaml_value(value, hints[key], f"{path} [{name}] {key}")
-                          for key, value in section_values.items()}
+        sections[name] = {
+            key: _yaml_value(value, hints[key], f"{path} [{name}] {key}") for key, value in section_values.items()
+        }
     return sections
 
 

@@ -66,8 +66,9 @@ def apply_precision(ds_config: dict[str, Any], precision: str, device: torch.dev
     return precision
 
 
-def prepare_deepspeed_config(run: RunSection, world_size: int,
-                             device: torch.device) -> tuple[dict[str, Any], BatchPlan, str]:
+def prepare_deepspeed_config(
+    run: RunSection, world_size: int, device: torch.device
+) -> tuple[dict[str, Any], BatchPlan, str]:
     """The DeepSpeed config for this run, with the batch plan and precision it was resolved to.
 
     The JSON holds engine settings; the run's flags decide the rest: batch sizes (reconciled once
@@ -76,8 +77,11 @@ def prepare_deepspeed_config(run: RunSection, world_size: int,
     ds_config = load_deepspeed_config(run.deepspeed_config)
     check_expert_parallel(run.ep_size, ds_config, world_size)
     plan = BatchPlan.resolve(run, world_size, ds_config)
-    ds_config.update(train_micro_batch_size_per_gpu=plan.micro_batch, gradient_accumulation_steps=plan.grad_accum,
-                     train_batch_size=plan.global_batch)
+    ds_config.update(
+        train_micro_batch_size_per_gpu=plan.micro_batch,
+        gradient_accumulation_steps=plan.grad_accum,
+        train_batch_size=plan.global_batch,
+    )
     ds_config.setdefault("steps_per_print", QUIET_STEPS_PER_PRINT)
     if run.lr is not None:
         ds_config.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = run.lr
@@ -113,7 +117,8 @@ def build_optimizer(model: torch.nn.Module, ds_config: dict[str, Any]) -> Option
     if any(is_moe_param(p) for p in trainable):  # expert parallelism: expert params in their own groups
         return torch.optim.AdamW(
             split_params_into_different_moe_groups_for_optimizer({"params": trainable, "name": "params"}),
-            fused=True, **params,
+            fused=True,
+            **params,
         )
     return torch.optim.AdamW(trainable, fused=True, **params)
 
@@ -231,8 +236,10 @@ class EMA:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 EMA tensors (collective under ZeRO-3: every rank must call it)."""
         if self.ep is not None:
-            return {name: (self.ep.gather_experts(self.shadow[name]) if is_moe_param(p) else self.shadow[name]).cpu()
-                    for name, p in self.params.items()}
+            return {
+                name: (self.ep.gather_experts(self.shadow[name]) if is_moe_param(p) else self.shadow[name]).cpu()
+                for name, p in self.params.items()
+            }
         return {name: _gather_partition(self.shadow[name], p) for name, p in self.params.items()}
 
     @torch.no_grad()
@@ -270,8 +277,10 @@ def full_model_state_dict(engine, ep: Optional[ExpertParallel] = None) -> dict[s
             return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
     if ep is not None:
         experts = {name for name, p in module.named_parameters() if is_moe_param(p)}
-        return {k: (ep.gather_experts(v) if k in experts else v).detach().float().cpu().clone()
-                for k, v in module.state_dict().items()}
+        return {
+            k: (ep.gather_experts(v) if k in experts else v).detach().float().cpu().clone()
+            for k, v in module.state_dict().items()
+        }
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
@@ -290,9 +299,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, ema: EMA, checkpoint_dir: Path, step: int, client_state: dict[str, Any],
-                    model_config: dict[str, Any], objective_config: dict[str, Any], keep_last: int,
-                    ep: Optional[ExpertParallel] = None) -> str:
+def save_checkpoint(
+    engine,
+    ema: EMA,
+    checkpoint_dir: Path,
+    step: int,
+    client_state: dict[str, Any],
+    model_config: dict[str, Any],
+    objective_config: dict[str, Any],
+    keep_last: int,
+    ep: Optional[ExpertParallel] = None,
+) -> str:
     """Collective: write tag `stepNNNNNNN`, mark it complete, point `latest` at it, prune old tags."""
     tag = layout.tag_for_step(step)
     tag_dir = checkpoint_dir / tag
@@ -339,8 +356,9 @@ def saved_ep_size(tag_dir: Path) -> int:
         return int(f.metadata()["ep_size"])
 
 
-def load_checkpoint(engine, ema: EMA, checkpoint_dir: Path, tag: str,
-                    ep: Optional[ExpertParallel] = None) -> dict[str, Any]:
+def load_checkpoint(
+    engine, ema: EMA, checkpoint_dir: Path, tag: str, ep: Optional[ExpertParallel] = None
+) -> dict[str, Any]:
     """Restore engine (model, optimizer, scheduler), EMA and this rank's RNG; returns the client state."""
     saved, current = saved_ep_size(checkpoint_dir / tag), 1 if ep is None else ep.size
     if saved != current:

@@ -46,12 +46,12 @@ class Run:
     plan: BatchPlan
     precision: str
     loader: TrainLoader
-    codec: Optional[torch.nn.Module]             # encodes images on the fly (a VAE); None for latents
+    codec: Optional[torch.nn.Module]  # encodes images on the fly (a VAE); None for latents
     model_config: DiTConfig
     objective_config: ObjectiveConfig
     objective: Objective
     draw_spec: DrawSpec
-    engine: Any                                  # DeepSpeed's engine around the DiT
+    engine: Any  # DeepSpeed's engine around the DiT
     ema: engine_lib.EMA
     ep: Optional[ExpertParallel]
     model_dtype: torch.dtype
@@ -75,8 +75,12 @@ def _setup_logging(results_dir: Path, rank: int) -> None:
         logging.basicConfig(level=logging.WARNING)
         return
     results_dir.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S",
-                        handlers=[logging.StreamHandler(), logging.FileHandler(results_dir / "log.txt")])
+    logging.basicConfig(
+        level=logging.INFO,
+        format="[%(asctime)s] %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(), logging.FileHandler(results_dir / "log.txt")],
+    )
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -96,15 +100,34 @@ def setup(cfg: TrainConfig) -> Run:
     ep = engine_lib.setup_expert_parallel(model, cfg.run.ep_size)
     ranks = RankSlice(rank, world_size)
     objective_config = cfg.objective.resolved()
-    objective = build_objective(objective_config.objective, gather=ranks.gather,
-                                **objective_config.build_options(model_config.learn_sigma))
+    objective = build_objective(
+        objective_config.objective, gather=ranks.gather, **objective_config.build_options(model_config.learn_sigma)
+    )
     engine = engine_lib.initialize(model, ds_config, ep)
     ema = engine_lib.EMA(engine.module, cfg.run.ema_decay, ep)
-    draw_spec = DrawSpec((loader.input_channels, loader.input_size, loader.input_size),
-                         model_config.class_dropout_prob, cfg.model.mask_ratio, engine.module.num_tokens)
-    return Run(cfg, ranks, device, plan, precision, loader, codec, model_config,
-               objective_config, objective, draw_spec, engine, ema, ep,
-               next(engine.module.parameters()).dtype)
+    draw_spec = DrawSpec(
+        (loader.input_channels, loader.input_size, loader.input_size),
+        model_config.class_dropout_prob,
+        cfg.model.mask_ratio,
+        engine.module.num_tokens,
+    )
+    return Run(
+        cfg,
+        ranks,
+        device,
+        plan,
+        precision,
+        loader,
+        codec,
+        model_config,
+        objective_config,
+        objective,
+        draw_spec,
+        engine,
+        ema,
+        ep,
+        next(engine.module.parameters()).dtype,
+    )
 
 
 def resume(run: Run) -> None:
@@ -132,18 +155,40 @@ def announce(run: Run) -> None:
     cfg.save_yaml(run.results_dir / "config.yaml")
     n_params = sum(p.numel() for p in run.engine.module.parameters())
     qk_norm = f"QK-norm (LayerNorm eps {config.qk_norm_eps:g})" if config.qk_norm else "no QK-norm"
-    log.info("%s %s: %s parameters, %s attention with %s; %s on %d process(es), %s, global batch %d = %d x %d x %d.",
-             cfg.model.model, config.moe_shape, f"{n_params:,}", config.attn_backend, qk_norm,
-             run.objective_config.objective,
-             run.ranks.world_size, run.precision, plan.global_batch, plan.micro_batch, plan.grad_accum,
-             run.ranks.world_size)
+    log.info(
+        "%s %s: %s parameters, %s attention with %s; %s on %d process(es), %s, global batch %d = %d x %d x %d.",
+        cfg.model.model,
+        config.moe_shape,
+        f"{n_params:,}",
+        config.attn_backend,
+        qk_norm,
+        run.objective_config.objective,
+        run.ranks.world_size,
+        run.precision,
+        plan.global_batch,
+        plan.micro_batch,
+        plan.grad_accum,
+        run.ranks.world_size,
+    )
     if ep is not None:
-        log.info("Expert parallelism: %d ranks per group, %d of %d experts per rank (the parameter count "
-                 "above is this rank's).", ep.size, ep.num_local, ep.num_experts)
+        log.info(
+            "Expert parallelism: %d ranks per group, %d of %d experts per rank (the parameter count "
+            "above is this rank's).",
+            ep.size,
+            ep.num_local,
+            ep.num_experts,
+        )
 
 
-def micro_step(engine, objective: Objective, x: torch.Tensor, y: torch.Tensor, draws: Draws,
-               model_dtype: torch.dtype, mae_weight: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def micro_step(
+    engine,
+    objective: Objective,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    draws: Draws,
+    model_dtype: torch.dtype,
+    mae_weight: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward, loss and `engine.backward` for one micro-batch; returns (diffusion loss, aux losses).
 
     With a patch mask in `draws` the loss includes `mae_weight` x the MAE term, which is also
@@ -153,13 +198,19 @@ def micro_step(engine, objective: Objective, x: torch.Tensor, y: torch.Tensor, d
     aux: dict[str, torch.Tensor] = {}
 
     def model_fn(x_t, t, y):
-        out, layer_aux = engine(x_t.to(model_dtype), t, y, return_aux=True, force_drop_ids=draws.drop,
-                                mask=draws.mask)
+        out, layer_aux = engine(x_t.to(model_dtype), t, y, return_aux=True, force_drop_ids=draws.drop, mask=draws.mask)
         aux.update(layer_aux)
         return out.float()
 
-    terms = objective.loss(model_fn, x.float(), dict(y=y), noise=draws.noise, timesteps=(draws.t, draws.weights),
-                           mask=draws.mask, mae_weight=mae_weight)
+    terms = objective.loss(
+        model_fn,
+        x.float(),
+        dict(y=y),
+        noise=draws.noise,
+        timesteps=(draws.t, draws.weights),
+        mask=draws.mask,
+        mae_weight=mae_weight,
+    )
     loss = terms["loss"].mean()
     engine.backward(loss + sum(aux.values()) if aux else loss)
     if "mae" in terms:
@@ -176,10 +227,10 @@ def train_step(run: Run, window: Window) -> None:
         if run.codec is not None:
             with torch.no_grad():
                 x = run.codec.encode(x)
-        draws = run.objective.draw((run.cfg.run.seed, run.step, micro), global_micro_batch, run.draw_spec,
-                                   run.device, run.ranks.positions)
-        loss, aux = micro_step(run.engine, run.objective, x, y, draws, run.model_dtype,
-                               run.cfg.model.mae_loss_coef)
+        draws = run.objective.draw(
+            (run.cfg.run.seed, run.step, micro), global_micro_batch, run.draw_spec, run.device, run.ranks.positions
+        )
+        loss, aux = micro_step(run.engine, run.objective, x, y, draws, run.model_dtype, run.cfg.model.mae_loss_coef)
         run.engine.step()  # the update on the accumulation boundary; DeepSpeed may sync there (overflow, clipping)
         window.add({"loss": loss, **aux})
     run.ema.update()
@@ -216,8 +267,17 @@ def log_window(run: Run, window: Window) -> dict[str, Any]:
 def save(run: Run) -> None:
     """A checkpoint of this step (a collective: every rank writes its part)."""
     client = {"step": run.step, "data": run.loader.state_dict()}
-    engine_lib.save_checkpoint(run.engine, run.ema, run.checkpoint_dir, run.step, client, run.model_config.to_dict(),
-                               run.objective_config.to_dict(), run.cfg.run.keep_last, run.ep)
+    engine_lib.save_checkpoint(
+        run.engine,
+        run.ema,
+        run.checkpoint_dir,
+        run.step,
+        client,
+        run.model_config.to_dict(),
+        run.objective_config.to_dict(),
+        run.cfg.run.keep_last,
+        run.ep,
+    )
 
 
 def export(run: Run) -> Optional[Path]:
@@ -226,8 +286,13 @@ def export(run: Run) -> Optional[Path]:
     ema_state = run.ema.full_state_dict()
     if not run.is_main:
         return None
-    return save_export(run.results_dir / f"export.{run.cfg.run.export_format}", run.model_config, model_state,
-                       ema_state, objective=run.objective_config)
+    return save_export(
+        run.results_dir / f"export.{run.cfg.run.export_format}",
+        run.model_config,
+        model_state,
+        ema_state,
+        objective=run.objective_config,
+    )
 
 
 def finish(run: Run, total_steps: int) -> Optional[Path]:
@@ -235,9 +300,11 @@ def finish(run: Run, total_steps: int) -> Optional[Path]:
     path = export(run) if run.step >= total_steps else None
     if run.is_main:
         config = run.model_config
-        plot_loss_curve(run.results_dir / "metrics.jsonl", run.results_dir / "loss_curve.png",
-                        title=f"{run.cfg.model.model} {config.moe_shape} "
-                              f"({run.objective_config.objective})")
+        plot_loss_curve(
+            run.results_dir / "metrics.jsonl",
+            run.results_dir / "loss_curve.png",
+            title=f"{run.cfg.model.model} {config.moe_shape} ({run.objective_config.objective})",
+        )
         if path is not None:
             log.info("Exported %s", path)
     dist.barrier()

@@ -52,8 +52,11 @@ class LoadTracker:
             return {}
         ratio = reduced.max(dim=1).values / reduced.mean(dim=1).clamp_min(1e-9)
         cv = reduced.std(dim=1, unbiased=False) / reduced.mean(dim=1).clamp_min(1e-9)
-        return {"expert_load_max_over_mean": ratio.mean().item(), "expert_load_max_over_mean_worst": ratio.max().item(),
-                "expert_load_cv": cv.mean().item()}
+        return {
+            "expert_load_max_over_mean": ratio.mean().item(),
+            "expert_load_max_over_mean_worst": ratio.max().item(),
+            "expert_load_cv": cv.mean().item(),
+        }
 
 
 class Window:

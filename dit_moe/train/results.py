@@ -12,8 +12,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-RUN_FILES = ("metrics.jsonl", "export.safetensors", "export.pt", "checkpoints", "config.yaml", "log.txt",
-             "tensorboard", "loss_curve.png")
+RUN_FILES = (
+    "metrics.jsonl",
+    "export.safetensors",
+    "export.pt",
+    "checkpoints",
+    "config.yaml",
+    "log.txt",
+    "tensorboard",
+    "loss_curve.png",
+)
 # Files whose presence means a run was started here (log and config alone are written at start-up).
 RUN_MARKERS = ("metrics.jsonl", "export.safetensors", "export.pt", "checkpoints")
 
