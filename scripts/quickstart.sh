@@ -39,7 +39,7 @@ python analysis/heatmap_step.py --routing "$OUT/routing.npz" --out "$OUT/heatmap
 python analysis/summary.py --routing "$OUT/routing.npz" --json "$OUT/routing_summary.json"
 
 echo "== 4/4 quality: 500 conditional samples scored by a classifier trained on real digits"
-python -m dit_moe.sample_many --ckpt "$CKPT" --num-samples 500 --out "$OUT/samples_500" \
+python -m dit_moe.sampling.many --ckpt "$CKPT" --num-samples 500 --out "$OUT/samples_500" \
     --npz "$OUT/samples_500.npz" --sampler euler --num-sampling-steps 50 --cfg-scale 1.5 --batch-size 250
 python -m dit_moe.evaluation digits --samples "$OUT/samples_500.npz" --json "$OUT/digits_score.json" \
     --cache-dir "$OUT/.digits_classifier"
