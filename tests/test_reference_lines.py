@@ -26,7 +26,7 @@ from dit_moe.train.config import load_config
 
 from test_vae import save_tiny_vae
 from tiny_dit import tiny_model
-from trainer_runs import REPO, env
+from trainer_runs import REPO, env, losses
 
 DIT_MOE_LINE = [
     "--deepspeed_config",
@@ -188,14 +188,19 @@ def test_init_from_keeps_the_files_objective(dit_moe_flow_file, tmp_path):
         build_model_config(cfg, 3, 8, 10, read_checkpoint_file(cosine))
 
 
+def _image_folder(root, count: int) -> str:
+    """A DiT-style ImageFolder of `count` random 16x16 RGB images in one class."""
+    images = root / "images" / "cls0"
+    images.mkdir(parents=True)
+    for i in range(count):
+        pixels = np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    return str(root / "images")
+
+
 @pytest.mark.slow
 def test_dit_moe_deepspeed_line_trains_its_architecture_end_to_end(tmp_path):
-    images = tmp_path / "images" / "cls0"
-    images.mkdir(parents=True)
-    for i in range(4):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
-            images / f"{i}.png"
-        )
+    _image_folder(tmp_path, 4)
     vae = save_tiny_vae(tmp_path / "vae")
     proc = subprocess.run(
         [
@@ -228,3 +233,52 @@ def test_dit_moe_deepspeed_line_trains_its_architecture_end_to_end(tmp_path):
     export = read_checkpoint_file(tmp_path / "out" / "export.safetensors")
     assert export.model_config.qk_norm and export.model_config.qk_norm_eps == 1e-6
     assert export.objective == ObjectiveConfig(objective="flow", timestep_sampler="logit-normal", flow_t_scale=1.0)
+
+
+@pytest.mark.multiproc
+def test_dit_torchrun_line_trains_dits_dense_model_on_two_ranks(tmp_path):
+    """DiT's `torchrun --nproc_per_node N train.py --model M --data-path D --global-batch-size B
+    --global-seed S --vae V` with our entry point and --num-experts 0 (the trainer's default is
+    DiT-MoE's 8 experts): facebookresearch/DiT's dense block (no QK-norm, learned sigma, IDDPM),
+    and two ranks train exactly what one process trains."""
+    data, vae = _image_folder(tmp_path, 8), save_tiny_vae(tmp_path / "vae")
+    line = [
+        "train_deepspeed.py",
+        "--model",
+        "DiT-T/2",
+        "--num-experts",
+        "0",
+        "--data-path",
+        data,
+        "--vae",
+        vae,
+        "--image-size",
+        "16",
+        "--global-batch-size",
+        "4",
+        "--global-seed",
+        "0",
+        "--log-every",
+        "1",
+        "--max-steps",
+        "2",
+    ]
+    runs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"procs{procs}"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+        proc = subprocess.run(
+            [*launcher, *line, "--results-dir", str(out)],
+            cwd=REPO,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[procs] = losses(out)
+    assert sorted(runs[2]) == [1, 2] and runs[2] == pytest.approx(runs[1], rel=1e-5)
+    export = read_checkpoint_file(tmp_path / "procs2" / "export.safetensors")
+    config = export.model_config
+    assert config.moe is None and not config.qk_norm and config.learn_sigma
+    assert export.objective == ObjectiveConfig(timestep_sampler="uniform")
