@@ -92,9 +92,10 @@ def _architecture_fields() -> list[tuple[str, Any, Any]]:
     return generated
 
 
-ModelSection = dataclasses.make_dataclass("ModelSection", _architecture_fields(), bases=(ModelChoice,))
+_ARCHITECTURE = _architecture_fields()
+ModelSection = dataclasses.make_dataclass("ModelSection", _ARCHITECTURE, bases=(ModelChoice,))
 ModelSection.__doc__ = "The model: a --model preset, its overrides (every DiTConfig / MoEArgs field) and how to start."
-ARCHITECTURE_FIELDS = tuple(name for name, _, _ in _architecture_fields())
+ARCHITECTURE_FIELDS = tuple(name for name, _, _ in _ARCHITECTURE)
 
 
 @dataclass
