@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +249,30 @@ def test_sigterm_to_the_deepspeed_launcher_checkpoints_every_rank_and_resumes_ex
     run_train(out, "--max-steps", str(stopped + 2), *args, "--resume", "auto", launcher="deepspeed")
     run_train(reference, "--max-steps", str(stopped + 2), *args, launcher="deepspeed")
     assert losses(out) == losses(reference)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_sigterm_to_launch_sh_waits_until_every_rank_has_checkpointed(tmp_path):
+    import psutil
+
+    from dit_moe import checkpoint_layout as layout
+    from dit_moe.cli import free_port
+
+    out = tmp_path / "run"
+    flags = train_cmd(out, "--max-steps", "500", "--global-batch-size", "8", "--ckpt-every", "1000")[2:]
+    script_env = dict(
+        env(), DEEPSPEED=str(Path(sys.executable).parent / "deepspeed"), NUM_GPUS="2", MASTER_PORT=str(free_port())
+    )
+    with open(tmp_path / "launch.log", "w") as log_file:
+        script = subprocess.Popen(
+            ["bash", "scripts/launch.sh", *flags], cwd=REPO, env=script_env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+        _wait_for_first_step(out, script)
+        launched = psutil.Process(script.pid).children(recursive=True)
+        script.send_signal(signal.SIGTERM)
+        script.wait(timeout=PREEMPTION_BOUND_S)
+    _, alive = psutil.wait_procs(launched, timeout=0)
+    assert script.returncode == 128 + signal.SIGTERM and not alive, (tmp_path / "launch.log").read_text()[-3000:]
+    stopped = max(losses(out))
+    assert layout.latest_complete_tag(out / "checkpoints") == layout.tag_for_step(stopped)

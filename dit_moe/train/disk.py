@@ -30,8 +30,9 @@ from ..cli import UserError
 
 log = logging.getLogger("dit_moe.train")
 
-# fp32 weights (4) + Adam's two moments (8) + ZeRO's fp32 master copy (4) + fp32 EMA (4): an upper
-# bound for fp32 training, where DeepSpeed's model file holds the weights and the master copy is shared.
+# fp32 weights (4) + Adam's two moments (8) + ZeRO's fp32 master copy (4) + fp32 EMA (4) per parameter:
+# the size of a ZeRO-1/2 fp32 checkpoint up to file headers; more than bf16/fp16 runs (2-byte weights in
+# DeepSpeed's model file) and ZeRO-3 ones (whose model file holds no gathered weights) need.
 BYTES_PER_PARAMETER = 20
 WARN_FACTOR = 2  # warn while free space is below this many checkpoints
 _NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
