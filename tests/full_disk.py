@@ -2,8 +2,10 @@
 product has no such switch).
 
     python tests/full_disk.py free=BYTES train_deepspeed.py ARGS...   # every disk reports BYTES free
-    python tests/full_disk.py enospc=TAG train_deepspeed.py ARGS...   # DeepSpeed's optimizer file of
-                                                                     # checkpoint TAG fails half-written
+    python tests/full_disk.py enospc=PART train_deepspeed.py ARGS...  # DeepSpeed's optimizer files whose
+                                                                     # path holds PART fail half-written
+
+As the deepspeed launcher's user script it passes each rank's `--local_rank=N` on to the script.
 """
 
 import errno
@@ -26,12 +28,12 @@ def report_free(free: int) -> None:
     shutil.disk_usage = disk_usage
 
 
-def fail_optimizer_write(tag: str) -> None:
-    """`torch.save` of an optimizer file under `tag` writes a few bytes, then fails as a full disk does."""
+def fail_optimizer_write(part: str) -> None:
+    """`torch.save` of an optimizer file whose path holds `part` writes a few bytes, then fails as a full disk does."""
     real = torch.save
 
     def save(obj, f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)) and tag in str(f) and "optim_states" in os.path.basename(f):
+        if isinstance(f, (str, os.PathLike)) and part in str(f) and "optim_states" in os.path.basename(f):
             Path(f).write_bytes(b"partial")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
         return real(obj, f, *args, **kwargs)
@@ -40,10 +42,11 @@ def fail_optimizer_write(tag: str) -> None:
 
 
 def main() -> None:
-    mode, value = sys.argv[1].split("=", 1)
+    local_rank = [arg for arg in sys.argv[1:] if arg.startswith("--local_rank")]
+    setting, script, *args = [arg for arg in sys.argv[1:] if arg not in local_rank]
+    mode, value = setting.split("=", 1)
     {"free": lambda: report_free(int(value)), "enospc": lambda: fail_optimizer_write(value)}[mode]()
-    script = sys.argv[2]
-    sys.argv = sys.argv[2:]
+    sys.argv = [script, *local_rank, *args]
     sys.path.insert(0, str(Path(script).resolve().parent))
     runpy.run_path(script, run_name="__main__")
 

@@ -194,6 +194,7 @@ def test_too_little_free_space_stops_before_writing_a_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_disk_full_during_a_checkpoint_removes_it_and_resume_continues_exactly(tmp_path):
     from dit_moe.checkpoint import load_model
+    from dit_moe.train import disk
 
     reference, out = tmp_path / "reference", tmp_path / "run"
     run_train(reference, "--max-steps", "4", *_DISK_ARGS)
@@ -204,8 +205,28 @@ def test_disk_full_during_a_checkpoint_removes_it_and_resume_continues_exactly(t
     assert f"writing checkpoint {checkpoints / 'step0000004'} (removed; the previous checkpoint" in line, line
     assert not (checkpoints / "step0000004").exists() and (checkpoints / "latest").read_text() == "step0000002"
     load_model(checkpoints)
-    run_train(out, "--max-steps", "4", *_DISK_ARGS, "--resume", "auto")
+    low = 3 * disk.size_on_disk(checkpoints / "step0000002") // 2  # room for one more checkpoint, not two
+    cmd = _full_disk_cmd(f"free={low}", out, "--max-steps", "4", *_DISK_ARGS, "--resume", "auto")
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and f"Disk space is low for checkpoints in {checkpoints}" in proc.stderr, proc.stderr
     assert losses(out) == losses(reference)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_disk_full_on_one_rank_stops_every_rank_and_removes_the_partial_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cmd = train_cmd(out, "--max-steps", "4", *_DISK_ARGS, launcher="deepspeed")
+    script = cmd.index("train_deepspeed.py")
+    cmd[script:script] = ["tests/full_disk.py", "enospc=step0000004/zero_pp_rank_1_"]  # rank 1's file only
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    errors = {
+        line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("train_deepspeed.py: error:")
+    }
+    checkpoints = out / "checkpoints"
+    assert len(errors) == 1 and f"writing checkpoint {checkpoints / 'step0000004'} (removed;" in errors.pop()
+    assert not (checkpoints / "step0000004").exists() and (checkpoints / "latest").read_text() == "step0000002"
 
 
 PREEMPTION_BOUND_S = 90  # one step plus one checkpoint of the tiny model, with room for a busy shared CPU
