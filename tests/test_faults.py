@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from dit_moe.checkpoint import read_checkpoint_file, save_export
 from dit_moe.models import DiT_models
@@ -160,6 +161,9 @@ def test_out_of_space_errors_are_recognised(tmp_path, monkeypatch):
     with space.guard(tmp_path / "a.pt"):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
     assert space.failure.startswith(f"{tmp_path / 'a.pt'}: ")
+    monkeypatch.setattr(disk, "free_bytes", lambda path: 10**12)
+    with space.guard(tmp_path / "ema.safetensors"):  # what save_file raises on a full tmpfs
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
 def test_expected_checkpoint_size_is_the_previous_tag_or_the_parameter_estimate(tmp_path):

@@ -119,7 +119,7 @@ class CheckpointSpace:
         than a checkpoint free counts too: torch's zip writer reports a full disk only as "unexpected pos"."""
         try:
             yield
-        except (OSError, RuntimeError) as err:
+        except Exception as err:  # writers wrap a full disk in their own types (safetensors: SafetensorError)
             if not (is_out_of_space(err) or free_bytes(self.checkpoint_dir) < self.needed):
                 raise
             if self.failure is None:
