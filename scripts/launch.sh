@@ -27,4 +27,17 @@ if [ -n "${HOSTFILE:-}" ]; then
 elif [ -n "${NUM_GPUS:-}" ]; then
     launcher+=(--num_gpus "$NUM_GPUS")
 fi
-exec "${launcher[@]}" train_deepspeed.py "$@"
+# Preemption: SIGTERM or SIGINT to this script (a scheduler signalling the job's first process, e.g.
+# Kubernetes' PID 1; `kill PID`; Ctrl-C) goes to the `deepspeed` launcher, whose exit every rank
+# notices at the end of its step: it saves a checkpoint and stops. This script stays until the last
+# rank has gone, so the scheduler's grace period covers the save (one step plus one checkpoint).
+set -m  # the launch gets its own process group, which the wait below watches
+"${launcher[@]}" train_deepspeed.py "$@" &
+launch=$!
+trap 'kill -TERM "$launch" 2>/dev/null || true' TERM INT
+status=0
+wait "$launch" || status=$?
+while kill -0 -- "-$launch" 2>/dev/null; do # the ranks outlive a signalled launcher while they save
+    sleep 1
+done
+exit "$status"

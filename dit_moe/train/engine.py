@@ -16,8 +16,9 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import deepspeed
 import numpy as np
@@ -35,6 +36,7 @@ from ..cli import LaunchEnv, free_port
 from ..models.moe import MoEFeedForward
 from ..parallel import ExpertParallel, shard_experts
 from .config import BatchPlan, RunSection
+from .disk import CheckpointSpace
 
 EXPERT_PARALLEL_STAGES = (1, 2)
 QUIET_STEPS_PER_PRINT = 10**9  # DeepSpeed prints nothing of its own: the trainer logs
@@ -308,31 +310,62 @@ def save_checkpoint(
     model_config: dict[str, Any],
     objective_config: dict[str, Any],
     keep_last: int,
+    space: CheckpointSpace,
     ep: Optional[ExpertParallel] = None,
 ) -> str:
-    """Collective: write tag `stepNNNNNNN`, mark it complete, point `latest` at it, prune old tags."""
+    """Collective: write tag `stepNNNNNNN`, mark it complete, point `latest` at it, prune old tags.
+
+    Every write runs under `space.guard`, so a full disk on any rank ends on every rank in `DiskFull`
+    with the partial tag removed (`space.agree`), never in a hang or a half-written checkpoint."""
     tag = layout.tag_for_step(step)
     tag_dir = checkpoint_dir / tag
     rank = dist.get_rank()
     if rank == 0 and tag_dir.exists():
         shutil.rmtree(tag_dir)  # a partial write of this step by a killed run
     dist.barrier()
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+    with _guarded_engine_writes(engine, space):
+        engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
     ema_state = ema.full_state_dict()
-    with atomic_path(layout.rng_file(tag_dir, rank)) as tmp:
+    with space.guard(layout.rng_file(tag_dir, rank)), atomic_path(layout.rng_file(tag_dir, rank)) as tmp:
         torch.save(_rng_state(), tmp)
     if ep is not None:
-        _save_expert_shard(engine.module, ep, tag_dir)
+        with space.guard(layout.expert_shard(tag_dir, ep.rank)):
+            _save_expert_shard(engine.module, ep, tag_dir)
     if rank == 0:
-        with atomic_path(tag_dir / layout.EMA_FILE) as tmp:
+        with space.guard(tag_dir / layout.EMA_FILE), atomic_path(tag_dir / layout.EMA_FILE) as tmp:
             save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp))
-        layout.write_configs(tag_dir, model_config, objective_config)
-    dist.barrier()
+        with space.guard(tag_dir / layout.CONFIG_FILE):
+            layout.write_configs(tag_dir, model_config, objective_config)
+    space.agree(tag_dir)
     if rank == 0:
-        layout.mark_complete(checkpoint_dir, tag, step)
+        with space.guard(tag_dir / layout.COMPLETE_MARKER):
+            layout.mark_complete(checkpoint_dir, tag, step)
+    space.agree(tag_dir)
+    if rank == 0:
         layout.prune(checkpoint_dir, keep_last)
     dist.barrier()
     return tag
+
+
+@contextmanager
+def _guarded_engine_writes(engine, space: CheckpointSpace) -> Iterator[None]:
+    """Run each of DeepSpeed's checkpoint file writes (`checkpoint_engine.save`) under `space.guard`.
+
+    Guarding each file rather than the whole `engine.save_checkpoint` call keeps a rank whose write
+    failed on DeepSpeed's path through its barriers and gathers, so the other ranks do not hang.
+    """
+    checkpoint_engine = engine.checkpoint_engine
+    save = checkpoint_engine.save
+
+    def guarded_save(state_dict, path):
+        with space.guard(Path(path)):
+            save(state_dict, path)
+
+    checkpoint_engine.save = guarded_save  # an instance attribute over the method, removed below
+    try:
+        yield
+    finally:
+        del checkpoint_engine.save
 
 
 def _save_expert_shard(module: torch.nn.Module, ep: ExpertParallel, tag_dir: Path) -> None:

@@ -30,6 +30,7 @@ from ..parallel import ExpertParallel
 from . import engine as engine_lib
 from .build import build_model, build_model_config
 from .config import BatchPlan, TrainConfig
+from .disk import CheckpointSpace
 from .distributed import RankSlice, StopRequest
 from .metrics import LoadTracker, MetricsWriter, Window, expert_parallel_record, plot_loss_curve
 
@@ -153,7 +154,7 @@ def announce(run: Run) -> None:
         return
     cfg, config, plan, ep = run.cfg, run.model_config, run.plan, run.ep
     cfg.save_yaml(run.results_dir / "config.yaml")
-    n_params = sum(p.numel() for p in run.engine.module.parameters())
+    n_params = num_parameters(run.engine.module)
     qk_norm = f"QK-norm (LayerNorm eps {config.qk_norm_eps:g})" if config.qk_norm else "no QK-norm"
     log.info(
         "%s %s: %s parameters, %s attention with %s; %s on %d process(es), %s, global batch %d = %d x %d x %d.",
@@ -264,8 +265,18 @@ def log_window(run: Run, window: Window) -> dict[str, Any]:
     return record
 
 
+def num_parameters(module: torch.nn.Module) -> int:
+    """Parameters of the model (this rank's experts under expert parallelism), counting ZeRO-3's partitioned ones whole."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
 def save(run: Run) -> None:
-    """A checkpoint of this step (a collective: every rank writes its part)."""
+    """A checkpoint of this step (a collective: every rank writes its part), after a free-space check
+    that stops every rank with `DiskFull` before anything is written when the disk cannot hold it."""
+    space = CheckpointSpace.for_run(
+        run.checkpoint_dir, num_parameters(run.engine.module), run.cfg.run.keep_last, run.device
+    )
+    space.check()
     client = {"step": run.step, "data": run.loader.state_dict()}
     engine_lib.save_checkpoint(
         run.engine,
@@ -276,6 +287,7 @@ def save(run: Run) -> None:
         run.model_config.to_dict(),
         run.objective_config.to_dict(),
         run.cfg.run.keep_last,
+        space,
         run.ep,
     )
 
@@ -326,21 +338,23 @@ def train(cfg: TrainConfig) -> Optional[Path]:
     stop = StopRequest()
     metrics = MetricsWriter(run.results_dir, enabled=run.is_main)
     window = Window(LoadTracker(run.engine.module, run.device))
-    progress = tqdm(total=total_steps, initial=run.step, disable=not run.is_main, desc="train", dynamic_ncols=True)
     run.engine.train()
-    while run.step < total_steps:
-        train_step(run, window)  # no host sync of its own: the device runs ahead
-        progress.update(1)
-        if run.step % cfg.run.log_every == 0 or run.step == total_steps:
-            record = log_window(run, window)  # host sync: waits for the device to finish the window
-            metrics.write(run.step, record)
-            progress.set_postfix(loss=f"{record['loss']:.4f}")
-        stopping = stop.agreed()  # a CPU all-reduce every step: ranks agree, the device is not waited for
-        if run.step % cfg.run.ckpt_every == 0 or stopping or run.step == total_steps:
-            save(run)  # host sync: weights, EMA and RNG go to disk
-        if stopping:
-            log.warning("Stopped at step %d after saving a checkpoint; resume with --resume auto.", run.step)
-            break
-    progress.close()
+    # closed on the way out of an error too, so the error's line starts a line of its own
+    with tqdm(
+        total=total_steps, initial=run.step, disable=not run.is_main, desc="train", dynamic_ncols=True
+    ) as progress:
+        while run.step < total_steps:
+            train_step(run, window)  # no host sync of its own: the device runs ahead
+            progress.update(1)
+            if run.step % cfg.run.log_every == 0 or run.step == total_steps:
+                record = log_window(run, window)  # host sync: waits for the device to finish the window
+                metrics.write(run.step, record)
+                progress.set_postfix(loss=f"{record['loss']:.4f}")
+            stopping = stop.agreed()  # a CPU all-reduce every step: ranks agree, the device is not waited for
+            if run.step % cfg.run.ckpt_every == 0 or stopping or run.step == total_steps:
+                save(run)  # host sync: weights, EMA and RNG go to disk
+            if stopping:
+                log.warning("Stopped at step %d after saving a checkpoint; resume with --resume auto.", run.step)
+                break
     metrics.close()
     return finish(run, total_steps)

@@ -1,0 +1,146 @@
+"""Disk space for checkpoints: a check before each write, and one sentence instead of a traceback
+when the disk fills up anyway, with the partial tag removed and the previous checkpoint untouched.
+
+    space = CheckpointSpace.for_run(checkpoint_dir, num_params, keep_last, device)
+    space.check()                       # collective: warn below 2x the expected size, stop below 1x
+    with space.guard(path):             # around each write: an out-of-space error is recorded, not raised,
+        write(path)                     # so every rank still reaches the same collectives
+    space.agree(tag_dir)                # collective: if any rank ran out, remove the tag and stop on all
+
+The expected size is the previous complete checkpoint's size on disk; before the first one it is
+estimated as `BYTES_PER_PARAMETER` x parameters. Ranks may write to different disks (node-local
+storage), so the decision uses the least free space and the largest expected size over all ranks.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import checkpoint_layout as layout
+from ..cli import UserError
+
+log = logging.getLogger("dit_moe.train")
+
+# fp32 weights (4) + Adam's two moments (8) + ZeRO's fp32 master copy (4) + fp32 EMA (4) per parameter:
+# the size of a ZeRO-1/2 fp32 checkpoint up to file headers; more than bf16/fp16 runs (2-byte weights in
+# DeepSpeed's model file) and ZeRO-3 ones (whose model file holds no gathered weights) need.
+BYTES_PER_PARAMETER = 20
+WARN_FACTOR = 2  # warn while free space is below this many checkpoints
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded")
+
+
+class DiskFull(UserError):
+    """The checkpoint disk cannot hold the next checkpoint; the message says where and what to do."""
+
+
+def size_on_disk(tag_dir: Path) -> int:
+    """Bytes the files of a checkpoint tag occupy (allocated blocks, not apparent sizes)."""
+    return sum(path.stat().st_blocks * 512 for path in tag_dir.rglob("*") if path.is_file())
+
+
+def expected_bytes(checkpoint_dir: Path, num_params: int) -> int:
+    """The previous complete checkpoint's size on disk, or `BYTES_PER_PARAMETER` x `num_params` before the first."""
+    tag = layout.latest_complete_tag(checkpoint_dir)
+    return size_on_disk(checkpoint_dir / tag) if tag else BYTES_PER_PARAMETER * num_params
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds `path`, or its nearest existing parent (not created yet)."""
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def is_out_of_space(error: BaseException) -> bool:
+    """True for a write that failed for lack of space: the errno, or the text of writers that drop it
+    (safetensors: "os error 28"; torch's zip writer says only "unexpected pos", see `CheckpointSpace.guard`)."""
+    return getattr(error, "errno", None) in _NO_SPACE_ERRNOS or any(text in str(error) for text in _NO_SPACE_TEXTS)
+
+
+def _advice(keep_last: int) -> str:
+    return (
+        f"free space there, point --results-dir at a larger disk, or lower --keep-last (now {keep_last}), "
+        "then continue with --resume auto"
+    )
+
+
+@dataclass
+class CheckpointSpace:
+    """Free space against the expected checkpoint size, and the out-of-space failures of this rank's writes."""
+
+    checkpoint_dir: Path
+    needed: int  # expected bytes of the next checkpoint
+    keep_last: int
+    device: torch.device  # where the collectives' tensors live (the default group may be NCCL)
+    failure: Optional[str] = field(default=None)  # the first write this rank could not finish
+
+    @classmethod
+    def for_run(cls, checkpoint_dir: Path, num_params: int, keep_last: int, device: torch.device) -> "CheckpointSpace":
+        return cls(checkpoint_dir, expected_bytes(checkpoint_dir, num_params), keep_last, device)
+
+    def _least_free_most_needed(self) -> tuple[int, int]:
+        """(least free bytes, largest expected size) over all ranks (a collective)."""
+        values = torch.tensor([-free_bytes(self.checkpoint_dir), self.needed], dtype=torch.int64, device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        least_free, most_needed = values.tolist()  # host sync: once per checkpoint
+        return -least_free, most_needed
+
+    def check(self) -> None:
+        """Collective, before a checkpoint: stop on every rank (nothing written) when the free space is below
+        the expected size; rank 0 warns while it is below `WARN_FACTOR` times that."""
+        free, needed = self._least_free_most_needed()
+        if free < needed:
+            raise DiskFull(
+                f"Not enough disk space for the next checkpoint in {self.checkpoint_dir}: {free:,} bytes free, "
+                f"about {needed:,} needed; {_advice(self.keep_last)}."
+            )
+        if free < WARN_FACTOR * needed and dist.get_rank() == 0:
+            log.warning(
+                "Disk space is low for checkpoints in %s: %s bytes free, about %s needed per checkpoint.",
+                self.checkpoint_dir,
+                f"{free:,}",
+                f"{needed:,}",
+            )
+
+    @contextmanager
+    def guard(self, path: Path) -> Iterator[None]:
+        """Record (not raise) a write of `path` that fails for lack of space, so this rank goes on through
+        the same collectives as the others; `agree` then stops every rank. A failed write that leaves less
+        than a checkpoint free counts too: torch's zip writer reports a full disk only as "unexpected pos"."""
+        try:
+            yield
+        except Exception as err:  # writers wrap a full disk in their own types (safetensors: SafetensorError)
+            if not (is_out_of_space(err) or free_bytes(self.checkpoint_dir) < self.needed):
+                raise
+            if self.failure is None:
+                self.failure = f"{path}: {' '.join(str(err).split())}"
+
+    def agree(self, tag_dir: Path) -> None:
+        """Collective: if any rank's write ran out of space, rank 0 removes the partial tag (after every rank
+        stopped writing) and every rank raises `DiskFull`; the previous checkpoint and `latest` are untouched."""
+        flag = torch.tensor([int(self.failure is not None)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():  # host sync: once per checkpoint
+            return
+        if self.failure is not None:
+            log.error("Checkpoint write failed for lack of space: %s", self.failure)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        dist.barrier()
+        previous = layout.latest_complete_tag(self.checkpoint_dir)
+        kept = f"the previous checkpoint {self.checkpoint_dir / previous} is intact" if previous else "none earlier"
+        raise DiskFull(
+            f"The disk ran out of space while writing checkpoint {tag_dir} (removed; {kept}): "
+            f"{free_bytes(self.checkpoint_dir):,} bytes free, about {self.needed:,} needed; {_advice(self.keep_last)}."
+        )
