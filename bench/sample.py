@@ -30,18 +30,15 @@ import torch
 from dit_moe import flops
 from dit_moe.compile import compile_model
 from dit_moe.diffusion import build_objective, guided
-from dit_moe.models import DiT, preset_config
+from dit_moe.models import DiT
 
+from common import add_model_flags, model_config
 from reference import load_weights, reference_dit
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="DiT-S/2")
-    p.add_argument("--num-experts", type=int, default=8)
-    p.add_argument("--num-experts-per-tok", type=int, default=2)
-    p.add_argument("--input-size", type=int, default=32, help="latent side (256px images -> 32)")
-    p.add_argument("--in-channels", type=int, default=4)
+    add_model_flags(p)
     p.add_argument("--batch-size", type=int, default=4, help="images per sampling (the model sees twice as many)")
     p.add_argument("--num-steps", type=int, default=10, help="Euler steps per sampling (DiT-MoE samples with 50)")
     p.add_argument("--cfg-scale", type=float, default=4.0)
@@ -94,12 +91,8 @@ def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    config = preset_config(
-        args.model,
-        input_size=args.input_size,
-        in_channels=args.in_channels,
-        num_experts=args.num_experts,
-        num_experts_per_tok=args.num_experts_per_tok,
+    config = model_config(
+        args,
         learn_sigma=False,
     )
     torch.manual_seed(0)

@@ -35,6 +35,8 @@ import sys
 import time
 from typing import Optional
 
+from common import add_model_flags, model_config
+
 WORKER_FLAG = "--worker"
 OUT_OF_MEMORY = 3  # a worker's exit status when the batch does not fit
 PROBE_BATCHES = (2, 4)
@@ -43,11 +45,7 @@ MEMORY_FRACTION = 0.85
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="DiT-S/2")
-    p.add_argument("--num-experts", type=int, default=8)
-    p.add_argument("--num-experts-per-tok", type=int, default=2)
-    p.add_argument("--input-size", type=int, default=32, help="latent side (256px images -> 32)")
-    p.add_argument("--in-channels", type=int, default=4)
+    add_model_flags(p)
     p.add_argument("--batch-size", default="8", help="an integer, or auto: the largest that fits (see above)")
     p.add_argument("--max-batch-size", type=int, default=512, help="the most --batch-size auto may pick")
     p.add_argument("--steps", type=int, default=6)
@@ -109,7 +107,7 @@ def worker(args) -> dict:
     from dit_moe import flops
     from dit_moe.compile import compile_model
     from dit_moe.diffusion import DrawSpec, build_objective
-    from dit_moe.models import DiT, preset_config
+    from dit_moe.models import DiT
     from dit_moe.train import engine as engine_lib
     from dit_moe.train.engine import apply_precision, load_deepspeed_config
     from dit_moe.train.loop import micro_step
@@ -123,12 +121,8 @@ def worker(args) -> dict:
     ds_config = load_deepspeed_config(f"config/{args.zero}.json")
     ds_config.update(train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1, train_batch_size=batch)
     precision = apply_precision(ds_config, args.precision, device)
-    config = preset_config(
-        args.model,
-        input_size=args.input_size,
-        in_channels=args.in_channels,
-        num_experts=args.num_experts,
-        num_experts_per_tok=args.num_experts_per_tok,
+    config = model_config(
+        args,
         grad_checkpointing=args.grad_checkpointing == "on",
         decoder_depth=args.decoder_depth if args.with_decoder == "on" else 0,
         decoder_hidden_size=args.decoder_hidden_size,
@@ -273,14 +267,18 @@ def main() -> None:
     results: dict[str, dict] = {"plain": run_setting(args, SETTINGS["plain"], args.batch_size)}
     batch = str(results["plain"]["batch_size"])
     for name in names[1:]:
+        write_json(args.json, {"partial": True, "settings": results})  # what a killed run leaves behind
         try:
             results[name] = run_setting(args, SETTINGS[name], batch)
         except RuntimeError as err:  # one failed setting must not cost the others' numbers
             results[name] = {"error": str(err)[-1500:]}
             print(f"{name}: {str(err)[-1500:]}", file=sys.stderr)
-    report = summarise(args, results)
-    if args.json:
-        with open(args.json, "w") as f:
+    write_json(args.json, summarise(args, results))
+
+
+def write_json(path: Optional[str], report: dict) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(report, f, indent=1)
 
 
@@ -326,14 +324,13 @@ def summarise(args, results: dict[str, dict]) -> dict:
         " 'plain' (below 1 is better); the rest of a step is the optimizer and EMA, which masking does not shrink"
     )
     ok = {name: r for name, r in results.items() if "error" not in r}
-    if "compiled" in ok:
-        print(f"compiled vs eager: {ok['compiled']['images_per_s'] / plain['images_per_s']:.2f}x the images/s")
-    if "reference" in ok:
-        ref = ok["reference"]["images_per_s"]
-        best = max(ok, key=lambda name: ok[name]["images_per_s"] if name in ("plain", "compiled") else 0)
+    ratios = images_per_s_ratios(ok)
+    if ratios["compiled_vs_eager"] is not None:
+        print(f"compiled vs eager: {ratios['compiled_vs_eager']:.2f}x the images/s")
+    if ratios["eager_vs_reference"] is not None:
         print(
-            f"vs the reference-style model: eager {plain['images_per_s'] / ref:.2f}x its images/s"
-            + (f", {best} {ok[best]['images_per_s'] / ref:.2f}x" if best != "plain" else "")
+            f"vs the reference-style model: eager {ratios['eager_vs_reference']:.2f}x its images/s,"
+            f" the faster of eager and compiled {ratios['best_vs_reference']:.2f}x"
         )
     if "mask-0.5" in ok and "decoder" in ok:
         masked, unmasked = ok["mask-0.5"], ok["decoder"]
@@ -344,6 +341,7 @@ def summarise(args, results: dict[str, dict]) -> dict:
             f"peak memory x{masked['peak_mb'] / max(unmasked['peak_mb'], 1e-9):.2f}"
         )
     return {
+        "partial": False,
         "model": f"{args.model} {args.num_experts}E{args.num_experts_per_tok}A",
         "latent": [args.in_channels, args.input_size, args.input_size],
         "device": plain["device"],
@@ -353,7 +351,20 @@ def summarise(args, results: dict[str, dict]) -> dict:
         "train_gflop_per_image": plain["train_flops_per_image"] / 1e9,
         "gemm_tflops": gemm_rate / 1e12,
         "vendor_peak_tflops": peak / 1e12 if peak else None,
+        "ratios": ratios,
         "settings": results,
+    }
+
+
+def images_per_s_ratios(ok: dict[str, dict]) -> dict[str, Optional[float]]:
+    """Images/s ratios between the settings that ran (None where one of the pair did not)."""
+    speed = {name: r["images_per_s"] for name, r in ok.items()}
+    best = max(speed.get("plain", 0.0), speed.get("compiled", 0.0))
+    have_ref = "reference" in speed and "plain" in speed
+    return {
+        "compiled_vs_eager": speed["compiled"] / speed["plain"] if {"compiled", "plain"} <= set(speed) else None,
+        "eager_vs_reference": speed["plain"] / speed["reference"] if have_ref else None,
+        "best_vs_reference": best / speed["reference"] if have_ref else None,
     }
 
 

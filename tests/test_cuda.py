@@ -156,28 +156,8 @@ def test_trainer_step_in_bf16_agrees_with_fp32(tmp_path, zero):
 
 
 def _grid(tiny_export, out, device: str, dtype: str) -> np.ndarray:
-    argv = [
-        "--ckpt",
-        str(tiny_export),
-        "--vae-path",
-        "none",
-        "--image-size",
-        "8",
-        "--class-labels",
-        "1,2",
-        "--num-sampling-steps",
-        "4",
-        "--cfg-scale",
-        "1.5",
-        "--seed",
-        "0",
-        "--device",
-        device,
-        "--dtype",
-        dtype,
-        "--out",
-        str(out),
-    ]
+    flags = "--vae-path none --image-size 8 --class-labels 1,2 --num-sampling-steps 4 --cfg-scale 1.5 --seed 0"
+    argv = ["--ckpt", str(tiny_export), *flags.split(), "--device", device, "--dtype", dtype, "--out", str(out)]
     assert sample_main(argv, prog="sample.py") == 0
     return np.asarray(Image.open(out), dtype=np.float64)
 
