@@ -94,7 +94,7 @@ else
     MOE=(--device cuda --dtype bfloat16 --widths XL --tokens 16384 --repeats 10 --threads 8)
     SAMPLE=(--model DiT-XL/2 --num-experts 8 --input-size 32 --batch-size 32 --num-steps 10 --repeats 2 --threads 8
         --device cuda --dtype bfloat16)
-    TEST_CAP=150 TRAIN_CAP=240 MOE_CAP=45 SAMPLE_CAP=120
+    TEST_CAP=120 TRAIN_CAP=270 MOE_CAP=45 SAMPLE_CAP=120
 fi
 
 step cuda_tests "$TEST_CAP" "$PYTHON" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider \
