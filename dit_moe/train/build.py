@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from ..checkpoint import CheckpointContents, infer_config, objective_evidence
+from ..compile import compile_model
 from ..diffusion import ObjectiveConfig
 from ..models import DiT, DiTConfig
 from .config import TRAINING_FIELDS, TrainConfig
@@ -68,4 +69,4 @@ def build_model(cfg: TrainConfig, config: DiTConfig, init: Optional[CheckpointCo
     model = DiT(config)
     if init is not None:
         model.load_state_dict(init.state_dict)
-    return model
+    return compile_model(model, cfg.run.compile)

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import yaml
 
 from ..cli import flag, parse_bool, parse_optional_int_list
+from ..compile import check_mode as check_compile_mode
 from ..data import DataConfig
 from ..diffusion.config import ObjectiveConfig
 from ..hub import resolve_vae
@@ -119,12 +120,14 @@ class RunSection:
     export_format: str = "safetensors"  # "safetensors" | "pt"
     export_only: bool = False  # load --resume, write the export, exit
     ep_size: int = 1  # expert-parallel group size
+    compile: str = "off"  # torch.compile: "off" | "blocks" (each transformer block) | "model" (the whole forward)
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}.")
         if self.export_format not in ("safetensors", "pt"):
             raise ValueError(f"--export-format must be 'safetensors' or 'pt', got {self.export_format!r}.")
+        check_compile_mode(self.compile)
         for name in ("log_every", "ckpt_every", "keep_last", "ep_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")

@@ -1,0 +1,27 @@
+"""What the benchmarks share: the flags that choose the model and the config they build."""
+
+from __future__ import annotations
+
+import argparse
+
+from dit_moe.models import DiTConfig, preset_config
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="DiT-S/2")
+    parser.add_argument("--num-experts", type=int, default=8)
+    parser.add_argument("--num-experts-per-tok", type=int, default=2)
+    parser.add_argument("--input-size", type=int, default=32, help="latent side (256px images -> 32)")
+    parser.add_argument("--in-channels", type=int, default=4)
+
+
+def model_config(args: argparse.Namespace, **overrides) -> DiTConfig:
+    """The --model preset with the flags' MoE shape and latent size, and `overrides`."""
+    return preset_config(
+        args.model,
+        input_size=args.input_size,
+        in_channels=args.in_channels,
+        num_experts=args.num_experts,
+        num_experts_per_tok=args.num_experts_per_tok,
+        **overrides,
+    )
