@@ -92,14 +92,15 @@ class RoutingRecorder:
                     f"Layers {unknown} are not MoE layers of this model; choose from {[i for i, _ in found]}."
                 )
             found = [(i, m) for i, m in found if i in set(layers)]
-        shapes = {(m.gate.num_experts, m.gate.slots) for _, m in found}
+        shapes = {(m.gate.num_experts, m.gate.slots, m.gate.empty_slots) for _, m in found}
         if len(shapes) != 1:
             raise ValueError(
-                f"The recorded MoE layers differ in (experts, top-k): {sorted(shapes)}; record them separately."
+                f"The recorded MoE layers differ in (experts, slots, empty slots): {sorted(shapes)}; "
+                "record them separately."
             )
         self.model = model
         self.layers = found
-        self.num_experts, self.top_k = shapes.pop()
+        self.num_experts, self.top_k, self.empty_slots = shapes.pop()
         self.record_uncond = record_uncond
         self.record_weights = record_weights
         if isinstance(model, DiT):
@@ -335,6 +336,7 @@ class RoutingRecorder:
         return dict(
             num_experts=self.num_experts,
             top_k=self.top_k,
+            empty_slots=self.empty_slots,
             moe_layers=[i for i, _ in self.layers],
             num_classes=self.num_classes if self.num_classes is not None else self._max_label + 1,
             grid_size=list(self.grid_size) if self.grid_size else None,

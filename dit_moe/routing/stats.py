@@ -11,7 +11,7 @@ null label), P = grid rows x cols patch positions, U distinct timesteps.
 A frequency `by_x / tokens_x` is the fraction of those tokens whose top-k holds expert e:
 it lies in [0, 1] and sums to k over experts; a balanced router gives k / E everywhere.
 The load share of an expert is its count over all L's M*k assignments of the layer.
-An id equal to E is an empty slot (expert-choice routing: k slots = E, each token taken by any
+In a recording with `empty_slots`, an id equal to E is an empty slot (expert-choice routing: k slots = E, each token taken by any
 number of experts) and is counted for no expert; frequencies then sum to the mean experts per token.
 """
 
@@ -89,7 +89,7 @@ def count_routing(chunks: Iterable[dict[str, np.ndarray]], meta: dict, source: s
     for chunk in _prepend(first, chunks):
         ids = chunk["ids"].astype(np.int64)
         label, position = chunk["label"].astype(np.int64), chunk["position"].astype(np.int64)
-        _check_range(ids, E + 1, "expert ids", source)
+        _check_range(ids, E + bool(meta.get("empty_slots")), "expert ids", source)
         _check_range(label, C1, "labels", source)
         _check_range(position, P, "patch positions", source)
         routed = ids < E  # [R, L, k]; False: an empty slot
