@@ -43,8 +43,7 @@ class MoEArgs:
     aux_loss_coef: float = 0.01  # load-balancing loss coefficient; 0 disables it (expert-choice has none)
     aux_loss_per_sample: bool = False  # DiT-MoE's "seq_aux": balance within each sample
     z_loss_coef: float = 0.0  # router z-loss coefficient; 0 disables it
-    # expert-choice: every expert takes cf * k * M / E of the M tokens routed together (None: cf = 1).
-    capacity_factor: Optional[float] = None  # None: dropless; else tokens per expert = cf * k * T / E
+    capacity_factor: Optional[float] = None  # None: dropless (expert-choice: 1); else cf * k * T / E per expert
     grouped_gemm: str = "auto"  # "auto": grouped GEMM on CUDA half precision; "on" / "off"
 
     def __post_init__(self) -> None:
