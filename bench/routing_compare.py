@@ -1,6 +1,6 @@
 """Routers compared at equal activated compute: the same data, steps, seed and FFN FLOPs per token.
 
-    python bench/routing_compare.py [--steps 600] [--batch-size 64] [--samples 500] [--out results/routing_compare]
+    python bench/routing_compare.py [--steps 400] [--batch-size 64] [--samples 500] [--out results/routing_compare]
 
 Each variant trains DiT-T/2 (6 blocks, width C = 128) on the built-in digits (8x8, 16 tokens) with
 rectified flow through the trainer (one CPU process unless a GPU is there), then samples
@@ -159,7 +159,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--samples", type=int, default=500)
@@ -177,9 +177,9 @@ def main(argv=None) -> int:
     for name in args.variants.split(","):
         results.append(train_and_score(name, args, out))
         print(f"{name}: done in {results[-1]['train_s']:.0f} s of training", flush=True)
-    text = table(results, args)
-    (out / "table.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+        text = table(results, args)  # rewritten after every variant, so a stopped run keeps what it measured
+        (out / "table.md").write_text(text + "\n")
+        (out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "routing_compare.png")
     print(text)
     return 0
