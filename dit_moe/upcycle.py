@@ -9,6 +9,9 @@ dense model's function at step 0, to float32 rounding, because
   combined output is sum_j g_j f(h) = f(h);
 - there are no shared experts (`n_shared_experts=0`) adding anything on top.
 
+The same holds for the sigmoid-bias router (`router="sigmoid-bias"`: renormalised weights, bias
+0); expert-choice routing cannot start there, since a token may reach no expert.
+
 Top-1 routing cannot meet this: the router renormalises only when k > 1 (DeepSeek-MoE's
 convention), so a single weight would scale every token's output by its score ~1/E.
 
@@ -44,6 +47,7 @@ from .models.experts import GELU_KEYS, SWIGLU_KEYS
 
 ROUTER_INIT_STD = 1e-3
 DEFAULT_AUX_LOSS_COEF = 0.01
+UPCYCLE_ROUTERS = ("topk", "sigmoid-bias")  # the routers whose upcycled model computes the dense function
 # Dense feed-forward layouts: stacked expert parameter -> dense key suffix under `blocks.N.mlp.`
 # (the per-expert suffixes of experts.py are exactly the dense MLP's parameter names).
 DENSE_LAYOUTS = {"gelu": GELU_KEYS, "swiglu": SWIGLU_KEYS}
@@ -83,7 +87,12 @@ def _require_dense(config: DiTConfig, state: dict[str, torch.Tensor]) -> None:
         )
 
 
-def _check_routing(num_experts: int, num_experts_per_tok: int) -> None:
+def _check_routing(num_experts: int, num_experts_per_tok: int, router: str = "topk") -> None:
+    if router not in UPCYCLE_ROUTERS:
+        raise UpcycleError(
+            f"router={router!r} cannot start where the dense model was (expert choice may leave a token without "
+            f"experts); upcycle with one of {UPCYCLE_ROUTERS} and fine-tune."
+        )
     if num_experts < 2:
         raise UpcycleError(f"num_experts={num_experts} gives no routing; pass --num-experts 2 or more (e.g. 8).")
     if num_experts_per_tok > num_experts:
@@ -117,6 +126,7 @@ def upcycle_state_dict(
     router_init_std: float = ROUTER_INIT_STD,
     seed: int = 0,
     aux_loss_coef: float = DEFAULT_AUX_LOSS_COEF,
+    router: str = "topk",
 ) -> tuple[DiTConfig, dict[str, torch.Tensor]]:
     """Turn a dense DiT state dict into a DiT-MoE one computing the same function (see the module doc).
 
@@ -126,7 +136,7 @@ def upcycle_state_dict(
     all randomness comes from a generator seeded with `seed`. Returns (moe_config, moe_state).
     """
     _require_dense(dense_config, dense_state)
-    _check_routing(num_experts, num_experts_per_tok)
+    _check_routing(num_experts, num_experts_per_tok, router)
     if expert_noise < 0 or router_init_std < 0:
         raise UpcycleError(
             f"expert_noise={expert_noise} and router_init_std={router_init_std} must be >= 0; "
@@ -166,8 +176,10 @@ def upcycle_state_dict(
     generator = torch.Generator().manual_seed(seed)
     for i in layers:
         # fp32 like the router's numerics; load_state_dict copies into the model's dtype anyway.
-        router = torch.randn(num_experts, hidden, generator=generator)
-        moe_state[f"blocks.{i}.moe.gate.weight"] = router_init_std * router
+        router_weight = torch.randn(num_experts, hidden, generator=generator)
+        moe_state[f"blocks.{i}.moe.gate.weight"] = router_init_std * router_weight
+        if router == "sigmoid-bias":
+            moe_state[f"blocks.{i}.moe.gate.expert_bias"] = torch.zeros(num_experts)
     for i in layers:
         for stacked, suffix in layout.items():
             dense = dense_state[f"blocks.{i}.mlp.{suffix}"]
@@ -181,6 +193,7 @@ def upcycle_state_dict(
         norm_topk_prob=True,
         moe_layers=None if len(layers) == depth else layers,
         aux_loss_coef=aux_loss_coef,
+        router=router,
     )
     return moe_config, moe_state
 
@@ -261,6 +274,7 @@ def upcycle_checkpoint(
     router_init_std: float = ROUTER_INIT_STD,
     seed: int = 0,
     aux_loss_coef: float = DEFAULT_AUX_LOSS_COEF,
+    router: str = "topk",
 ) -> tuple[DiTConfig, DiTConfig, Path]:
     """Upcycle the dense checkpoint at `src_path` (EMA weights when it has them) into an export at `out_path`.
 
@@ -294,6 +308,7 @@ def upcycle_checkpoint(
         router_init_std=router_init_std,
         seed=seed,
         aux_loss_coef=aux_loss_coef,
+        router=router,
     )
     return dense_config, moe_config, save_export(out, moe_config, moe_state, objective=contents.objective)
 

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from .cli import flag, parse_int_list, run_main
 from .models import DiT_models
-from .upcycle import DEFAULT_AUX_LOSS_COEF, ROUTER_INIT_STD, upcycle_checkpoint
+from .upcycle import DEFAULT_AUX_LOSS_COEF, ROUTER_INIT_STD, UPCYCLE_ROUTERS, upcycle_checkpoint
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -49,6 +49,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     )
     parser.add_argument(*flag("router-init-std"), type=float, default=ROUTER_INIT_STD)
     parser.add_argument(*flag("aux-loss-coef"), type=float, default=DEFAULT_AUX_LOSS_COEF)
+    parser.add_argument(*flag("router"), choices=UPCYCLE_ROUTERS, default="topk", help="the MoE model's router")
     parser.add_argument(*flag("seed"), type=int, default=0)
     return parser
 

@@ -19,6 +19,7 @@ from typing import Any, Optional
 EXPERT_TYPES = ("swiglu", "gelu")
 ATTENTION_BACKENDS = ("sdpa", "flash", "math")
 GROUPED_GEMM_MODES = ("auto", "on", "off")
+ROUTERS = ("topk", "expert-choice", "sigmoid-bias")
 
 
 @dataclass
@@ -30,13 +31,19 @@ class MoEArgs:
     # DiT-MoE's checkpoint layout: n_shared_experts=2 is ONE shared SwiGLU expert of
     # intermediate width 2 * hidden. 0 disables shared experts.
     n_shared_experts: int = 2  # shared expert width in multiples of hidden (DiT-MoE: 2); 0: none
+    # DeepSeek-MoE's layout: this many shared experts, each as wide as a routed expert (fused into
+    # one SwiGLU of their summed width). Set, it replaces n_shared_experts' width.
+    num_shared_experts: Optional[int] = None  # shared experts of routed-expert width; None: n_shared_experts' layout
+    expert_width_ratio: float = 1.0  # routed expert width = mlp_ratio * hidden * this (< 1: fine-grained experts)
+    router: str = "topk"  # "topk" (DiT-MoE), "expert-choice" (EC-DiT) or "sigmoid-bias" (DeepSeek-V3)
+    bias_update_rate: float = 1e-3  # sigmoid-bias router: u in bias += u * sign(mean load - load), per step
     expert_type: str = "swiglu"  # "swiglu" (DiT-MoE) or "gelu" (dense DiT MLP, for upcycling)
     moe_layers: Optional[list[int]] = None  # block indices that are MoE; None: every block
     norm_topk_prob: bool = False  # renormalise the k selected weights to sum to 1
-    aux_loss_coef: float = 0.01  # load-balancing loss coefficient; 0 disables it
+    aux_loss_coef: float = 0.01  # load-balancing loss coefficient; 0 disables it (expert-choice has none)
     aux_loss_per_sample: bool = False  # DiT-MoE's "seq_aux": balance within each sample
     z_loss_coef: float = 0.0  # router z-loss coefficient; 0 disables it
-    capacity_factor: Optional[float] = None  # None: dropless; else tokens per expert = cf * k * T / E
+    capacity_factor: Optional[float] = None  # None: dropless (expert-choice: 1); else cf * k * T / E per expert
     grouped_gemm: str = "auto"  # "auto": grouped GEMM on CUDA half precision; "on" / "off"
 
     def __post_init__(self) -> None:
@@ -50,6 +57,14 @@ class MoEArgs:
             raise ValueError(f"expert_type must be one of {EXPERT_TYPES}, got {self.expert_type!r}.")
         if self.n_shared_experts < 0:
             raise ValueError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}.")
+        if self.num_shared_experts is not None and self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0 or None, got {self.num_shared_experts}.")
+        if self.expert_width_ratio <= 0:
+            raise ValueError(f"expert_width_ratio must be positive, got {self.expert_width_ratio}.")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}.")
+        if self.bias_update_rate < 0:
+            raise ValueError(f"bias_update_rate must be >= 0, got {self.bias_update_rate}.")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be positive or None (dropless), got {self.capacity_factor}.")
         if self.grouped_gemm not in GROUPED_GEMM_MODES:

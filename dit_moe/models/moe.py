@@ -2,13 +2,18 @@
 
 Notation:
     N, T, C   samples, tokens (patches) per sample, hidden width;  M = N * T tokens
-    E, k      routed experts, experts per token
+    E, k      routed experts, experts per token (expert choice: on average)
+    I         routed expert width, mlp_ratio * C * expert_width_ratio
     S         rows of the dispatched buffer: M * k copies (dropless), fewer when a
-              capacity drops some
+              capacity drops some; expert choice: the copies its experts took
 
 `dispatch` and `combine` are inverse functions that pass a `DispatchMeta`; expert
 parallelism puts its all-to-all between them and runs `experts` on its local slice.
-Training and evaluation run the same (dropless) path and give the same output.
+The router (`MoEArgs.router`) is one of `ROUTERS`; each returns `(weights, expert_ids, scores)`,
+with an empty slot (id E) wherever a router chooses fewer experts than it has slots.
+Token-choice training and evaluation run the same (dropless) path and give the same output;
+expert choice selects over the batch in training and by a calibrated threshold in eval mode
+(router_expert_choice.py).
 """
 
 from __future__ import annotations
@@ -22,7 +27,19 @@ from torch import Tensor, nn
 
 from .config import MoEArgs
 from .experts import GroupedExperts, SwiGLUMLP
-from .router import TopKRouter
+from .router import LinearGate, TopKRouter
+from .router_expert_choice import ExpertChoiceRouter
+from .router_sigmoid import SigmoidBiasRouter
+
+
+def build_router(hidden_size: int, args: MoEArgs) -> LinearGate:
+    """The `args.router` router of one MoE layer."""
+    E, k = args.num_experts, args.num_experts_per_tok
+    if args.router == "expert-choice":
+        return ExpertChoiceRouter(hidden_size, E, k, args.capacity_factor)
+    if args.router == "sigmoid-bias":
+        return SigmoidBiasRouter(hidden_size, E, k, args.bias_update_rate)
+    return TopKRouter(hidden_size, E, k, args.norm_topk_prob)
 
 
 @dataclass
@@ -44,27 +61,38 @@ class DispatchMeta:
 
 
 def dispatch(
-    x: Tensor, expert_ids: Tensor, num_experts: int, capacity: Optional[int] = None
+    x: Tensor,
+    expert_ids: Tensor,
+    num_experts: int,
+    capacity: Optional[int] = None,
+    empty_slots: bool = False,
 ) -> tuple[Tensor, DispatchMeta]:
     """Gather token copies into one buffer sorted by expert.
 
     x [M, C], expert_ids [M, k] -> buffer [S, C] and the metadata `combine` needs.
     The sort is stable, so within an expert copies keep token order; with a `capacity`,
-    each expert keeps its first `capacity` copies and drops the rest.
+    each expert keeps its first `capacity` copies and drops the rest. With `empty_slots`,
+    ids equal to `num_experts` mark slots routed nowhere, which are dropped.
     """
     k = expert_ids.shape[1]
     flat_ids = expert_ids.reshape(-1)  # [M, k] -> [M * k]
-    copy_indices = torch.argsort(flat_ids, stable=True)  # [M * k]
+    copy_indices = torch.argsort(flat_ids, stable=True)  # [M * k]; empty slots (id E) sort last
     # scatter_add rather than bincount: bincount's output size would need a host sync.
-    routed = torch.zeros(num_experts, dtype=torch.int64, device=x.device)
+    routed = torch.zeros(num_experts + int(empty_slots), dtype=torch.int64, device=x.device)
     routed.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+    routed = routed[:num_experts]  # [E (+1)] -> [E]
     counts = routed
-    if capacity is not None:
-        starts = torch.cumsum(routed, dim=0) - routed  # [E], first buffer row of each expert
+    if capacity is not None or empty_slots:
         sorted_ids = flat_ids.index_select(0, copy_indices)
-        position = torch.arange(sorted_ids.shape[0], device=x.device) - starts.index_select(0, sorted_ids)
-        copy_indices = copy_indices[position < capacity]  # boolean indexing: a host sync, capacity mode only
-        counts = routed.clamp(max=capacity)
+        keep = sorted_ids < num_experts
+        if capacity is not None:
+            starts = torch.cumsum(routed, dim=0) - routed  # [E], first buffer row of each expert
+            position = torch.arange(sorted_ids.shape[0], device=x.device) - starts.index_select(
+                0, sorted_ids.clamp(max=num_experts - 1)
+            )
+            keep &= position < capacity
+            counts = routed.clamp(max=capacity)
+        copy_indices = copy_indices[keep]  # boolean indexing: a host sync, capacity or empty slots only
     token_indices = torch.div(copy_indices, k, rounding_mode="floor")
     buffer = x.index_select(0, token_indices)  # [S, C]
     return buffer, DispatchMeta(token_indices, copy_indices, counts, routed, x.shape[0])
@@ -81,10 +109,14 @@ def combine(expert_out: Tensor, weights: Tensor, meta: DispatchMeta) -> Tensor:
 
 
 class MoEFeedForward(nn.Module):
-    """DiT-MoE's `SparseMoeBlock`: top-k routed experts plus (optionally) one shared SwiGLU expert.
+    """DiT-MoE's `SparseMoeBlock`: routed experts plus (optionally) shared SwiGLU experts.
 
     Parameter names follow feizc/DiT-MoE (`gate.weight`, `experts.*`, `shared_experts.*`);
-    its per-expert `experts.K.*` keys load through the experts' pre-hook.
+    its per-expert `experts.K.*` keys load through the experts' pre-hook. `intermediate_size`
+    is the dense MLP's width; routed experts are `expert_width_ratio` times as wide. The shared
+    experts are one SwiGLU: of width `n_shared_experts * hidden` (DiT-MoE), or with
+    `num_shared_experts` set, that many routed-expert widths (DeepSeek-MoE; a sum of SwiGLU
+    experts is one SwiGLU of their concatenated width).
     forward(x [N, T, C]) -> (y [N, T, C], aux losses already multiplied by their coefficients:
     "moe_aux_loss" and "moe_z_loss", present only in training mode with a coefficient > 0).
     `tokens_per_expert` [E] holds the routed token copies per expert of the last forward.
@@ -93,12 +125,15 @@ class MoEFeedForward(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, args: MoEArgs) -> None:
         super().__init__()
         self.args = args
-        self.gate = TopKRouter(hidden_size, args.num_experts, args.num_experts_per_tok, args.norm_topk_prob)
-        self.experts = GroupedExperts(
-            args.num_experts, hidden_size, intermediate_size, args.expert_type, args.grouped_gemm
-        )
-        if args.n_shared_experts > 0:
-            self.shared_experts = SwiGLUMLP(hidden_size, args.n_shared_experts * hidden_size)
+        self.gate = build_router(hidden_size, args)
+        expert_width = max(1, int(intermediate_size * args.expert_width_ratio))
+        self.experts = GroupedExperts(args.num_experts, hidden_size, expert_width, args.expert_type, args.grouped_gemm)
+        if args.num_shared_experts is not None:
+            shared_width = args.num_shared_experts * expert_width
+        else:
+            shared_width = args.n_shared_experts * hidden_size
+        if shared_width > 0:
+            self.shared_experts = SwiGLUMLP(hidden_size, shared_width)
         else:
             self.shared_experts = None
         # Set by expert parallelism (`dit_moe.parallel`): runs this layer's local experts on the
@@ -108,9 +143,10 @@ class MoEFeedForward(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(args.num_experts, dtype=torch.int64), persistent=False)
 
     def capacity(self, num_tokens: int) -> Optional[int]:
-        """Buffer rows per expert, ceil(cf * k * M / E), or None when dropless."""
+        """Buffer rows per expert, ceil(cf * k * M / E), or None when dropless (and for expert
+        choice, whose router applies its capacity itself)."""
         cf = self.args.capacity_factor
-        if cf is None:
+        if cf is None or self.gate.empty_slots:
             return None
         return math.ceil(cf * self.args.num_experts_per_tok * num_tokens / self.args.num_experts)
 
@@ -118,7 +154,9 @@ class MoEFeedForward(nn.Module):
         N, T, C = x.shape
         tokens = x.reshape(N * T, C)  # [N, T, C] -> [M, C]
         weights, expert_ids, scores = self.gate(x)
-        buffer, meta = dispatch(tokens, expert_ids, self.args.num_experts, self.capacity(N * T))
+        buffer, meta = dispatch(
+            tokens, expert_ids, self.args.num_experts, self.capacity(N * T), empty_slots=self.gate.empty_slots
+        )
         with torch.no_grad():
             self.tokens_per_expert.copy_(meta.routed_counts)
         if self.expert_parallel is None:
@@ -135,7 +173,7 @@ class MoEFeedForward(nn.Module):
         losses: dict[str, Tensor] = {}
         if not self.training:
             return losses
-        if self.args.aux_loss_coef > 0:
+        if self.args.aux_loss_coef > 0 and self.gate.has_balancing_loss:
             balance = self.gate.load_balancing_loss(expert_ids, scores, x.shape[0], self.args.aux_loss_per_sample)
             losses["moe_aux_loss"] = balance * self.args.aux_loss_coef
         if self.args.z_loss_coef > 0:

@@ -5,8 +5,9 @@
         model(x, t, y)
     rec.save("routing.npz", ckpt="...")
 
-Each router (`moe.gate`, a `TopKRouter`) returns `(weights [M, k], expert_ids [M, k],
-scores [M, E])` for M = N * T tokens. One model forward fires the hooks of every recorded
+Each router (`moe.gate`, see dit_moe/models/router.py) returns `(weights [M, k], expert_ids [M, k],
+scores [M, E])` for M = N * T tokens, k being the router's slots (top-k; E for expert choice,
+whose empty slots hold the id E and count for no expert). One model forward fires the hooks of every recorded
 MoE layer on the same tokens, so a forward becomes one block of R token rows:
 
     ids       [R, L, k]  uint8 (int16 past 255 experts)  the chosen experts of each layer
@@ -53,7 +54,7 @@ def find_moe_layers(model: nn.Module) -> list[tuple[int, MoEFeedForward]]:
 
 
 def ids_dtype(num_experts: int) -> np.dtype:
-    """The smallest integer type that holds every expert id."""
+    """The smallest integer type that holds every id below `num_experts`."""
     return np.dtype(np.uint8 if num_experts <= 256 else np.int16)
 
 
@@ -91,14 +92,15 @@ class RoutingRecorder:
                     f"Layers {unknown} are not MoE layers of this model; choose from {[i for i, _ in found]}."
                 )
             found = [(i, m) for i, m in found if i in set(layers)]
-        shapes = {(m.gate.num_experts, m.gate.top_k) for _, m in found}
+        shapes = {(m.gate.num_experts, m.gate.slots, m.gate.empty_slots) for _, m in found}
         if len(shapes) != 1:
             raise ValueError(
-                f"The recorded MoE layers differ in (experts, top-k): {sorted(shapes)}; record them separately."
+                f"The recorded MoE layers differ in (experts, slots, empty slots): {sorted(shapes)}; "
+                "record them separately."
             )
         self.model = model
         self.layers = found
-        self.num_experts, self.top_k = shapes.pop()
+        self.num_experts, self.top_k, self.empty_slots = shapes.pop()
         self.record_uncond = record_uncond
         self.record_weights = record_weights
         if isinstance(model, DiT):
@@ -183,7 +185,9 @@ class RoutingRecorder:
                 f"forward routed {self._tags['num_tokens']}; record one forward at a time."
             )
         keep = self._tags["keep"]
-        ids = expert_ids.detach().cpu()[keep].numpy().astype(ids_dtype(self.num_experts))  # host sync: analysis only
+        ids = (
+            expert_ids.detach().cpu()[keep].numpy().astype(ids_dtype(self.num_experts + 1))
+        )  # host sync: analysis only
         kept_weights = weights.detach().cpu()[keep].numpy().astype(np.float16) if self.record_weights else None
         self._pending[slot] = (ids, kept_weights)
         if len(self._pending) == len(self.layers):
@@ -332,6 +336,7 @@ class RoutingRecorder:
         return dict(
             num_experts=self.num_experts,
             top_k=self.top_k,
+            empty_slots=self.empty_slots,
             moe_layers=[i for i, _ in self.layers],
             num_classes=self.num_classes if self.num_classes is not None else self._max_label + 1,
             grid_size=list(self.grid_size) if self.grid_size else None,

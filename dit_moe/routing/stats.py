@@ -11,6 +11,8 @@ null label), P = grid rows x cols patch positions, U distinct timesteps.
 A frequency `by_x / tokens_x` is the fraction of those tokens whose top-k holds expert e:
 it lies in [0, 1] and sums to k over experts; a balanced router gives k / E everywhere.
 The load share of an expert is its count over all L's M*k assignments of the layer.
+In a recording with `empty_slots`, an id equal to E is an empty slot (expert-choice routing: k slots = E, each token taken by any
+number of experts) and is counted for no expert; frequencies then sum to the mean experts per token.
 """
 
 from __future__ import annotations
@@ -87,12 +89,13 @@ def count_routing(chunks: Iterable[dict[str, np.ndarray]], meta: dict, source: s
     for chunk in _prepend(first, chunks):
         ids = chunk["ids"].astype(np.int64)
         label, position = chunk["label"].astype(np.int64), chunk["position"].astype(np.int64)
-        _check_range(ids, E, "expert ids", source)
+        _check_range(ids, E + bool(meta.get("empty_slots")), "expert ids", source)
         _check_range(label, C1, "labels", source)
         _check_range(position, P, "patch positions", source)
+        routed = ids < E  # [R, L, k]; False: an empty slot
         num_tokens += len(label)
-        by_class += _bincount(((layer_offset * C1 + label[:, None, None]) * E + ids), L * C1 * E)
-        by_position += _bincount(((layer_offset * P + position[:, None, None]) * E + ids), L * P * E)
+        by_class += _bincount(((layer_offset * C1 + label[:, None, None]) * E + ids), L * C1 * E, routed)
+        by_position += _bincount(((layer_offset * P + position[:, None, None]) * E + ids), L * P * E, routed)
         tokens_by_class += np.bincount(label, minlength=C1)
         tokens_by_position += np.bincount(position, minlength=P)
         known = np.isfinite(chunk["timestep"])
@@ -100,11 +103,13 @@ def count_routing(chunks: Iterable[dict[str, np.ndarray]], meta: dict, source: s
             index = np.searchsorted(timesteps, chunk["timestep"][known])
             if (index >= U).any() or not np.array_equal(timesteps[np.minimum(index, U - 1)], chunk["timestep"][known]):
                 raise RoutingFileError(f"{source} has timestep tags that its metadata does not list; re-record it.")
-            by_timestep += _bincount(((layer_offset * U + index[:, None, None]) * E + ids[known]), L * U * E)
+            by_timestep += _bincount(
+                ((layer_offset * U + index[:, None, None]) * E + ids[known]), L * U * E, routed[known]
+            )
             tokens_by_timestep += np.bincount(index, minlength=U)
         if weight_sum is not None:
-            weights = chunk["weights"].astype(np.float64).reshape(-1)
-            weight_sum += np.bincount((layer_offset * E + ids).reshape(-1), weights=weights, minlength=L * E)
+            weights = chunk["weights"].astype(np.float64)
+            weight_sum += np.bincount((layer_offset * E + ids)[routed], weights=weights[routed], minlength=L * E)
     return RoutingCounts(
         num_experts=E,
         top_k=k,
@@ -135,8 +140,8 @@ def _prepend(first, rest):
     yield from rest
 
 
-def _bincount(index: np.ndarray, size: int) -> np.ndarray:
-    return np.bincount(index.reshape(-1), minlength=size)
+def _bincount(index: np.ndarray, size: int, routed: np.ndarray) -> np.ndarray:
+    return np.bincount(index[routed], minlength=size)
 
 
 def _check_range(values: np.ndarray, upper: int, what: str, source: str) -> None:

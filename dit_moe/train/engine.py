@@ -216,12 +216,16 @@ class EMA:
 
     Under ZeRO-3 each rank averages only its own partition of every parameter (no
     communication per step); the full average is gathered only to save or export.
+    Persistent buffers (router state such as a balancing bias) are not averaged: the full
+    state holds the live module's, so an EMA state dict loads into the model on its own.
     """
 
     def __init__(self, module: torch.nn.Module, decay: float, ep: Optional[ExpertParallel] = None):
         self.decay = decay
         self.ep = ep  # expert parallelism: expert tensors hold this rank's experts, gathered to save
         self.params = dict(module.named_parameters())
+        persistent = module.state_dict().keys()
+        self.buffers = {name: b for name, b in module.named_buffers() if name in persistent}
         self.shadow = {name: self._local(p).detach().float().clone() for name, p in self.params.items()}
 
     @staticmethod
@@ -236,13 +240,14 @@ class EMA:
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 EMA tensors (collective under ZeRO-3: every rank must call it)."""
+        """Full fp32 EMA tensors and the live persistent buffers (collective under ZeRO-3: every rank must call it)."""
+        buffers = {name: b.detach().float().cpu().clone() for name, b in self.buffers.items()}
         if self.ep is not None:
             return {
                 name: (self.ep.gather_experts(self.shadow[name]) if is_moe_param(p) else self.shadow[name]).cpu()
                 for name, p in self.params.items()
-            }
-        return {name: _gather_partition(self.shadow[name], p) for name, p in self.params.items()}
+            } | buffers
+        return {name: _gather_partition(self.shadow[name], p) for name, p in self.params.items()} | buffers
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -3,7 +3,7 @@ every `ckpt_every` steps `save`) -> `finish`, driven by `train`.
 
 One optimizer step = `grad_accum` micro-batches, each: draw randomness -> (VAE) -> objective
 loss -> `engine.backward` -> `engine.step` (DeepSpeed applies the update on the accumulation
-boundary), then the EMA.
+boundary), then the sigmoid-bias routers' balancing update and the EMA.
 
 Randomness (timesteps, noise, label dropout, patch masks) is drawn by the objective for the whole
 global micro-batch from a seed of (seed, step, micro-step), and each rank takes its slice; so a run
@@ -26,6 +26,7 @@ from ..checkpoint import read_checkpoint_file, save_export
 from ..data import TrainLoader, build_codec, build_train_loader
 from ..diffusion import Draws, DrawSpec, Objective, ObjectiveConfig, build_objective
 from ..models import DiTConfig
+from ..models.router_sigmoid import update_expert_bias
 from ..parallel import ExpertParallel
 from . import engine as engine_lib
 from .build import build_model, build_model_config
@@ -234,6 +235,9 @@ def train_step(run: Run, window: Window) -> None:
         loss, aux = micro_step(run.engine, run.objective, x, y, draws, run.model_dtype, run.cfg.model.mae_loss_coef)
         run.engine.step()  # the update on the accumulation boundary; DeepSpeed may sync there (overflow, clipping)
         window.add({"loss": loss, **aux})
+    # Aux-loss-free balancing: the step's expert loads summed over ranks (a collective, no host sync),
+    # so every rank applies the same bias update. Nothing is communicated for other routers.
+    update_expert_bias(run.engine.module, dist.all_reduce)
     run.ema.update()
     run.step += 1
     window.steps += 1
