@@ -55,6 +55,7 @@ class Run:
     ema: engine_lib.EMA
     ep: Optional[ExpertParallel]
     model_dtype: torch.dtype
+    resume_from: Optional[Path]  # the complete tag --resume names; None: a fresh start
     step: int = 0
 
     @property
@@ -89,9 +90,13 @@ def setup(cfg: TrainConfig) -> Run:
     cfg.data.check()  # paths first: a missing folder or VAE should not wait for process-group start-up
     rank, _local_rank, world_size, device = engine_lib.init_distributed()
     _setup_logging(Path(cfg.run.results_dir), rank)
-    ds_config, plan, precision = engine_lib.prepare_deepspeed_config(cfg.run, world_size, device)
+    resume_from = resume_tag(cfg)
+    resumed = layout.read_shape(resume_from) if resume_from is not None else None
+    ds_config, plan, precision = engine_lib.prepare_deepspeed_config(cfg.run, world_size, device, resumed)
+    if resumed is not None and resumed.micro_batch is not None:
+        _warn_if_draws_change(resumed, plan)
 
-    loader = build_train_loader(cfg.data, rank, world_size, plan.micro_batch, cfg.run.seed)
+    loader = build_train_loader(cfg.data, rank, world_size, plan.micro_batch, cfg.run.seed, plan.global_batch)
     codec = build_codec(cfg.data).to(device) if loader.needs_encoding else None
     init = read_checkpoint_file(cfg.model.init_from) if cfg.model.init_from else None  # read once: may be GBs
     model_config = build_model_config(cfg, loader.input_channels, loader.input_size, loader.num_classes, init)
@@ -127,20 +132,47 @@ def setup(cfg: TrainConfig) -> Run:
         ema,
         ep,
         next(engine.module.parameters()).dtype,
+        resume_from,
     )
 
 
-def resume(run: Run) -> None:
-    """Continue from --resume: `auto` is this run's own checkpoints (none yet: a fresh start); a path
-    may be a results, checkpoints or tag dir (`checkpoint_layout.resolve_tag_dir`) and must hold one."""
-    wanted = run.cfg.run.resume
+def resume_tag(cfg: TrainConfig) -> Optional[Path]:
+    """The tag --resume names: `auto` is this run's own latest (none yet: a fresh start); a path may be a
+    results, checkpoints or tag dir (`checkpoint_layout.resolve_tag_dir`) and must hold one."""
+    wanted = cfg.run.resume
     if not wanted:
-        return
-    tag_dir = layout.resolve_tag_dir(run.checkpoint_dir if wanted == "auto" else Path(wanted))
-    if tag_dir is None:
-        if wanted == "auto":
-            return
+        return None
+    auto = wanted == "auto"
+    tag_dir = layout.resolve_tag_dir(Path(cfg.run.results_dir) / layout.CHECKPOINTS_DIR if auto else Path(wanted))
+    if tag_dir is None and not auto:
         raise FileNotFoundError(f"--resume {wanted}: no complete checkpoint found there.")
+    return tag_dir
+
+
+def _warn_if_draws_change(resumed: layout.RunShape, plan: BatchPlan) -> None:
+    """A resume whose global micro-batch differs continues the data exactly, but not the noise draws."""
+    before, now = resumed.micro_batch * resumed.world_size, plan.micro_batch * plan.world_size
+    if before != now:
+        log.warning(
+            "The global micro-batch changes from %d to %d samples (global batch %d = %d x %d x %d): the data "
+            "continues exactly, but noise and timesteps are drawn per micro-batch and differ from an "
+            "uninterrupted run's; keep %d x %d samples per micro-step for an exact continuation.",
+            before,
+            now,
+            plan.global_batch,
+            plan.micro_batch,
+            plan.grad_accum,
+            plan.world_size,
+            resumed.micro_batch,
+            resumed.world_size,
+        )
+
+
+def resume(run: Run) -> None:
+    """Restore the engine, EMA, step and data position from `run.resume_from`, on any shape."""
+    if run.resume_from is None:
+        return
+    tag_dir = run.resume_from
     client = engine_lib.load_checkpoint(run.engine, run.ema, tag_dir.parent, tag_dir.name, run.ep)
     run.step = client["step"]
     run.loader.load_state_dict(client["data"])
@@ -277,6 +309,8 @@ def save(run: Run) -> None:
         run.objective_config.to_dict(),
         run.cfg.run.keep_last,
         run.ep,
+        run.plan,
+        run.cfg.run.elastic_checkpoints,
     )
 
 
