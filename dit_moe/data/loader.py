@@ -73,6 +73,10 @@ class TrainLoader:
     def __init__(self, info: DataInfo):
         self.info = info
 
+    def check_resumable_on(self, world_size: int) -> None:
+        """Stop with one sentence when a position saved by `world_size` processes cannot continue here;
+        positions in global samples (map-style datasets) continue on any number of processes."""
+
     @property
     def input_channels(self) -> int:
         return self.info.input_channels
@@ -241,8 +245,17 @@ class ShardTrainLoader(TrainLoader):
             "num_samples": self.stream.manifest.num_samples,
         }
 
+    def check_resumable_on(self, world_size: int) -> None:
+        if world_size != self.stream.world_size:
+            raise ValueError(
+                f"Latent shards are dealt whole to each process's workers, so their sample order depends on the "
+                f"number of processes ({world_size} when saved, {self.stream.world_size} now): resume on {world_size} "
+                f"processes, or train from .npy features (--dataset npy), whose position is in global samples."
+            )
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._check_state(state, ("kind", "seed", "world_size", "micro_batch_size", "num_workers", "num_samples"))
+        self.check_resumable_on(state["world_size"])
+        self._check_state(state, ("kind", "seed", "micro_batch_size", "num_workers", "num_samples"))
         self.batches, self._batches = state["batches"], None
 
 

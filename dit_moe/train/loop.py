@@ -97,6 +97,8 @@ def setup(cfg: TrainConfig) -> Run:
         _warn_if_draws_change(resumed, plan)
 
     loader = build_train_loader(cfg.data, rank, world_size, plan.micro_batch, cfg.run.seed, plan.global_batch)
+    if resumed is not None:
+        loader.check_resumable_on(resumed.world_size)
     codec = build_codec(cfg.data).to(device) if loader.needs_encoding else None
     init = read_checkpoint_file(cfg.model.init_from) if cfg.model.init_from else None  # read once: may be GBs
     model_config = build_model_config(cfg, loader.input_channels, loader.input_size, loader.num_classes, init)

@@ -12,13 +12,17 @@ this rank owns under ZeRO-1, 2 or 3 of the new world size, after each expert-par
 out its own experts. Model weights are the master weights cast to the model's dtype, which is what
 DeepSpeed's optimizer step leaves them as.
 
-Why gather at save time rather than convert at load time (DeepSpeed's `ds_to_universal` + `load_universal`):
-the universal converter reads ZeRO's flat partitions assuming every parameter group is partitioned over all
-data-parallel ranks; our expert groups are partitioned over the expert-data-parallel group and each
-expert-parallel rank holds other experts under the same names, so it cannot rebuild them (DeepSpeed issue
-#5716; its AutoEP resharding covers its own MoE layer only). One mechanism for ZeRO-1/2/3 and every
---ep-size is simpler to trust than two. The price, measured by `bench/resume.py`: every checkpoint is
-12 bytes per parameter larger (fp32 master + two moments) and rank 0 holds those 12 bytes per parameter in
+Why gather at save time rather than convert at load time with DeepSpeed's universal checkpoints
+(`ds_to_universal` + `"checkpoint": {"load_universal": true}`): tried on DeepSpeed 0.19.8, CPU, gloo, DiT-T/2
+4 experts. Without expert parallelism the converter works (ZeRO-2 and ZeRO-3 tags, given
+`--inject_missing_state` since we save no `universal_checkpoint_info`) and a ZeRO-2 tag of 2 ranks loads
+exactly on 1. With --ep-size 2 it fails ("shape '[2, 128, 512]' is invalid for input of size 262144"): it
+concatenates every rank's partition of a parameter group, but our expert groups are partitioned over the
+expert-data-parallel group and each expert-parallel rank holds other experts under the same names (DeepSpeed
+issue #5716; its AutoEP resharding covers only its own MoE layer). One mechanism for ZeRO-1/2/3 and every
+--ep-size, with no conversion step and no second copy written at resume time, is simpler to trust than
+DeepSpeed's path plus ours for experts. The price, measured by `bench/resume.py`: every checkpoint is
+12 bytes per parameter larger (fp32 master + two moments), and rank 0 holds those 12 bytes per parameter in
 host memory while writing; `--elastic-checkpoints false` turns it off (such a tag resumes on its own shape only).
 """
 
@@ -59,7 +63,13 @@ def _base_optimizer(engine) -> torch.optim.Optimizer:
 
 
 def _hp_params(engine) -> list[torch.Tensor]:
-    return [p for group in _base_optimizer(engine).param_groups for p in group["params"]]
+    """The flat fp32 partitions the optimizer steps (ZeRO-3 binds them to its param groups only while stepping)."""
+    zero = engine.optimizer
+    return list(
+        zero.fp32_partitioned_groups_flat
+        if engine.zero_optimization_stage() == 3
+        else zero.single_partition_of_fp32_groups
+    )
 
 
 def _moment_keys(engine) -> tuple[str, ...]:
@@ -127,6 +137,8 @@ def save_full_state(
     """Collective: every rank joins the gathers; rank 0 keeps the tensors and writes `path` whole or not at all."""
     is_writer = dist.get_rank() == 0
     metadata = _metadata(engine, client_state, shape)
+    if metadata["moment_keys"]:
+        _link_moments(engine)
     tensors: dict[str, torch.Tensor] = {}
     for name, param in _trainable(engine.module):
         for key in (MASTER, *metadata["moment_keys"]):
@@ -174,13 +186,26 @@ def _materialize_optimizer_state(engine) -> None:
         group["lr"] = 0.0
     for param in params:
         param.grad = torch.zeros_like(param)
+    if engine.zero_optimization_stage() == 3:
+        engine.optimizer._set_fp32_optimizer_param_groups()
     base.step()
+    if engine.zero_optimization_stage() == 3:
+        engine.optimizer._clear_fp32_optimizer_param_groups()
     for param in params:
         param.grad = None
     for group, lr in zip(base.param_groups, learning_rates):
         group["lr"] = lr
+    _link_moments(engine)
+
+
+def _link_moments(engine) -> None:
+    """Point every parameter's moment fragments at the optimizer's moments (ZeRO-1/2).
+
+    DeepSpeed 0.19.8 links them once, right after stepping the first parameter group, when the other
+    groups (our expert groups) have no moments yet, so their fragments stay empty: link again."""
     if engine.zero_optimization_stage() in (1, 2):
-        engine.optimizer._lazy_init_hp_params_optimizer_state()  # ZeRO-1/2 link moment fragments at the first step
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
 
 
 @torch.no_grad()

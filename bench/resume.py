@@ -1,0 +1,115 @@
+"""What a resharding resume costs against a same-shape resume: time and disk.
+
+    python bench/resume.py [--model DiT-S/2] [--num-experts 8] [--image-size 8] [--zero zero2]
+
+On the built-in digits (DS_ACCELERATOR=cpu, gloo), one optimizer step then a checkpoint:
+  A  2 processes, full state on (the default)          -> the same-shape tag
+  B  1 process,   full state on                         -> the tag to reshard
+  C  2 processes, --elastic-checkpoints false           -> the save-time overhead of the full state (A - C)
+then `--export-only` resumes on 2 processes, which load the tag and write the export:
+  same shape   A's tag (DeepSpeed's own loader)
+  reshard      B's tag (`dit_moe.train.reshard`: full state -> this world size's ZeRO partitions)
+Times are whole-process wall seconds, start-up included, so the differences are what to read:
+  save overhead  A - C (the gathers and the write of full_state.safetensors)
+  reshard cost   reshard - same shape
+Disk: the tag's size and its full_state.safetensors. On 2 shared CPU cores the numbers show the
+mechanics, not a GPU cluster's speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def trainer(args: argparse.Namespace, ranks: int, out: Path, *extra: str) -> float:
+    """Wall seconds of one trainer process group."""
+    launch = ["-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(_port())]
+    cmd = [
+        sys.executable,
+        *(launch if ranks > 1 else []),
+        "train_deepspeed.py",
+        "--deepspeed_config",
+        f"config/{args.zero}.json",
+        "--model",
+        args.model,
+        "--num_experts",
+        str(args.num_experts),
+        "--num_experts_per_tok",
+        "2",
+        "--dataset",
+        "digits",
+        "--image-size",
+        str(args.image_size),
+        "--global-batch-size",
+        "4",
+        "--max-steps",
+        "1",
+        "--log-every",
+        "1",
+        "--results-dir",
+        str(out),
+        *extra,
+    ]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    began = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"trainer failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - began
+
+
+def tag_sizes(results: Path) -> tuple[int, int]:
+    """(bytes of the step-1 tag, bytes of its full_state.safetensors)."""
+    tag = results / "checkpoints" / "step0000001"
+    total = sum(p.stat().st_size for p in tag.rglob("*") if p.is_file())
+    full = tag / "full_state.safetensors"
+    return total, full.stat().st_size if full.is_file() else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="DiT-S/2")
+    parser.add_argument("--num-experts", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=8)
+    parser.add_argument("--zero", default="zero2")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b, c = (Path(tmp) / name for name in "abc")
+        write_a, write_b, write_c = (
+            trainer(args, 2, a),
+            trainer(args, 1, b),
+            trainer(args, 2, c, "--elastic-checkpoints", "false"),
+        )
+        resume = ("--resume", "auto", "--export-only", "true")
+        same = trainer(args, 2, a, *resume)
+        reshard = trainer(args, 2, b, *resume)
+        (size_a, full_a), (size_c, _) = tag_sizes(a), tag_sizes(c)
+    mib = 1 / 2**20
+    print(f"{args.model} {args.num_experts}E2A, {args.zero}, 2 CPU processes, image {args.image_size}")
+    print(f"  1 step + save, 2 processes:  {write_a:6.1f} s with full state, {write_c:6.1f} s without")
+    print(f"  save overhead of full state: {write_a - write_c:6.1f} s")
+    print(f"  resume + export, same shape: {same:6.1f} s")
+    print(f"  resume + export, reshard:    {reshard:6.1f} s (tag written by 1 process, {write_b:.1f} s)")
+    print(f"  reshard cost:                {reshard - same:6.1f} s")
+    print(
+        f"  tag on disk: {size_a * mib:8.1f} MiB with full state ({full_a * mib:.1f} MiB of it), {size_c * mib:.1f} MiB without"
+    )
+
+
+if __name__ == "__main__":
+    main()
