@@ -19,55 +19,20 @@ mechanics, not a GPU cluster's speed.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from digits_trainer import ENV, REPO, digits_cmd
 
 
 def trainer(args: argparse.Namespace, ranks: int, out: Path, *extra: str) -> float:
-    """Wall seconds of one trainer process group."""
-    launch = ["-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(_port())]
-    cmd = [
-        sys.executable,
-        *(launch if ranks > 1 else []),
-        "train_deepspeed.py",
-        "--deepspeed_config",
-        f"config/{args.zero}.json",
-        "--model",
-        args.model,
-        "--num_experts",
-        str(args.num_experts),
-        "--num_experts_per_tok",
-        "2",
-        "--dataset",
-        "digits",
-        "--image-size",
-        str(args.image_size),
-        "--global-batch-size",
-        "4",
-        "--max-steps",
-        "1",
-        "--log-every",
-        "1",
-        "--results-dir",
-        str(out),
-        *extra,
-    ]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    """Wall seconds of one trainer run: one step at global batch 4, a checkpoint, `extra` flags."""
+    flags = ["--global-batch-size", "4", "--max-steps", "1", "--log-every", "1", "--results-dir", str(out), *extra]
     began = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    cmd = digits_cmd(ranks, args.zero, args.model, args.num_experts, args.image_size, *flags)
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"trainer failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return time.perf_counter() - began

@@ -114,9 +114,7 @@ class RunSection:
     seed: int = 0
     results_dir: str = "results"
     resume: Optional[str] = None  # "auto": latest checkpoint in results_dir; or a checkpoint dir
-    elastic_checkpoints: bool = (
-        True  # also save the full optimizer state (12 bytes/parameter) so a resume may change shape
-    )
+    elastic_checkpoints: bool = True  # also save full optimizer state (12 B/param): resume on any shape
     overwrite: bool = False  # a fresh run may delete the run already in results_dir
     export_format: str = "safetensors"  # "safetensors" | "pt"
     export_only: bool = False  # load --resume, write the export, exit
@@ -182,6 +180,16 @@ def field_comments(cls: type) -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in map(pattern.match, inspect.getsource(cls).splitlines()) if m}
 
 
+def _section_help(section: str) -> dict[str, str]:
+    """Each field's --help: its trailing comment, plus the rules that decide a default or a resume's batch."""
+    comments = {k: v for source in FIELD_SOURCES[section] for k, v in field_comments(source).items()}
+    if section == "model":
+        comments.update({k: f"{comments.get(k, '')}; {rule}" for k, rule in AUTO_FIELDS.items()})
+    if section == "run":
+        comments["resume"] = f"{comments['resume']}; {RESUME_BATCH_RULE}"
+    return comments
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a DiT / DiT-MoE with DeepSpeed.",
@@ -192,11 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
         hints = typing.get_type_hints(cls)
-        comments = {k: v for source in FIELD_SOURCES[section] for k, v in field_comments(source).items()}
-        if section == "model":
-            comments.update({k: f"{comments.get(k, '')}; {rule}" for k, rule in AUTO_FIELDS.items()})
-        if section == "run":
-            comments["resume"] = f"{comments['resume']}; {RESUME_BATCH_RULE}"
+        comments = _section_help(section)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else None
             group.add_argument(
@@ -207,7 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar=f.name.upper(),
                 help=f"{comments.get(f.name, '')} (default: {default})".lstrip(),
             )
-    aliases = parser.add_argument_group("DiT-MoE spellings")
+    _add_aliases(parser.add_argument_group("DiT-MoE spellings"))
+    return parser
+
+
+def _add_aliases(aliases: argparse._ArgumentGroup) -> None:
+    """DiT's, fast-DiT's and DiT-MoE's flag names for fields of the sections."""
     aliases.add_argument(
         "--train_batch_size",
         "--train-batch-size",
@@ -248,7 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="rectified flow (same as --objective flow); --rf False keeps IDDPM",
     )
-    return parser
 
 
 def _type_name(hint: Any) -> str:
