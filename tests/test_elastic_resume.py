@@ -154,3 +154,11 @@ def test_batch_plan_for_resume_keeps_the_global_batch():
         BatchPlan.for_resume(run, 3, 8, 1)
     with pytest.raises(ValueError, match="continues global batch 8, not --global-batch-size 16"):
         BatchPlan.for_resume(RunSection(global_batch_size=16), 2, 8, 1)
+
+
+def test_positions_saved_per_rank_before_still_resume():
+    old = {"kind": "map", "epoch": 0, "batch": 2, "seed": 3, "world_size": 2, "micro_batch_size": 4, "num_samples": 50}
+    resumed = _loaders(2, 4, 8)
+    for loader in resumed:
+        loader.load_state_dict(old)
+    assert resumed[0].state_dict()["samples"] == 16 and resumed[0].batch == 2

@@ -190,6 +190,9 @@ class MapTrainLoader(TrainLoader):
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if "samples" not in state:  # saved before positions were global: per-rank batches, one micro-step a step
+            state = {**state, "samples": state["batch"] * state["micro_batch_size"] * state["world_size"]}
+            state["global_batch"] = state["micro_batch_size"] * state["world_size"]
         self._check_state(state, ("kind", "seed", "global_batch", "num_samples"))
         if state["samples"] % self.global_micro_batch:
             raise ValueError(

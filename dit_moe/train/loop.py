@@ -158,15 +158,14 @@ def _warn_if_draws_change(resumed: layout.RunShape, plan: BatchPlan) -> None:
         log.warning(
             "The global micro-batch changes from %d to %d samples (global batch %d = %d x %d x %d): the data "
             "continues exactly, but noise and timesteps are drawn per micro-batch and differ from an "
-            "uninterrupted run's; keep %d x %d samples per micro-step for an exact continuation.",
+            "uninterrupted run's; resume on a number of processes that divides %d for an exact continuation.",
             before,
             now,
             plan.global_batch,
             plan.micro_batch,
             plan.grad_accum,
             plan.world_size,
-            resumed.micro_batch,
-            resumed.world_size,
+            before,
         )
 
 

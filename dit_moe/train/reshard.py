@@ -213,10 +213,9 @@ def _load_weights(engine, f, ep: Optional[ExpertParallel]) -> None:
     """Model weights = master weights in the model's dtype; frozen entries as saved (collective under ZeRO-3)."""
     module = engine.module
     params = dict(module.named_parameters())
+    writes = engine.zero_optimization_stage() != 3 or dist.get_rank() == 0  # ZeRO-3: rank 0, then re-partitioned
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-        if engine.zero_optimization_stage() == 3 and dist.get_rank() != 0:
-            return  # rank 0 writes the gathered weights; leaving the context re-partitions them
-        for name, param in params.items():
+        for name, param in params.items() if writes else ():
             key = f"{MASTER}/{name}" if param.requires_grad else f"{FROZEN}/{name}"
             param.data.copy_(_read(f, key, param, ep).to(param.dtype))
     for name, buffer in module.named_buffers():
