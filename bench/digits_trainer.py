@@ -17,7 +17,7 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-def digits_cmd(ranks: int, zero: str, model: str, num_experts: int, image_size: int, *flags: str) -> list[str]:
+def digits_cmd(ranks: int, ds_config: str, model: str, num_experts: int, image_size: int, *flags: str) -> list[str]:
     """`ranks` processes (the deepspeed launcher when more than one), top-2 routing, `flags` appended."""
     launch = ["-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(_port())]
     return [
@@ -25,7 +25,7 @@ def digits_cmd(ranks: int, zero: str, model: str, num_experts: int, image_size: 
         *(launch if ranks > 1 else []),
         "train_deepspeed.py",
         "--deepspeed_config",
-        f"config/{zero}.json",
+        ds_config,
         "--model",
         model,
         "--num_experts",

@@ -33,7 +33,7 @@ from safetensors import safe_open
 def run(args: argparse.Namespace, ep_size: int, out: Path) -> dict:
     cmd = digits_cmd(
         2,
-        args.zero,
+        f"config/{args.zero}.json",
         args.model,
         args.num_experts,
         args.image_size,

@@ -12,13 +12,15 @@ then `--export-only` resumes on 2 processes, which load the tag and write the ex
 Times are whole-process wall seconds, start-up included, so the differences are what to read:
   save overhead  A - C (the gathers and the write of full_state.safetensors)
   reshard cost   reshard - same shape
-Disk: the tag's size and its full_state.safetensors. On 2 shared CPU cores the numbers show the
-mechanics, not a GPU cluster's speed.
+Disk: the tag's size and its full_state.safetensors. ZeRO's communication buckets are cut to
+--bucket-elements (the JSON's 5e8 fp32 elements are 2 GB per bucket, more than a shared CPU host
+spares). On 2 shared CPU cores the numbers show the mechanics, not a GPU cluster's speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import tempfile
 import time
@@ -31,11 +33,22 @@ def trainer(args: argparse.Namespace, ranks: int, out: Path, *extra: str) -> flo
     """Wall seconds of one trainer run: one step at global batch 4, a checkpoint, `extra` flags."""
     flags = ["--global-batch-size", "4", "--max-steps", "1", "--log-every", "1", "--results-dir", str(out), *extra]
     began = time.perf_counter()
-    cmd = digits_cmd(ranks, args.zero, args.model, args.num_experts, args.image_size, *flags)
+    cmd = digits_cmd(ranks, str(args.config), args.model, args.num_experts, args.image_size, *flags)
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"trainer failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return time.perf_counter() - began
+
+
+def small_buckets(config: Path, elements: float, out_dir: Path) -> Path:
+    """A copy of the DeepSpeed config with its reduce / all-gather buckets cut to `elements`."""
+    ds_config = json.loads(config.read_text())
+    for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size"):
+        if key in ds_config.get("zero_optimization", {}):
+            ds_config["zero_optimization"][key] = elements
+    path = out_dir / config.name
+    path.write_text(json.dumps(ds_config))
+    return path
 
 
 def tag_sizes(results: Path) -> tuple[int, int]:
@@ -52,8 +65,10 @@ def main() -> None:
     parser.add_argument("--num-experts", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=8)
     parser.add_argument("--zero", default="zero2")
+    parser.add_argument("--bucket-elements", type=float, default=2e7)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        args.config = small_buckets(REPO / "config" / f"{args.zero}.json", args.bucket_elements, Path(tmp))
         a, b, c = (Path(tmp) / name for name in "abc")
         write_a, write_b, write_c = (
             trainer(args, 2, a),
