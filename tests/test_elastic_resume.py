@@ -74,12 +74,19 @@ def resume_on(source, tmp_path, ranks, zero="zero2", ep=1):
 
 
 @trainer_test
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+@pytest.mark.parametrize(
+    "zero, before, after", [("zero2", 2, 1), ("zero2", 1, 2), ("zero3", 2, 1), ("zero3", 1, 2), ("zero1", 2, 1)]
+)
 def test_resume_on_another_number_of_processes(uninterrupted, tmp_path, zero, before, after):
     source = uninterrupted(before, zero)
     assert read_shape(source / "checkpoints" / TAG).world_size == before
     assert_same_continuation(resume_on(source, tmp_path, after, zero), source)
+
+
+@trainer_test
+def test_resume_under_another_zero_stage(uninterrupted, tmp_path):
+    source = uninterrupted(2, "zero2")
+    assert_same_continuation(resume_on(source, tmp_path, 2, "zero3"), source)
 
 
 @trainer_test

@@ -13,6 +13,7 @@ gives the same losses on any number of processes, and a resumed run continues ex
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -174,10 +175,11 @@ def resume(run: Run) -> None:
     if run.resume_from is None:
         return
     tag_dir = run.resume_from
+    began = time.perf_counter()
     client = engine_lib.load_checkpoint(run.engine, run.ema, tag_dir.parent, tag_dir.name, run.ep)
     run.step = client["step"]
     run.loader.load_state_dict(client["data"])
-    log.info("Resumed from %s at step %d.", tag_dir, run.step)
+    log.info("Resumed from %s at step %d in %.2f s.", tag_dir, run.step, time.perf_counter() - began)
 
 
 def announce(run: Run) -> None:
@@ -299,6 +301,7 @@ def log_window(run: Run, window: Window) -> dict[str, Any]:
 
 def save(run: Run) -> None:
     """A checkpoint of this step (a collective: every rank writes its part)."""
+    began = time.perf_counter()
     client = {"step": run.step, "data": run.loader.state_dict()}
     engine_lib.save_checkpoint(
         run.engine,
@@ -313,6 +316,7 @@ def save(run: Run) -> None:
         run.plan,
         run.cfg.run.elastic_checkpoints,
     )
+    log.info("Saved the checkpoint of step %d in %.2f s.", run.step, time.perf_counter() - began)
 
 
 def export(run: Run) -> Optional[Path]:
