@@ -20,47 +20,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from digits_trainer import ENV, REPO, digits_cmd
 from safetensors import safe_open
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(args: argparse.Namespace, ep_size: int, out: Path) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(_port()),
-        "train_deepspeed.py",
-        "--deepspeed_config",
+    cmd = digits_cmd(
+        2,
         f"config/{args.zero}.json",
-        "--model",
         args.model,
-        "--num_experts",
-        str(args.num_experts),
-        "--num_experts_per_tok",
-        "2",
-        "--dataset",
-        "digits",
-        "--image-size",
-        str(args.image_size),
+        args.num_experts,
+        args.image_size,
         "--global-batch-size",
         str(args.global_batch_size),
         "--max-steps",
@@ -75,9 +51,8 @@ def run(args: argparse.Namespace, ep_size: int, out: Path) -> dict:
         str(ep_size),
         "--results-dir",
         str(out),
-    ]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    )
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"EP={ep_size} run failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

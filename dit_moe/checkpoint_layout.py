@@ -10,6 +10,9 @@ Layout under `<results>/checkpoints/`:
         objective_config.json   the objective's config (objective, schedule, ...), read back to sample
         rng_rankR.pt            every rank's RNG states
         experts_epR.safetensors expert parallelism only: expert-parallel rank R's local experts
+        shape.json              the run's shape (processes, --ep-size, ZeRO stage, batch split): `RunShape`
+        full_state.safetensors  the world-size-independent training state (`dit_moe.train.reshard`): full
+                                fp32 master weights and Adam moments, so a resume may change the shape
         COMPLETE                written last, after every file above is on disk
     latest                      name of the newest complete tag
 
@@ -24,6 +27,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,6 +41,8 @@ OBJECTIVE_CONFIG_FILE = "objective_config.json"
 EMA_FILE = "ema.safetensors"
 RNG_FILE = "rng_rank{rank}.pt"
 EXPERT_SHARD = "experts_ep{rank}.safetensors"
+SHAPE_FILE = "shape.json"
+FULL_STATE_FILE = "full_state.safetensors"
 TAG_PREFIX = "step"
 _TAG = re.compile(rf"{TAG_PREFIX}(\d+)")
 
@@ -97,6 +103,43 @@ def rng_file_count(tag_dir: Path) -> int:
 
 def expert_shard(tag_dir: Path, rank: int) -> Path:
     return tag_dir / EXPERT_SHARD.format(rank=rank)
+
+
+def full_state_file(tag_dir: Path) -> Path:
+    return tag_dir / FULL_STATE_FILE
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """How the run that wrote a tag was laid out; a resume on another layout reshards (`dit_moe.train.reshard`).
+
+    The batch fields are None for tags written before `shape.json` existed.
+    """
+
+    world_size: int
+    ep_size: int
+    zero_stage: int
+    global_batch: Optional[int] = None
+    micro_batch: Optional[int] = None
+    grad_accum: Optional[int] = None
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        """What the optimizer's partitioning depends on: (processes, --ep-size, ZeRO stage)."""
+        return self.world_size, self.ep_size, self.zero_stage
+
+    def describe(self) -> str:
+        return f"{self.world_size} process(es) with --ep-size {self.ep_size} under ZeRO-{self.zero_stage}"
+
+
+def write_shape(tag_dir: Path, shape: RunShape) -> None:
+    write_text(tag_dir / SHAPE_FILE, json.dumps(asdict(shape), indent=2))
+
+
+def read_shape(tag_dir: Path) -> Optional[RunShape]:
+    """The tag's `RunShape`; None for tags written before it was saved."""
+    fields = _read_json(tag_dir / SHAPE_FILE)
+    return None if fields is None else RunShape(**fields)
 
 
 def write_configs(tag_dir: Path, model_config: dict[str, Any], objective_config: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ def env() -> dict:
     return out
 
 
-def train_cmd(results_dir, *args, zero="zero2", launcher=None):
+def train_cmd(results_dir, *args, zero="zero2", launcher=None, ranks=2):
     base = [
         "train_deepspeed.py",
         "--deepspeed_config",
@@ -48,7 +48,7 @@ def train_cmd(results_dir, *args, zero="zero2", launcher=None):
             "-m",
             "deepspeed.launcher.runner",
             "--num_gpus",
-            "2",
+            str(ranks),
             "--master_port",
             str(free_port()),
             *base,
@@ -56,9 +56,9 @@ def train_cmd(results_dir, *args, zero="zero2", launcher=None):
     return [sys.executable, *base]
 
 
-def run_train(results_dir, *args, zero="zero2", launcher=None, check=True, timeout=600):
+def run_train(results_dir, *args, zero="zero2", launcher=None, check=True, timeout=600, ranks=2):
     proc = subprocess.run(
-        train_cmd(results_dir, *args, zero=zero, launcher=launcher),
+        train_cmd(results_dir, *args, zero=zero, launcher=launcher, ranks=ranks),
         cwd=REPO,
         env=env(),
         capture_output=True,
@@ -73,3 +73,9 @@ def run_train(results_dir, *args, zero="zero2", launcher=None, check=True, timeo
 def losses(results_dir) -> dict[int, float]:
     lines = (Path(results_dir) / "metrics.jsonl").read_text().splitlines()
     return {rec["step"]: rec["loss"] for rec in map(json.loads, lines)}
+
+
+def records(results_dir) -> dict[int, dict]:
+    """metrics.jsonl by step."""
+    lines = (Path(results_dir) / "metrics.jsonl").read_text().splitlines()
+    return {rec["step"]: rec for rec in map(json.loads, lines)}

@@ -1,10 +1,12 @@
-"""The trainer's one entry to data: `build_train_loader(cfg, rank, world_size, micro_batch_size, seed)`.
+"""The trainer's one entry to data: `build_train_loader(cfg, rank, world_size, micro_batch_size, seed, global_batch)`.
 
 A `TrainLoader` is an infinite iterator of (x, y) micro-batches for one rank: x float
 (N, C, H, W) -- images in [-1, 1] for digits/folder (scaled latents once the trainer has
 run `codec.encode` when `needs_encoding`), scaled latents for latents/npy -- and y long (N,).
 Its `state_dict()` is its position; a loader given it by `load_state_dict` yields exactly
-the batches an uninterrupted one would have yielded next.
+the batches an uninterrupted one would have yielded next. For map-style datasets the position is
+in global samples, so a loader of another world size (same global batch) continues the epoch
+with no sample repeated or skipped.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ class TrainLoader:
     def __init__(self, info: DataInfo):
         self.info = info
 
+    def check_resumable_on(self, world_size: int) -> None:
+        """Stop with one sentence when a position saved by `world_size` processes cannot continue here;
+        positions in global samples (map-style datasets) continue on any number of processes."""
+
     @property
     def input_channels(self) -> int:
         return self.info.input_channels
@@ -109,10 +115,12 @@ class TrainLoader:
 
 
 class MapTrainLoader(TrainLoader):
-    """Map-style datasets: a (seed, epoch) permutation split by rank; position = (epoch, batches consumed).
+    """Map-style datasets: a (seed, epoch) permutation dealt by global position; position = (epoch, samples).
 
-    Each epoch, rank r takes every world_size-th index of the permutation (the tail that
-    does not fill a global batch is dropped), in micro-batches.
+    An epoch is the first whole global batches of the permutation (the tail short of one is dropped),
+    cut into global micro-batches of world_size x micro_batch_size samples; rank r takes positions
+    r, r + W, r + 2W, ... of each, as `RankSlice` slices the draws. Neither the epoch nor the order
+    of its samples depends on how the global batch is split, only where each sample is computed.
     """
 
     def __init__(
@@ -124,15 +132,24 @@ class MapTrainLoader(TrainLoader):
         micro_batch_size: int,
         seed: int,
         num_workers: int = 0,
+        global_batch: Optional[int] = None,
     ):
         super().__init__(info)
         self.dataset, self.rank, self.world_size = dataset, rank, world_size
         self.micro_batch_size, self.seed, self.num_workers = micro_batch_size, seed, num_workers
-        self.batches_per_epoch = len(dataset) // world_size // micro_batch_size
+        self.global_micro_batch = world_size * micro_batch_size
+        self.global_batch = global_batch or self.global_micro_batch
+        if self.global_batch % self.global_micro_batch:
+            raise ValueError(
+                f"Global batch {self.global_batch} is not a whole number of micro-batches of {world_size} rank(s) x "
+                f"{micro_batch_size}."
+            )
+        self.samples_per_epoch = len(dataset) // self.global_batch * self.global_batch
+        self.batches_per_epoch = self.samples_per_epoch // self.global_micro_batch
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"The dataset has {len(dataset)} samples, fewer than one global batch of {world_size} rank(s) x "
-                f"{micro_batch_size}; use a smaller batch size or more data."
+                f"The dataset has {len(dataset)} samples, fewer than one global batch of {self.global_batch}; "
+                f"use a smaller batch size or more data."
             )
         self.epoch, self.batch = 0, 0
         self._batches: Optional[Iterator[Batch]] = None
@@ -140,7 +157,7 @@ class MapTrainLoader(TrainLoader):
     def epoch_batches(self, epoch: int) -> np.ndarray:
         """(batches_per_epoch, micro_batch_size) dataset indices of this rank in `epoch`."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
-        mine = order[self.rank :: self.world_size][: self.batches_per_epoch * self.micro_batch_size]
+        mine = order[: self.samples_per_epoch][self.rank :: self.world_size]
         return mine.reshape(self.batches_per_epoch, self.micro_batch_size)
 
     def _start_epoch(self) -> Iterator[Batch]:
@@ -162,19 +179,28 @@ class MapTrainLoader(TrainLoader):
             return x, y.long()
 
     def state_dict(self) -> Dict[str, Any]:
+        """The position in global samples of the epoch: the same for every rank and world size."""
         return {
             "kind": "map",
             "epoch": self.epoch,
-            "batch": self.batch,
+            "samples": self.batch * self.global_micro_batch,
             "seed": self.seed,
-            "world_size": self.world_size,
-            "micro_batch_size": self.micro_batch_size,
+            "global_batch": self.global_batch,
             "num_samples": len(self.dataset),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._check_state(state, ("kind", "seed", "world_size", "micro_batch_size", "num_samples"))
-        self.epoch, self.batch, self._batches = state["epoch"], state["batch"], None
+        if "samples" not in state:  # saved before positions were global: per-rank batches, one micro-step a step
+            state = {**state, "samples": state["batch"] * state["micro_batch_size"] * state["world_size"]}
+            state["global_batch"] = state["micro_batch_size"] * state["world_size"]
+        self._check_state(state, ("kind", "seed", "global_batch", "num_samples"))
+        if state["samples"] % self.global_micro_batch:
+            raise ValueError(
+                f"The data position ({state['samples']} samples into epoch {state['epoch']}) is not a whole number "
+                f"of micro-batches of {self.world_size} rank(s) x {self.micro_batch_size}; resume with a micro "
+                f"batch that divides it."
+            )
+        self.epoch, self.batch, self._batches = state["epoch"], state["samples"] // self.global_micro_batch, None
 
 
 class ShardTrainLoader(TrainLoader):
@@ -222,13 +248,25 @@ class ShardTrainLoader(TrainLoader):
             "num_samples": self.stream.manifest.num_samples,
         }
 
+    def check_resumable_on(self, world_size: int) -> None:
+        if world_size != self.stream.world_size:
+            raise ValueError(
+                f"Latent shards are dealt whole to each process's workers, so their sample order depends on the "
+                f"number of processes ({world_size} when saved, {self.stream.world_size} now): resume on {world_size} "
+                f"processes, or train from .npy features (--dataset npy), whose position is in global samples."
+            )
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._check_state(state, ("kind", "seed", "world_size", "micro_batch_size", "num_workers", "num_samples"))
+        self.check_resumable_on(state["world_size"])
+        self._check_state(state, ("kind", "seed", "micro_batch_size", "num_workers", "num_samples"))
         self.batches, self._batches = state["batches"], None
 
 
-def build_train_loader(cfg: DataConfig, rank: int, world_size: int, micro_batch_size: int, seed: int) -> TrainLoader:
-    """The `TrainLoader` for `cfg` on `rank` of `world_size`, yielding `micro_batch_size` samples per batch."""
+def build_train_loader(
+    cfg: DataConfig, rank: int, world_size: int, micro_batch_size: int, seed: int, global_batch: Optional[int] = None
+) -> TrainLoader:
+    """The `TrainLoader` for `cfg` on `rank` of `world_size`, yielding `micro_batch_size` samples per batch;
+    `global_batch` (samples per optimizer step; default one micro-batch per rank) sets where epochs end."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}.")
     if micro_batch_size < 1:
@@ -267,4 +305,4 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, micro_batch_
         dataset = NpyFeatureDataset(cfg.features_path)
         channels, size, _ = dataset.latent_shape
         info = DataInfo(channels, size, cfg.num_classes, False, len(dataset))
-    return MapTrainLoader(dataset, info, rank, world_size, micro_batch_size, seed, num_workers)
+    return MapTrainLoader(dataset, info, rank, world_size, micro_batch_size, seed, num_workers, global_batch)

@@ -116,6 +116,7 @@ class RunSection:
     seed: int = 0
     results_dir: str = "results"
     resume: Optional[str] = None  # "auto": latest checkpoint in results_dir; or a checkpoint dir
+    elastic_checkpoints: bool = True  # also save full optimizer state (12 B/param): resume on any shape
     overwrite: bool = False  # a fresh run may delete the run already in results_dir
     export_format: str = "safetensors"  # "safetensors" | "pt"
     export_only: bool = False  # load --resume, write the export, exit
@@ -183,6 +184,16 @@ def field_comments(cls: type) -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in map(pattern.match, inspect.getsource(cls).splitlines()) if m}
 
 
+def _section_help(section: str) -> dict[str, str]:
+    """Each field's --help: its trailing comment, plus the rules that decide a default or a resume's batch."""
+    comments = {k: v for source in FIELD_SOURCES[section] for k, v in field_comments(source).items()}
+    if section == "model":
+        comments.update({k: f"{comments.get(k, '')}; {rule}" for k, rule in AUTO_FIELDS.items()})
+    if section == "run":
+        comments["resume"] = f"{comments['resume']}; {RESUME_BATCH_RULE}"
+    return comments
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a DiT / DiT-MoE with DeepSpeed.",
@@ -193,9 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
         hints = typing.get_type_hints(cls)
-        comments = {k: v for source in FIELD_SOURCES[section] for k, v in field_comments(source).items()}
-        if section == "model":
-            comments.update({k: f"{comments.get(k, '')}; {rule}" for k, rule in AUTO_FIELDS.items()})
+        comments = _section_help(section)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else None
             group.add_argument(
@@ -206,7 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar=f.name.upper(),
                 help=f"{comments.get(f.name, '')} (default: {default})".lstrip(),
             )
-    aliases = parser.add_argument_group("DiT-MoE spellings")
+    _add_aliases(parser.add_argument_group("DiT-MoE spellings"))
+    return parser
+
+
+def _add_aliases(aliases: argparse._ArgumentGroup) -> None:
+    """DiT's, fast-DiT's and DiT-MoE's flag names for fields of the sections."""
     aliases.add_argument(
         "--train_batch_size",
         "--train-batch-size",
@@ -247,7 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="rectified flow (same as --objective flow); --rf False keeps IDDPM",
     )
-    return parser
 
 
 def _type_name(hint: Any) -> str:
@@ -341,6 +354,14 @@ def load_config(argv: Optional[list[str]] = None) -> TrainConfig:
     return TrainConfig(**{name: SECTIONS[name](**values[name]) for name in SECTIONS})
 
 
+RESUME_BATCH_RULE = (
+    "on another number of processes the global batch stays the checkpoint's: the micro batch and accumulation "
+    "flags are used if given (their product with the processes must be that batch), else the accumulation is kept "
+    "and micro = global / (accumulation x processes), else the smallest larger accumulation that divides; "
+    "a number of processes that does not divide the global batch stops"
+)
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """micro_batch x grad_accum x world_size == global_batch, reconciled once at start-up."""
@@ -388,3 +409,26 @@ class BatchPlan:
         if plan.micro_batch < 1 or plan.grad_accum < 1:
             raise ValueError(f"Global batch {total} is too small for world size {world_size}.")
         return plan
+
+    @classmethod
+    def for_resume(cls, run: RunSection, world_size: int, global_batch: int, grad_accum: int) -> "BatchPlan":
+        """The plan that continues a checkpoint's `global_batch` on `world_size` processes (`RESUME_BATCH_RULE`).
+
+        Keeping the accumulation keeps the global micro-batch, whose samples, noise and timesteps are
+        drawn per (step, micro-step): the resumed steps are then those of the uninterrupted run.
+        """
+        if run.global_batch_size not in (None, global_batch):
+            raise ValueError(
+                f"The checkpoint continues global batch {global_batch}, not --global-batch-size "
+                f"{run.global_batch_size}; drop the flag, or start a new run from its weights with --init-from."
+            )
+        if global_batch % world_size:
+            raise ValueError(
+                f"The checkpoint's global batch {global_batch} cannot be split over {world_size} processes; resume "
+                f"on a number of processes that divides {global_batch}."
+            )
+        if run.micro_batch_size or run.grad_accum_steps:
+            return cls.resolve(dataclasses.replace(run, global_batch_size=global_batch), world_size, {})
+        per_process = global_batch // world_size
+        accum = next(a for a in range(min(grad_accum, per_process), per_process + 1) if per_process % a == 0)
+        return cls(per_process // accum, accum, world_size)

@@ -7,7 +7,9 @@ expert-data-parallel groups, expert parameters marked as its MoE layer marks the
 (`allreduce = False`, `group_name`), and optimizer groups split by its helper, so ZeRO-1/2
 partitions and reduces expert gradients over the expert-data-parallel group only.
 
-Checkpoints follow the layout `dit_moe.checkpoint_layout` documents and names.
+Checkpoints follow the layout `dit_moe.checkpoint_layout` documents and names. A resume on the shape
+that wrote the tag (processes, --ep-size, ZeRO stage) goes through DeepSpeed's own loader; on any other
+shape through `dit_moe.train.reshard`, this module's resharding half (the other module that imports DeepSpeed).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ..atomic import atomic_path
 from ..cli import LaunchEnv, free_port
 from ..models.moe import MoEFeedForward
 from ..parallel import ExpertParallel, shard_experts
+from . import reshard
 from .config import BatchPlan, RunSection
 from .disk import CheckpointSpace
 
@@ -69,16 +72,20 @@ def apply_precision(ds_config: dict[str, Any], precision: str, device: torch.dev
 
 
 def prepare_deepspeed_config(
-    run: RunSection, world_size: int, device: torch.device
+    run: RunSection, world_size: int, device: torch.device, resumed: Optional[layout.RunShape] = None
 ) -> tuple[dict[str, Any], BatchPlan, str]:
     """The DeepSpeed config for this run, with the batch plan and precision it was resolved to.
 
     The JSON holds engine settings; the run's flags decide the rest: batch sizes (reconciled once
-    by `BatchPlan` and written back, so DeepSpeed owns gradient accumulation), --lr, --precision.
+    by `BatchPlan` and written back, so DeepSpeed owns gradient accumulation; a resume keeps the
+    global batch of `resumed`, the shape of the checkpoint), --lr, --precision.
     """
     ds_config = load_deepspeed_config(run.deepspeed_config)
     check_expert_parallel(run.ep_size, ds_config, world_size)
-    plan = BatchPlan.resolve(run, world_size, ds_config)
+    if resumed is not None and resumed.global_batch is not None:
+        plan = BatchPlan.for_resume(run, world_size, resumed.global_batch, resumed.grad_accum)
+    else:
+        plan = BatchPlan.resolve(run, world_size, ds_config)
     ds_config.update(
         train_micro_batch_size_per_gpu=plan.micro_batch,
         gradient_accumulation_steps=plan.grad_accum,
@@ -317,19 +324,27 @@ def save_checkpoint(
     keep_last: int,
     space: CheckpointSpace,
     ep: Optional[ExpertParallel] = None,
+    plan: Optional[BatchPlan] = None,
+    elastic: bool = True,
 ) -> str:
     """Collective: write tag `stepNNNNNNN`, mark it complete, point `latest` at it, prune old tags.
 
     Every write runs under `space.guard`, so a full disk on any rank ends on every rank in `DiskFull`
-    with the partial tag removed (`space.agree`), never in a hang or a half-written checkpoint."""
+    with the partial tag removed (`space.agree`), never in a hang or a half-written checkpoint.
+    `elastic` adds the world-size-independent state (`reshard.save_full_state`) that lets the tag resume
+    on another shape; `plan` is recorded with the shape, so such a resume keeps the global batch."""
     tag = layout.tag_for_step(step)
     tag_dir = checkpoint_dir / tag
     rank = dist.get_rank()
     if rank == 0 and tag_dir.exists():
         shutil.rmtree(tag_dir)  # a partial write of this step by a killed run
     dist.barrier()
+    shape = run_shape(engine, ep, plan)
     with _guarded_engine_writes(engine, space):
         engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+    if elastic and shape.zero_stage > 0:
+        with space.guard(layout.full_state_file(tag_dir)):
+            reshard.save_full_state(engine, layout.full_state_file(tag_dir), ep, client_state, shape)
     ema_state = ema.full_state_dict()
     with space.guard(layout.rng_file(tag_dir, rank)), atomic_path(layout.rng_file(tag_dir, rank)) as tmp:
         torch.save(_rng_state(), tmp)
@@ -341,6 +356,7 @@ def save_checkpoint(
             save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp))
         with space.guard(tag_dir / layout.CONFIG_FILE):
             layout.write_configs(tag_dir, model_config, objective_config)
+            layout.write_shape(tag_dir, shape)
     space.agree(tag_dir)
     if rank == 0:
         with space.guard(tag_dir / layout.COMPLETE_MARKER):
@@ -394,24 +410,65 @@ def saved_ep_size(tag_dir: Path) -> int:
         return int(f.metadata()["ep_size"])
 
 
+def run_shape(engine, ep: Optional[ExpertParallel], plan: Optional[BatchPlan] = None) -> layout.RunShape:
+    """This run's shape, as `shape.json` records it."""
+    batch = (plan.global_batch, plan.micro_batch, plan.grad_accum) if plan is not None else (None, None, None)
+    return layout.RunShape(
+        dist.get_world_size(), 1 if ep is None else ep.size, engine.zero_optimization_stage(), *batch
+    )
+
+
+def saved_shape(tag_dir: Path, zero_stage: int) -> layout.RunShape:
+    """The shape that wrote the tag; for tags older than `shape.json`, what its files show (the stage
+    they cannot show is taken to be this run's)."""
+    shape = layout.read_shape(tag_dir)
+    if shape is not None:
+        return shape
+    written_by = layout.rng_file_count(tag_dir) or dist.get_world_size()
+    return layout.RunShape(written_by, saved_ep_size(tag_dir), zero_stage)
+
+
+def check_reshardable(tag_dir: Path, saved: layout.RunShape, current: layout.RunShape) -> None:
+    """A tag resumes on another shape only from its full state, and only under ZeRO-1/2/3: else one sentence."""
+    if saved.layout == current.layout:
+        return
+    if current.zero_stage == 0 or saved.zero_stage == 0:
+        raise ValueError(
+            f"Checkpoint {tag_dir} was written by {saved.describe()} and this run is {current.describe()}: "
+            f"resharding needs ZeRO stage 1, 2 or 3 on both sides; resume it with its own shape."
+        )
+    if not layout.full_state_file(tag_dir).is_file():
+        raise ValueError(
+            f"Checkpoint {tag_dir} was written by {saved.describe()} and this run is {current.describe()}, but it "
+            f"holds no {layout.FULL_STATE_FILE} (written with --elastic-checkpoints false, or by an older dit-moe), "
+            f"so ZeRO's optimizer shards cannot be re-split: resume it with {saved.describe()}, or start a new run "
+            f"from its weights with --init-from {tag_dir} (the optimizer state restarts)."
+        )
+
+
 def load_checkpoint(
     engine, ema: EMA, checkpoint_dir: Path, tag: str, ep: Optional[ExpertParallel] = None
 ) -> dict[str, Any]:
-    """Restore engine (model, optimizer, scheduler), EMA and this rank's RNG; returns the client state."""
-    saved, current = saved_ep_size(checkpoint_dir / tag), 1 if ep is None else ep.size
-    if saved != current:
-        raise ValueError(
-            f"Checkpoint {checkpoint_dir / tag} was written with --ep-size {saved} and ZeRO's optimizer shards "
-            f"follow that layout: resume it with --ep-size {saved}, or start a new run from its weights "
-            f"with --init-from {checkpoint_dir / tag} --ep-size {current}."
-        )
-    written_by, world_size = layout.rng_file_count(checkpoint_dir / tag), dist.get_world_size()
-    if written_by and written_by != world_size and engine.zero_optimization_stage() > 0:
-        raise ValueError(
-            f"Checkpoint {checkpoint_dir / tag} was written by {written_by} process(es) and this run has {world_size}: "
-            f"ZeRO's optimizer shards cannot be re-split, so resume it with {written_by} process(es), or start a new "
-            f"run from its weights with --init-from {checkpoint_dir / tag} (the optimizer state restarts)."
-        )
+    """Restore engine (model, optimizer, scheduler), EMA and this rank's RNG; returns the client state.
+
+    The same shape loads DeepSpeed's own files; another shape loads the full state and reshards it. Rank r
+    of a larger world takes the RNG of rank r mod the old world size: the training draws do not use it
+    (they are seeded per global micro-batch), only code outside the step would."""
+    tag_dir = checkpoint_dir / tag
+    current = run_shape(engine, ep)
+    saved = saved_shape(tag_dir, current.zero_stage)
+    check_reshardable(tag_dir, saved, current)
+    if saved.layout == current.layout:
+        client_state = _load_same_shape(engine, checkpoint_dir, tag, ep)
+    else:
+        client_state = reshard.load_full_state(engine, layout.full_state_file(tag_dir), ep)
+    ema.load_full_state_dict(load_file(str(tag_dir / layout.EMA_FILE)))
+    _set_rng_state(torch.load(layout.rng_file(tag_dir, dist.get_rank() % saved.world_size), weights_only=False))
+    return client_state
+
+
+def _load_same_shape(engine, checkpoint_dir: Path, tag: str, ep: Optional[ExpertParallel]) -> dict[str, Any]:
+    """DeepSpeed's loader, then this expert-parallel rank's expert shard (DeepSpeed's model file holds rank 0's)."""
     load_path, client_state = engine.load_checkpoint(
         str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
@@ -423,10 +480,6 @@ def load_checkpoint(
             for name, param in engine.module.named_parameters():
                 if is_moe_param(param):
                     param.copy_(shard[name])
-    ema.load_full_state_dict(load_file(str(checkpoint_dir / tag / layout.EMA_FILE)))
-    rng_file = layout.rng_file(checkpoint_dir / tag, dist.get_rank())
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state
 
 

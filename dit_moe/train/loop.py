@@ -13,6 +13,7 @@ gives the same losses on any number of processes, and a resumed run continues ex
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -57,6 +58,7 @@ class Run:
     ema: engine_lib.EMA
     ep: Optional[ExpertParallel]
     model_dtype: torch.dtype
+    resume_from: Optional[Path]  # the complete tag --resume names; None: a fresh start
     step: int = 0
 
     @property
@@ -91,9 +93,15 @@ def setup(cfg: TrainConfig) -> Run:
     cfg.data.check()  # paths first: a missing folder or VAE should not wait for process-group start-up
     rank, _local_rank, world_size, device = engine_lib.init_distributed()
     _setup_logging(Path(cfg.run.results_dir), rank)
-    ds_config, plan, precision = engine_lib.prepare_deepspeed_config(cfg.run, world_size, device)
+    resume_from = resume_tag(cfg)
+    resumed = layout.read_shape(resume_from) if resume_from is not None else None
+    ds_config, plan, precision = engine_lib.prepare_deepspeed_config(cfg.run, world_size, device, resumed)
+    if resumed is not None and resumed.micro_batch is not None:
+        _warn_if_draws_change(resumed, plan)
 
-    loader = build_train_loader(cfg.data, rank, world_size, plan.micro_batch, cfg.run.seed)
+    loader = build_train_loader(cfg.data, rank, world_size, plan.micro_batch, cfg.run.seed, plan.global_batch)
+    if resumed is not None:
+        loader.check_resumable_on(resumed.world_size)
     codec = build_codec(cfg.data).to(device) if loader.needs_encoding else None
     init = read_checkpoint_file(cfg.model.init_from) if cfg.model.init_from else None  # read once: may be GBs
     model_config = build_model_config(cfg, loader.input_channels, loader.input_size, loader.num_classes, init)
@@ -129,24 +137,51 @@ def setup(cfg: TrainConfig) -> Run:
         ema,
         ep,
         next(engine.module.parameters()).dtype,
+        resume_from,
     )
 
 
-def resume(run: Run) -> None:
-    """Continue from --resume: `auto` is this run's own checkpoints (none yet: a fresh start); a path
-    may be a results, checkpoints or tag dir (`checkpoint_layout.resolve_tag_dir`) and must hold one."""
-    wanted = run.cfg.run.resume
+def resume_tag(cfg: TrainConfig) -> Optional[Path]:
+    """The tag --resume names: `auto` is this run's own latest (none yet: a fresh start); a path may be a
+    results, checkpoints or tag dir (`checkpoint_layout.resolve_tag_dir`) and must hold one."""
+    wanted = cfg.run.resume
     if not wanted:
-        return
-    tag_dir = layout.resolve_tag_dir(run.checkpoint_dir if wanted == "auto" else Path(wanted))
-    if tag_dir is None:
-        if wanted == "auto":
-            return
+        return None
+    auto = wanted == "auto"
+    tag_dir = layout.resolve_tag_dir(Path(cfg.run.results_dir) / layout.CHECKPOINTS_DIR if auto else Path(wanted))
+    if tag_dir is None and not auto:
         raise FileNotFoundError(f"--resume {wanted}: no complete checkpoint found there.")
+    return tag_dir
+
+
+def _warn_if_draws_change(resumed: layout.RunShape, plan: BatchPlan) -> None:
+    """A resume whose global micro-batch differs continues the data exactly, but not the noise draws."""
+    before, now = resumed.micro_batch * resumed.world_size, plan.micro_batch * plan.world_size
+    if before != now:
+        log.warning(
+            "The global micro-batch changes from %d to %d samples (global batch %d = %d x %d x %d): the data "
+            "continues exactly, but noise and timesteps are drawn per micro-batch and differ from an "
+            "uninterrupted run's; resume on a number of processes that divides %d for an exact continuation.",
+            before,
+            now,
+            plan.global_batch,
+            plan.micro_batch,
+            plan.grad_accum,
+            plan.world_size,
+            before,
+        )
+
+
+def resume(run: Run) -> None:
+    """Restore the engine, EMA, step and data position from `run.resume_from`, on any shape."""
+    if run.resume_from is None:
+        return
+    tag_dir = run.resume_from
+    began = time.perf_counter()
     client = engine_lib.load_checkpoint(run.engine, run.ema, tag_dir.parent, tag_dir.name, run.ep)
     run.step = client["step"]
     run.loader.load_state_dict(client["data"])
-    log.info("Resumed from %s at step %d.", tag_dir, run.step)
+    log.info("Resumed from %s at step %d in %.2f s.", tag_dir, run.step, time.perf_counter() - began)
 
 
 def announce(run: Run) -> None:
@@ -277,6 +312,7 @@ def num_parameters(module: torch.nn.Module) -> int:
 def save(run: Run) -> None:
     """A checkpoint of this step (a collective: every rank writes its part), after a free-space check
     that stops every rank with `DiskFull` before anything is written when the disk cannot hold it."""
+    began = time.perf_counter()
     space = CheckpointSpace.for_run(
         run.checkpoint_dir, num_parameters(run.engine.module), run.cfg.run.keep_last, run.device
     )
@@ -293,7 +329,10 @@ def save(run: Run) -> None:
         run.cfg.run.keep_last,
         space,
         run.ep,
+        run.plan,
+        run.cfg.run.elastic_checkpoints,
     )
+    log.info("Saved the checkpoint of step %d in %.2f s.", run.step, time.perf_counter() - began)
 
 
 def export(run: Run) -> Optional[Path]:
