@@ -51,7 +51,7 @@ from ..checkpoint_layout import RunShape
 from ..parallel import ExpertParallel
 
 MASTER = "fp32"  # key prefix of the master weights; optimizer moments use their own state names
-FROZEN = "frozen"  # parameters without gradients and buffers, in fp32
+FROZEN = "frozen"  # parameters without gradients and buffers (floating ones in fp32)
 META_KEY = "dit_moe_train_state"
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")  # what a config or scheduler sets per group
 FORMAT_VERSION = 1
@@ -95,11 +95,13 @@ def _trainable(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Paramete
 
 
 def _frozen_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full fp32 copies of the state-dict entries the optimizer does not own (collective under ZeRO-3)."""
+    """Full copies of the state-dict entries the optimizer does not own, floating ones in fp32 (collective
+    under ZeRO-3)."""
     trainable = {name for name, _ in _trainable(module)}
     frozen = [p for name, p in module.named_parameters() if name not in trainable]
     with deepspeed.zero.GatheredParameters(frozen, modifier_rank=None):
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items() if k not in trainable}
+        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if k not in trainable}
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def _scalars(obj: Any) -> dict[str, Any]:
