@@ -301,3 +301,17 @@ def test_sigterm_to_launch_sh_waits_until_every_rank_has_checkpointed(tmp_path):
     assert script.returncode == 128 + signal.SIGTERM and not alive, (tmp_path / "launch.log").read_text()[-3000:]
     stopped = max(losses(out))
     assert layout.latest_complete_tag(out / "checkpoints") == layout.tag_for_step(stopped)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_a_cpu_run_leaves_no_shared_memory_behind(tmp_path):
+    """DeepSpeed's CPU all-reduce op never unlinks its ~69 MB /dev/shm buffer per rank; the trainer does."""
+    cmd = train_cmd(tmp_path / "run", "--max-steps", "1", "--global-batch-size", "8", launcher="deepspeed")
+    port = cmd[cmd.index("--master_port") + 1]
+    buffers = [
+        Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}" for rank in (0, 1)
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not any(buffer.exists() for buffer in buffers)

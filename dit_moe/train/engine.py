@@ -14,6 +14,7 @@ shape through `dit_moe.train.reshard`, this module's resharding half (the other 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
@@ -483,6 +484,23 @@ def _load_same_shape(engine, checkpoint_dir: Path, tag: str, ep: Optional[Expert
     return client_state
 
 
+def _unlink_shm_buffer_at_exit(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce op (csrc/cpu/comm/shm.cpp) creates a ~69 MB /dev/shm buffer per
+    process, named by uid, MASTER_ADDR, MASTER_PORT and rank, and never unlinks it: every CPU run
+    leaked one (21 GB of /dev/shm after a day of tests here). Peers map each other's buffers at
+    start-up, so removing this process's name when it exits is safe."""
+    name = "_".join(
+        (
+            "deepspeed_allreduce_buffer",
+            str(os.getuid()),
+            os.environ["MASTER_ADDR"],
+            os.environ["MASTER_PORT"],
+            str(rank),
+        )
+    )
+    atexit.register(Path("/dev/shm", name).unlink, missing_ok=True)
+
+
 def init_distributed() -> tuple[int, int, int, torch.device]:
     """(rank, local_rank, world_size, device) from the launcher's environment (deepspeed, torchrun,
     or none: a single process). The global rank is RANK, never LOCAL_RANK."""
@@ -498,6 +516,7 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if accelerator.device_name() == "cpu":
+        _unlink_shm_buffer_at_exit(dist.get_rank())
         device = torch.device("cpu")
     else:
         accelerator.set_device(launch.local_rank)
