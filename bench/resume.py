@@ -18,11 +18,11 @@ Disk: the tag's size and its full_state.safetensors. ZeRO's communication bucket
 --bucket-elements (the JSON's 5e8 fp32 elements are 2 GB per bucket, more than a shared CPU host
 spares). On 2 shared CPU cores the numbers show the mechanics, not a GPU cluster's speed.
 
-Measured on a shared 2-core, 24 GB host, `python bench/resume.py --model DiT-T/2 --num-experts 8`
-(11.1M parameters): save 1.38 s with the full state against 0.56 s without; resume 0.20 s same shape
-against 0.22 s resharded; tag 357.3 MiB against 230.1 MiB (the full state: 127.2 MiB = 12 bytes per
-parameter). The default DiT-S/2 8E2A (199M parameters, +2.2 GiB of full state per tag) was killed for
-memory there, with --ep-size 2 and 2e7-element buckets, on the first step, before any checkpoint code ran.
+Measured on a 2-core AMD EPYC, 24 GB host, `python bench/resume.py` (DiT-S/2 8E2A, 199M parameters):
+save 25.67 s with the full state against 6.55 s without; resume 6.91 s same shape against 7.32 s
+resharded from 1 process, ep 1; tag 6392.1 MiB against 4116.6 MiB (the full state: 2275.5 MiB = 12 bytes
+per parameter). It first ran out of memory here because DeepSpeed's CPU shm buffers had leaked 21 GB of
+/dev/shm (the trainer now unlinks its own).
 """
 
 from __future__ import annotations
