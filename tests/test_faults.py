@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from dit_moe.checkpoint import read_checkpoint_file, save_export
 from dit_moe.models import DiT_models
 
-from trainer_runs import REPO, env, losses, run_train, train_cmd
+from trainer_runs import REPO, env, losses, run_in_repo, run_train, train_cmd
 
 
 def _one_error_line(proc, prog: str) -> str:
@@ -43,12 +43,8 @@ def _one_error_line(proc, prog: str) -> str:
 def test_yaml_mistakes_name_file_section_and_key(tmp_path, text, expected):
     path = tmp_path / "exp.yaml"
     path.write_text(text)
-    proc = subprocess.run(
+    proc = run_in_repo(
         [sys.executable, "train_deepspeed.py", "--config", str(path), "--results-dir", str(tmp_path / "out")],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     line = _one_error_line(proc, "train_deepspeed.py")
@@ -95,12 +91,8 @@ class _Evil:
 def test_pt_refused_by_safe_loading_is_one_sentence(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": _Evil()}, path)
-    proc = subprocess.run(
+    proc = run_in_repo(
         [sys.executable, "sample.py", "--ckpt", str(path), "--device", "cpu", "--out", str(tmp_path / "grid.png")],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     line = _one_error_line(proc, "sample.py")
@@ -189,7 +181,7 @@ _DISK_ARGS = ("--global-batch-size", "8", "--ckpt-every", "2")
 def test_too_little_free_space_stops_before_writing_a_checkpoint(tmp_path):
     out = tmp_path / "run"
     cmd = _full_disk_cmd("free=1000", out, "--max-steps", "2", *_DISK_ARGS)
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    proc = run_in_repo(cmd, timeout=300)
     line = _one_error_line(proc, "train_deepspeed.py")
     assert f"{out / 'checkpoints'}: 1,000 bytes free, about " in line and "--keep-last (now 3)" in line, line
     assert "--results-dir" in line and not list((out / "checkpoints").glob("step*"))
@@ -203,7 +195,7 @@ def test_disk_full_during_a_checkpoint_removes_it_and_resume_continues_exactly(t
     reference, out = tmp_path / "reference", tmp_path / "run"
     run_train(reference, "--max-steps", "4", *_DISK_ARGS)
     cmd = _full_disk_cmd("enospc=step0000004", out, "--max-steps", "4", *_DISK_ARGS)
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    proc = run_in_repo(cmd, timeout=300)
     line = _one_error_line(proc, "train_deepspeed.py")
     checkpoints = out / "checkpoints"
     assert f"writing checkpoint {checkpoints / 'step0000004'} (removed; the previous checkpoint" in line, line
@@ -211,7 +203,7 @@ def test_disk_full_during_a_checkpoint_removes_it_and_resume_continues_exactly(t
     load_model(checkpoints)
     low = 3 * disk.size_on_disk(checkpoints / "step0000002") // 2  # room for one more checkpoint, not two
     cmd = _full_disk_cmd(f"free={low}", out, "--max-steps", "4", *_DISK_ARGS, "--resume", "auto")
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    proc = run_in_repo(cmd, timeout=300)
     assert proc.returncode == 0 and f"Disk space is low for checkpoints in {checkpoints}" in proc.stderr, proc.stderr
     assert losses(out) == losses(reference)
 
@@ -223,7 +215,7 @@ def test_disk_full_on_one_rank_stops_every_rank_and_removes_the_partial_checkpoi
     cmd = train_cmd(out, "--max-steps", "4", *_DISK_ARGS, launcher="deepspeed")
     script = cmd.index("train_deepspeed.py")
     cmd[script:script] = ["tests/full_disk.py", "enospc=step0000004/zero_pp_rank_1_"]  # rank 1's file only
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    proc = run_in_repo(cmd, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     errors = {
         line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("train_deepspeed.py: error:")
@@ -312,6 +304,6 @@ def test_a_cpu_run_leaves_no_shared_memory_behind(tmp_path):
     buffers = [
         Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}" for rank in (0, 1)
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    proc = run_in_repo(cmd, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not any(buffer.exists() for buffer in buffers)

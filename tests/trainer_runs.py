@@ -56,15 +56,13 @@ def train_cmd(results_dir, *args, zero="zero2", launcher=None, ranks=2):
     return [sys.executable, *base]
 
 
+def run_in_repo(cmd, timeout=600, **extra_env) -> subprocess.CompletedProcess:
+    """`cmd` from the repository root with the trainer environment (plus `extra_env`), output captured."""
+    return subprocess.run(cmd, cwd=REPO, env=dict(env(), **extra_env), capture_output=True, text=True, timeout=timeout)
+
+
 def run_train(results_dir, *args, zero="zero2", launcher=None, check=True, timeout=600, ranks=2):
-    proc = subprocess.run(
-        train_cmd(results_dir, *args, zero=zero, launcher=launcher, ranks=ranks),
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    proc = run_in_repo(train_cmd(results_dir, *args, zero=zero, launcher=launcher, ranks=ranks), timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
