@@ -6,7 +6,8 @@ expert e. Two interchangeable paths compute it:
 
 - grouped GEMM (`torch._grouped_mm`): one kernel per projection, no host sync; used on
   CUDA in bf16/fp16 (`grouped_gemm="auto"`) or wherever asked for (`"on"`);
-- a loop of `torch.mm` over contiguous slices: the oracle and the fallback.
+- a loop of `torch.mm` over contiguous slices: everywhere else; for SwiGLU with a hand-written
+  backward that writes gradients in place (`expert_loop.py`).
 
 Each expert slice has the orientation of an nn.Linear weight ([out, in]), so feizc/DiT-MoE's
 per-expert keys `experts.K.gate_proj.weight` stack into `experts.gate_proj` directly; a
@@ -21,6 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .expert_loop import SwiGLUExpertLoop
 
 # Stacked parameter name -> per-expert key suffix (feizc/DiT-MoE `MoeMLP` or DiT's timm `Mlp`).
 SWIGLU_KEYS = {"gate_proj": "gate_proj.weight", "up_proj": "up_proj.weight", "down_proj": "down_proj.weight"}
@@ -136,7 +139,7 @@ class GroupedExperts(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         if self.use_grouped(dtype, x.device):
             return self._forward_grouped(x.to(dtype), counts, weights)
-        return self._forward_loop(x, counts, weights)
+        return self._forward_loop(x, counts, weights, dtype)
 
     def _ffn(self, x: Tensor, mm, weights: list[Tensor], bias_rows) -> Tensor:
         """The expert FFN with `mm(x, w)` = x @ w^T per expert and `bias_rows(b)` = bias per row."""
@@ -163,8 +166,10 @@ class GroupedExperts(nn.Module):
 
         return self._ffn(x, mm, weights, bias_rows)
 
-    def _forward_loop(self, x: Tensor, counts: Tensor, weights: list[Tensor]) -> Tensor:
+    def _forward_loop(self, x: Tensor, counts: Tensor, weights: list[Tensor], dtype: torch.dtype) -> Tensor:
         sizes = counts.tolist()  # the one host sync of the loop path: slice sizes per expert
+        if self.expert_type == "swiglu":  # its products write into buffers (out=), which autocast skips
+            return SwiGLUExpertLoop.apply(x.to(dtype), sizes, *(w.to(dtype) for w in weights))
         # unbind, not w[e]: its backward stacks the E gradients once instead of adding E
         # full-size zero-padded [E, ...] gradients.
         per_expert = zip(*(w.to(x.dtype).unbind(0) for w in weights))

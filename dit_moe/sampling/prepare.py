@@ -38,6 +38,7 @@ from torch import nn
 
 from ..checkpoint import LoadedModel, load_checkpoint_model
 from ..cli import DTYPES, LaunchEnv, UserError, default_device
+from ..host_memory import keep_freed_memory
 from ..diffusion import Objective, ObjectiveConfig
 from ..hub import resolve_checkpoint, resolve_vae
 from ..models import DiT, DiTConfig, preset_name
@@ -156,6 +157,8 @@ class ResolvedObjective(NamedTuple):
 def prepare_sampling(request: SamplingRequest) -> PreparedSampler:
     """Load `request.ckpt` once and check the whole request against it; bad input raises one sentence."""
     device, dtype = _check_request(request)
+    if device.type == "cpu":
+        keep_freed_memory()
     request = replace(request, vae_path=resolve_vae(request.vae_path))  # names (mse, hub ids): cached folders
     vae_path = PIXEL_SPACE if request.vae_path is None else request.vae_path
     if not is_pixel_space(vae_path):

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from .. import checkpoint_layout as layout
 from ..atomic import atomic_path
 from ..cli import LaunchEnv, free_port
+from ..host_memory import keep_freed_memory
 from ..models.moe import MoEFeedForward
 from ..parallel import ExpertParallel, shard_experts
 from . import reshard
@@ -517,6 +518,7 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if accelerator.device_name() == "cpu":
         _unlink_shm_buffer_at_exit(dist.get_rank())
+        keep_freed_memory()
         device = torch.device("cpu")
     else:
         accelerator.set_device(launch.local_rank)

@@ -1,0 +1,274 @@
+"""Where a training step and a guided sampling step spend their time, ours against the reference style.
+
+    python bench/step_profile.py                      # DiT-MoE-S/2 8E2A, 16x16x4 latents, batch 8, 1 thread, fp32
+    python bench/step_profile.py --input-size 32 --threads 2 --json results/profile.json
+
+Both models (ours, and bench/reference.py's restatement of feizc/DiT-MoE's MoE layer with the same
+weights) run the same step under torch's profiler, after warm-up:
+  train   forward + IDDPM loss + backward + the trainer's optimizer (torch AdamW, fused on CPU and GPU)
+  sample  one classifier-free-guided forward (`forward_with_cfg` over [cond; uncond]) in eval mode
+
+Each profiled op's self time goes to one class:
+  optimizer   everything under the optimizer step (and zero_grad)
+  routing     the router, dispatch and combine: ops inside an MoE layer but outside its experts,
+              and the backward of those ops (matched to their forward op by autograd's sequence number)
+  gemm        matrix products (mm, addmm, bmm, linear, grouped mm, convolution) elsewhere
+  attention   scaled-dot-product attention (forward and backward kernels)
+  elementwise everything else: normalisation, activations, modulate/gate/residual, copies, the loss
+Achieved GFLOP/s of the gemm class uses the profiler's own FLOP count of those ops; of the whole
+step, dit_moe.flops' count (training 3x forward). Both are set against the square-GEMM rate
+measured in the same run. Step times are medians of alternated, unprofiled runs.
+(Not named bench/profile.py: bench/ is on every benchmark's import path, and that name would
+shadow the standard library's `profile`, which torch._dynamo imports through cProfile.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch.autograd.profiler import record_function
+from torch.profiler import ProfilerActivity, profile
+
+from common import add_model_flags, model_config
+from dit_moe import flops
+from dit_moe.diffusion import build_objective, guided
+from dit_moe.host_memory import keep_freed_memory
+from dit_moe.models import DiT
+from dit_moe.models.experts import GroupedExperts, SwiGLUMLP
+from dit_moe.models.moe import MoEFeedForward
+from reference import MaskLoopMoE, MoeMLP, load_weights, reference_dit
+
+CLASSES = ("gemm", "attention", "elementwise", "routing", "optimizer")
+GEMM_OPS = {
+    "aten::mm",
+    "aten::addmm",
+    "aten::addmm_",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::_grouped_mm",
+    "aten::mkldnn_convolution",
+    "aten::convolution_backward",
+    "aten::_convolution",
+}
+PROFILED_STEPS = 3
+ATTENTION_MARK = "scaled_dot_product"
+SCOPE_ROUTING, SCOPE_EXPERTS, SCOPE_OPTIMIZER = "profile::routing", "profile::experts", "profile::optimizer"
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    p.set_defaults(input_size=16)
+    p.add_argument("--batch-size", type=int, default=8, help="training images; guided sampling sees twice as many")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=7, help="alternated timed runs per model and step")
+    p.add_argument("--gemm-size", type=int, default=None, help="side of the square GEMM (default 2048 on CPU)")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    return p.parse_args(argv)
+
+
+def scope_modules(model: torch.nn.Module) -> None:
+    """Mark MoE layers and their experts with profiler ranges, so their ops can be told apart."""
+
+    def enter(name):
+        def hook(module, args):
+            module._profile_range = record_function(name)
+            module._profile_range.__enter__()
+
+        return hook
+
+    def leave(module, args, output):
+        module._profile_range.__exit__(None, None, None)
+
+    for module in model.modules():
+        if isinstance(module, (MoEFeedForward, MaskLoopMoE)):
+            module.register_forward_pre_hook(enter(SCOPE_ROUTING))
+            module.register_forward_hook(leave)
+        elif isinstance(module, (GroupedExperts, SwiGLUMLP, MoeMLP)):
+            module.register_forward_pre_hook(enter(SCOPE_EXPERTS))
+            module.register_forward_hook(leave)
+
+
+def innermost_scope(event) -> str | None:
+    """The nearest enclosing profile:: range of a profiler event, or None."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("profile::"):
+            return parent.name
+        parent = parent.cpu_parent
+    return None
+
+
+def classify(events) -> dict[str, dict[str, float]]:
+    """Self time (s) and profiler FLOPs per class; backward ops inherit their forward op's scope."""
+    forward_scope: dict[int, str | None] = {}
+    for event in events:
+        if event.sequence_nr >= 0 and not event.name.startswith("autograd::"):
+            forward_scope.setdefault(event.sequence_nr, innermost_scope(event))
+    out = {name: {"seconds": 0.0, "flops": 0.0} for name in CLASSES}
+    for event in events:
+        if event.name.startswith("profile::"):
+            continue
+        scope = innermost_scope(event)
+        if scope is None:
+            backward = event
+            while backward is not None and not backward.name.startswith("autograd::engine::evaluate_function"):
+                backward = backward.cpu_parent
+            if backward is not None:
+                scope = forward_scope.get(backward.sequence_nr)
+        if scope == SCOPE_OPTIMIZER:
+            name = "optimizer"
+        elif scope == SCOPE_ROUTING:
+            name = "routing"
+        elif event.name in GEMM_OPS:
+            name = "gemm"
+        elif ATTENTION_MARK in event.name:
+            name = "attention"
+        else:
+            name = "elementwise"
+        out[name]["seconds"] += event.self_cpu_time_total / 1e6
+        out[name]["flops"] += event.flops or 0
+    return out
+
+
+def train_step(model: DiT, optimizer: torch.optim.Optimizer, batch: dict):
+    """`step()`: one forward + IDDPM loss + backward + optimizer step on the same batch each time."""
+    objective = build_objective("iddpm", learn_sigma=model.config.learn_sigma)
+
+    def model_fn(x_t, t, y):
+        out, _ = model(x_t, t, y, return_aux=True)
+        return out
+
+    def step():
+        terms = objective.loss(model_fn, batch["x"], dict(y=batch["y"]), noise=batch["noise"], timesteps=batch["t"])
+        terms["loss"].mean().backward()
+        with record_function(SCOPE_OPTIMIZER):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sample_step(model: DiT, batch: dict):
+    """`step()`: one guided forward (cfg 4) of the batch's images, cond and uncond in one call."""
+    fn = guided(model, 4.0, null_label=model.num_classes)
+    x, t, y = batch["x"], batch["t"][0].float(), batch["y"]
+
+    @torch.no_grad()
+    def step():
+        fn(x, t, y)
+
+    return step
+
+
+def measure(steps: dict, repeats: int) -> dict[str, tuple[float, dict]]:
+    """Per step: the median wall time of `repeats` runs, the steps taking turns after one warm-up
+    each, then its classes per step from `PROFILED_STEPS` profiled runs."""
+    seconds = defaultdict(list)
+    for step in steps.values():
+        step()
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            seconds[name].append(time.perf_counter() - start)
+    out = {}
+    for name, step in steps.items():
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            for _ in range(PROFILED_STEPS):
+                step()
+        classes = classify(prof.events())
+        for value in classes.values():
+            value["seconds"] /= PROFILED_STEPS
+            value["flops"] /= PROFILED_STEPS
+        out[name] = (statistics.median(seconds[name]), classes)
+    return out
+
+
+def main() -> None:
+    args = parse()
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the trainer and the sampler do on a CPU
+    config = model_config(args)
+    torch.manual_seed(0)
+    ours = DiT(config)
+    reference = load_weights(reference_dit(config), ours)
+    gen = torch.Generator().manual_seed(0)
+    shape = (args.batch_size, args.in_channels, args.input_size, args.input_size)
+    batch = {
+        "x": torch.randn(shape, generator=gen),
+        "noise": torch.randn(shape, generator=gen),
+        "y": torch.randint(0, config.num_classes, (args.batch_size,), generator=gen),
+        "t": (torch.randint(0, 1000, (args.batch_size,), generator=gen), torch.ones(args.batch_size)),
+    }
+    models = {"ours": ours, "reference": reference}
+    for model in models.values():
+        scope_modules(model)
+    train_steps = {
+        name: train_step(model.train(), torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True), batch)
+        for name, model in models.items()
+    }
+    measured = {"train": measure(train_steps, args.repeats)}  # before eval(): the train steps need train mode
+    sample_steps = {name: sample_step(model.eval(), batch) for name, model in models.items()}
+    measured["sample"] = measure(sample_steps, args.repeats)
+    device = torch.device("cpu")
+    gemm_rate = flops.measure_gemm_rate(device, torch.float32, args.gemm_size)
+    step_flops = {
+        "train": flops.training_flops(config) * args.batch_size,
+        "sample": flops.guided_step_flops(config) * args.batch_size,
+    }
+    report = {
+        "device": flops.device_name(device, args.threads),
+        "config": f"{args.model} {args.num_experts}E{args.num_experts_per_tok}A, {shape[1:]} latents, batch {args.batch_size}",
+        "gemm_gflops": gemm_rate / 1e9,
+        "rows": {},
+    }
+    for kind, results in measured.items():
+        for name, (seconds, classes) in results.items():
+            report["rows"][f"{name} {kind}"] = {
+                "seconds": seconds,
+                "gflops": step_flops[kind] / seconds / 1e9,
+                "gemm_fraction": step_flops[kind] / seconds / gemm_rate,
+                "classes": {
+                    c: {
+                        "seconds": v["seconds"],
+                        "gflops": v["flops"] / v["seconds"] / 1e9 if v["flops"] and v["seconds"] else None,
+                    }
+                    for c, v in classes.items()
+                },
+            }
+    print_report(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def print_report(report: dict) -> None:
+    print(f"{report['config']} on {report['device']}; square GEMM {report['gemm_gflops']:.1f} GFLOP/s")
+    header = f"{'':18}{'step ms':>9}{'GFLOP/s':>9}{'of GEMM':>9}" + "".join(f"{c:>13}" for c in CLASSES)
+    print(header + "   (class: ms [GFLOP/s])")
+    for name, row in report["rows"].items():
+        cells = ""
+        for c in CLASSES:
+            v = row["classes"][c]
+            rate = f"[{v['gflops']:.0f}]" if v["gflops"] else ""
+            cells += f"{v['seconds'] * 1e3:>8.1f}{rate:>5}"
+        print(f"{name:18}{row['seconds'] * 1e3:9.1f}{row['gflops']:9.1f}{row['gemm_fraction']:9.0%}{cells}")
+    rows = report["rows"]
+    for kind in ("train", "sample"):
+        ratio = rows[f"ours {kind}"]["seconds"] / rows[f"reference {kind}"]["seconds"]
+        print(f"ours / reference, {kind} step time: {ratio:.2f}x")
+    ours_opt = rows["ours train"]["classes"]["optimizer"]["seconds"]
+    ref_opt = rows["reference train"]["classes"]["optimizer"]["seconds"]
+    print(f"ours / reference, optimizer time: {ours_opt / ref_opt:.2f}x")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
