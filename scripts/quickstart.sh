@@ -10,7 +10,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 OUT="${OUT:-results/quickstart}"
-STEPS="${STEPS:-1500}"
+STEPS="${STEPS:-1000}"
 RUN="$OUT/run"
 mkdir -p "$OUT"
 
@@ -28,11 +28,11 @@ CKPT="$RUN/export.safetensors"
 echo "== 2/4 sample grid -> $OUT/samples.png"
 python sample.py --ckpt "$CKPT" --out "$OUT/samples.png" \
     --class-labels 0,1,2,3,4,5,6,7,8,9,0,1,2,3,4,5,6,7,8,9,0,1,2,3,4,5,6,7,8,9,0,1,2,3,4,5,6,7,8,9 \
-    --nrow 10 --scale 4 --sampler euler --num-sampling-steps 50 --cfg-scale 1.5 --seed 0
+    --nrow 10 --scale 4 --sampler euler --num-sampling-steps 25 --cfg-scale 1.5 --seed 0
 
 echo "== 3/4 routing: record while sampling, then heatmaps and summary -> $OUT"
 python analysis/expert_data.py --ckpt "$CKPT" --out "$OUT/routing.npz" \
-    --samples-per-class 4 --num-sampling-steps 50 --cfg-scale 1.5
+    --samples-per-class 4 --num-sampling-steps 25 --cfg-scale 1.5
 python analysis/heatmap_class.py --routing "$OUT/routing.npz" --out "$OUT/heatmap_class.png"
 python analysis/heatmap_patch.py --routing "$OUT/routing.npz" --out "$OUT/heatmap_patch.png"
 python analysis/heatmap_step.py --routing "$OUT/routing.npz" --out "$OUT/heatmap_step.png"
@@ -40,7 +40,7 @@ python analysis/summary.py --routing "$OUT/routing.npz" --json "$OUT/routing_sum
 
 echo "== 4/4 quality: 500 conditional samples scored by a classifier trained on real digits"
 python -m dit_moe.sampling.many --ckpt "$CKPT" --num-samples 500 --out "$OUT/samples_500" \
-    --npz "$OUT/samples_500.npz" --sampler euler --num-sampling-steps 50 --cfg-scale 1.5 --batch-size 250
+    --npz "$OUT/samples_500.npz" --sampler euler --num-sampling-steps 25 --cfg-scale 1.5 --batch-size 250
 python -m dit_moe.evaluation digits --samples "$OUT/samples_500.npz" --json "$OUT/digits_score.json" \
     --cache-dir "$OUT/.digits_classifier"
 

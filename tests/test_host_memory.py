@@ -25,7 +25,9 @@ print(applied, libc.mallinfo2().hblkhd - before >= 16 * 2**20)
 
 
 def probe(mode: str, **env) -> str:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env or None)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env or None
+    )
     return out.stdout.split()
 
 

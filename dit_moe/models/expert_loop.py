@@ -45,7 +45,9 @@ class SwiGLUExpertLoop(torch.autograd.Function):
         x, gate_pre, up_pre, gate, up, down = ctx.saved_tensors
         grad_y = grad_y.contiguous()
         grad_x = torch.empty_like(x)
-        grad_gate, grad_up, grad_down = (torch.empty_like(w, memory_format=torch.contiguous_format) for w in (gate, up, down))
+        grad_gate, grad_up, grad_down = (
+            torch.empty_like(w, memory_format=torch.contiguous_format) for w in (gate, up, down)
+        )
         start = 0
         for e, n in enumerate(ctx.sizes):
             if n == 0:
