@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from dit_moe import flops as flop_count
+from dit_moe.host_memory import keep_freed_memory
 from dit_moe.models import MODEL_SIZES
 from dit_moe.models.config import MoEArgs
 from dit_moe.models.experts import GroupedExperts, SwiGLUMLP, grouped_mm_available
@@ -158,6 +159,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer and the sampler do
     name = flop_count.device_name(device, args.threads)
     gemm_rate, peak = flop_count.measure_gemm_rate(device, dtype, args.gemm_size), flop_count.vendor_peak(name)
     print(

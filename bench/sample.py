@@ -30,6 +30,7 @@ import torch
 from dit_moe import flops
 from dit_moe.compile import compile_model
 from dit_moe.diffusion import build_objective, guided
+from dit_moe.host_memory import keep_freed_memory
 from dit_moe.models import DiT
 
 from common import add_model_flags, model_config
@@ -91,6 +92,8 @@ def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer and the sampler do
     config = model_config(
         args,
         learn_sigma=False,

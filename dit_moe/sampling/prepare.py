@@ -38,8 +38,8 @@ from torch import nn
 
 from ..checkpoint import LoadedModel, load_checkpoint_model
 from ..cli import DTYPES, LaunchEnv, UserError, default_device
-from ..host_memory import keep_freed_memory
 from ..diffusion import Objective, ObjectiveConfig
+from ..host_memory import keep_freed_memory
 from ..hub import resolve_checkpoint, resolve_vae
 from ..models import DiT, DiTConfig, preset_name
 from ..vae import PIXEL_SPACE, check_vae_path, is_pixel_space, load_codec
