@@ -56,12 +56,11 @@ class SwiGLUExpertLoop(torch.autograd.Function):
                 continue
             rows = slice(start, start + n)
             g, u, dy, xe = gate_pre[rows], up_pre[rows], grad_y[rows], x[rows]
-            sig = torch.sigmoid(g)
-            silu_g = g * sig
+            silu_g = F.silu(g)
             torch.mm(dy.t(), silu_g * u, out=grad_down[e])  # [C, n] x [n, I]
             d_act = torch.mm(dy, down[e])  # [n, I]
             d_up = d_act * silu_g
-            d_gate = d_act.mul_(u).mul_(sig.mul_(1 + g * (1 - sig)))  # silu'(g) = s (1 + g (1 - s))
+            d_gate = torch.ops.aten.silu_backward(d_act.mul_(u), g)  # one fused pass: grad * silu'(g)
             torch.mm(d_gate.t(), xe, out=grad_gate[e])
             torch.mm(d_up.t(), xe, out=grad_up[e])
             torch.mm(d_gate, gate[e], out=grad_x[rows])
