@@ -43,27 +43,34 @@ class SwiGLUExpertLoop(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, gate_pre, up_pre, gate, up, down = ctx.saved_tensors
+        need_x, _, need_gate, need_up, need_down = ctx.needs_input_grad
         grad_y = grad_y.contiguous()
-        grad_x = torch.empty_like(x)
+        grad_x = torch.empty_like(x) if need_x else None
         grad_gate, grad_up, grad_down = (
-            torch.empty_like(w, memory_format=torch.contiguous_format) for w in (gate, up, down)
+            torch.empty_like(w, memory_format=torch.contiguous_format) if need else None
+            for w, need in ((gate, need_gate), (up, need_up), (down, need_down))
         )
         start = 0
         for e, n in enumerate(ctx.sizes):
             if n == 0:
                 for grad in (grad_gate, grad_up, grad_down):
-                    grad[e].zero_()
+                    if grad is not None:
+                        grad[e].zero_()
                 continue
             rows = slice(start, start + n)
             g, u, dy, xe = gate_pre[rows], up_pre[rows], grad_y[rows], x[rows]
             silu_g = F.silu(g)
-            torch.mm(dy.t(), silu_g * u, out=grad_down[e])  # [C, n] x [n, I]
+            if grad_down is not None:
+                torch.mm(dy.t(), silu_g * u, out=grad_down[e])  # [C, n] x [n, I]
             d_act = torch.mm(dy, down[e])  # [n, I]
             d_up = d_act * silu_g
             d_gate = torch.ops.aten.silu_backward(d_act.mul_(u), g)  # one fused pass: grad * silu'(g)
-            torch.mm(d_gate.t(), xe, out=grad_gate[e])
-            torch.mm(d_up.t(), xe, out=grad_up[e])
-            torch.mm(d_gate, gate[e], out=grad_x[rows])
-            grad_x[rows].addmm_(d_up, up[e])
+            if grad_gate is not None:
+                torch.mm(d_gate.t(), xe, out=grad_gate[e])
+            if grad_up is not None:
+                torch.mm(d_up.t(), xe, out=grad_up[e])
+            if grad_x is not None:  # not needed when the layer's input is a leaf (a benchmark's, say)
+                torch.mm(d_gate, gate[e], out=grad_x[rows])
+                grad_x[rows].addmm_(d_up, up[e])
             start += n
         return grad_x, None, grad_gate, grad_up, grad_down
