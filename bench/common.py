@@ -1,10 +1,13 @@
-"""What the benchmarks share: the flags that choose the model and the config they build."""
+"""What the benchmarks share: the flags that choose the model, the config they build, and timing in turns."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Callable, TypeVar
 
 from dit_moe.models import DiTConfig, preset_config
+
+Result = TypeVar("Result")
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -25,3 +28,13 @@ def model_config(args: argparse.Namespace, **overrides) -> DiTConfig:
         num_experts_per_tok=args.num_experts_per_tok,
         **overrides,
     )
+
+
+def in_turns(runs: dict[str, Callable[[], Result]], repeats: int) -> dict[str, list[Result]]:
+    """What each run returns (its own timing) over `repeats` rounds in which the runs take turns, so
+    that a load change on a shared machine hits all of them alike and the ratios stay meaningful."""
+    results: dict[str, list[Result]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            results[name].append(run())
+    return results

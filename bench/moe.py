@@ -39,6 +39,7 @@ from dit_moe.models.config import MoEArgs
 from dit_moe.models.experts import GroupedExperts, SwiGLUMLP, grouped_mm_available
 from dit_moe.models.moe import MoEFeedForward
 
+from common import in_turns
 from reference import MaskLoopMoE
 
 MLP_RATIO = 4.0  # DiT-MoE: routed expert width = 4 x hidden
@@ -73,15 +74,10 @@ def fwd_bwd_seconds(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> f
 def time_round_robin(
     modules: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, repeats: int
 ) -> dict[str, float]:
-    """Median seconds per module; the modules take turns so that a load change on a shared
-    machine hits all of them alike and the ratios stay meaningful."""
-    times: dict[str, list[float]] = {key: [] for key in modules}
-    for i in range(repeats + 1):  # round 0 warms up
-        for key, module in modules.items():
-            seconds = fwd_bwd_seconds(module, x, grad)
-            if i:
-                times[key].append(seconds)
-    return {key: statistics.median(values) for key, values in times.items()}
+    """Median seconds per module over `repeats` rounds in turns (`common.in_turns`), after one warm-up round."""
+    runs = {key: (lambda module=module: fwd_bwd_seconds(module, x, grad)) for key, module in modules.items()}
+    in_turns(runs, 1)
+    return {key: statistics.median(values) for key, values in in_turns(runs, repeats).items()}
 
 
 def layer_flops(tokens: int, hidden: int, args: MoEArgs) -> int:

@@ -33,7 +33,7 @@ from dit_moe.diffusion import build_objective, guided
 from dit_moe.host_memory import keep_freed_memory
 from dit_moe.models import DiT
 
-from common import add_model_flags, model_config
+from common import add_model_flags, in_turns, model_config
 from reference import load_weights, reference_dit
 
 
@@ -77,10 +77,7 @@ def sampler(model: DiT, args, device: torch.device, dtype: torch.dtype):
 def time_turns(runs: dict, args) -> dict[str, dict]:
     """Warm up each (one step), then median seconds of --repeats samplings, the variants taking turns."""
     first = {name: run(1) for name, run in runs.items()}
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            seconds[name].append(run(args.num_steps))
+    seconds = in_turns({name: (lambda run=run: run(args.num_steps)) for name, run in runs.items()}, args.repeats)
     out = {}
     for name, values in seconds.items():
         median = statistics.median(values)

@@ -29,7 +29,6 @@ import contextlib
 import json
 import statistics
 import time
-from collections import defaultdict
 
 import torch
 from torch.autograd.profiler import record_function
@@ -42,7 +41,7 @@ from dit_moe.models import DiT
 from dit_moe.models.experts import GroupedExperts, SwiGLUMLP
 from dit_moe.models.moe import MoEFeedForward
 
-from common import add_model_flags, model_config
+from common import add_model_flags, in_turns, model_config
 from reference import MaskLoopMoE, MoeMLP, load_weights, reference_dit
 
 CLASSES = ("gemm", "attention", "elementwise", "routing", "optimizer")
@@ -179,14 +178,15 @@ def measure(steps: dict, repeats: int) -> dict[str, tuple[float, float, dict]]:
     """Per step: the median wall time of `repeats` runs and of their compute part (what `step()`
     returns), the steps taking turns after one warm-up each, then its classes per step from
     `PROFILED_STEPS` profiled runs."""
-    seconds, compute_seconds = defaultdict(list), defaultdict(list)
+
+    def timed(step) -> tuple[float, float]:
+        start = time.perf_counter()
+        compute_s = step()
+        return time.perf_counter() - start, compute_s
+
     for step in steps.values():
         step()
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            compute_seconds[name].append(step())
-            seconds[name].append(time.perf_counter() - start)
+    timings = in_turns({name: (lambda step=step: timed(step)) for name, step in steps.items()}, repeats)
     out = {}
     for name, step in steps.items():
         with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
@@ -196,7 +196,8 @@ def measure(steps: dict, repeats: int) -> dict[str, tuple[float, float, dict]]:
         for value in classes.values():
             value["seconds"] /= PROFILED_STEPS
             value["flops"] /= PROFILED_STEPS
-        out[name] = (statistics.median(seconds[name]), statistics.median(compute_seconds[name]), classes)
+        seconds, compute_seconds = zip(*timings[name])
+        out[name] = (statistics.median(seconds), statistics.median(compute_seconds), classes)
     return out
 
 

@@ -19,9 +19,8 @@ training forward takes the C-th largest score of every expert (the score of the 
 accepted) and folds it into a debiased exponential moving average (momentum 0.99),
 tau = threshold / threshold_norm with threshold_norm = 1 - 0.99^n after n forwards. Both are
 persistent fp32 buffers, so checkpoints and exports carry them. An expert then takes, in expectation,
-the share C / M of tokens it took in training. A router never calibrated (threshold_norm = 0)
-(threshold_norm = 0, also a file written for another router) falls back to the training rule
-over its batch.
+the share C / M of tokens it took in training. A router never calibrated (threshold_norm = 0,
+also a file written for another router) falls back to the training rule over its batch.
 
 The forward returns the dense slot layout [M, E]: slot e of token t holds expert e (id e,
 weight s_{t,e}) when e took t, else the empty id E with weight 0; the MoE layer's dispatch drops
