@@ -11,6 +11,8 @@ each setting in a fresh process, and ratios against the plain run measured in th
               loop over per-expert nn.Linears), eager, same engine, objective and batch
   mask-0.5    MaskDiT: encoder on half the patches + a light decoder (--decoder-*) and the MAE term
   decoder     the same MaskDiT model unmasked (mask ratio 0), i.e. what the decoder alone costs
+  glibc-malloc  plain with glibc's default malloc settings (MALLOC_MMAP_MAX_ set to its default, so
+              dit_moe.host_memory leaves malloc alone): on a CPU, what keeping freed memory gains
 Peak memory is torch.cuda.max_memory_allocated on GPU; on CPU it is the growth of the
 process's peak resident set (ru_maxrss) over the training steps, i.e. activations, gradients
 and optimizer state that the steps added on top of the built model.
@@ -21,6 +23,7 @@ the same invocation and, on a GPU, the vendor's dense bf16 peak (MFU).
 setting at the largest batch that the line through them fits into 85% of the device's memory.
 
     python bench/train.py                                  # CPU: DiT-S/2 8E2A, 32x32x4 latents, batch 8
+    python bench/train.py --input-size 16 --threads 1 --settings plain,reference,glibc-malloc --rounds 3
     python bench/train.py --model DiT-XL/2 --input-size 32 --batch-size auto --precision bf16   # on a GPU
 """
 
@@ -50,6 +53,7 @@ def parse(argv=None):
     p.add_argument("--max-batch-size", type=int, default=512, help="the most --batch-size auto may pick")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="runs of every setting, in turns; the median is reported")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--zero", default="zero2", help="config/<name>.json")
@@ -60,7 +64,9 @@ def parse(argv=None):
         "--compile-mode", default="blocks", choices=["blocks", "model"], help="what the compiled settings compile"
     )
     p.add_argument(
-        "--settings", default="plain,grad-ckpt,compiled,reference,mask-0.5,decoder", help="comma-separated subset"
+        "--settings",
+        default="plain,grad-ckpt,compiled,reference,mask-0.5,decoder,glibc-malloc",
+        help="comma-separated subset",
     )
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--compile", default="off", help=argparse.SUPPRESS)
@@ -140,7 +146,10 @@ def worker(args) -> dict:
 
     step_seconds, fwd_bwd_seconds = [], []
 
+    step_faults = []
+
     def step(i, n):
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         x = torch.randn(n, *shape, device=device)
         y = torch.randint(0, 1000, (n,), device=device)
         rnd = objective.draw((0, i, 0), n, spec, device)
@@ -154,6 +163,7 @@ def worker(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()  # host sync: timing of the whole step
         step_seconds.append(time.perf_counter() - start)
+        step_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 
     engine.train()
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -175,6 +185,7 @@ def worker(args) -> dict:
             torch.cuda.reset_peak_memory_stats()
         step_seconds.clear()
         fwd_bwd_seconds.clear()
+        step_faults.clear()
         for i in range(args.steps):
             step(200 + i, batch)
     except torch.OutOfMemoryError as err:
@@ -194,6 +205,7 @@ def worker(args) -> dict:
         "fwd_bwd_s": sum(fwd_bwd_seconds) / args.steps,
         "images_per_s": args.steps * batch / elapsed,
         "peak_mb": peak_mb,
+        "page_faults_per_step": sum(step_faults) / args.steps,
         "first_step_s": first_step_s,
         "compile_s": first_step_s - steady if args.compile != "off" and first_step_s is not None else None,
         "train_flops_per_image": flops.training_flops(config, visible),
@@ -211,6 +223,9 @@ SETTINGS = {
     "reference": dict(grad_checkpointing="off", mask_ratio=0.0, with_decoder="off", reference="on"),
     "mask-0.5": dict(grad_checkpointing="off", mask_ratio=0.5, with_decoder="on"),
     "decoder": dict(grad_checkpointing="off", mask_ratio=0.0, with_decoder="on"),
+    "glibc-malloc": dict(
+        grad_checkpointing="off", mask_ratio=0.0, with_decoder="off", env={"MALLOC_MMAP_MAX_": "65536"}
+    ),
 }
 WORKER_KEYS = (
     "model",
@@ -235,11 +250,13 @@ def run_setting(args, setting: dict, batch_size: str) -> dict:
     argv = [sys.executable, __file__, WORKER_FLAG, "--batch-size", batch_size]
     for key in WORKER_KEYS:
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), **setting.get("env", {}))
     for key, value in setting.items():
+        if key == "env":
+            continue
         if key == "compile":  # "on": what --compile-mode says
             value = args.compile_mode
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     if out.returncode == OUT_OF_MEMORY and batch_size != "auto" and int(batch_size) > 1:
         return run_setting(args, setting, str(max(1, int(batch_size) * 3 // 4)))
@@ -264,16 +281,30 @@ def main() -> None:
     unknown = sorted(set(names) - set(SETTINGS))
     if unknown:
         raise SystemExit(f"unknown --settings {unknown}; choose from {sorted(SETTINGS)}.")
-    results: dict[str, dict] = {"plain": run_setting(args, SETTINGS["plain"], args.batch_size)}
-    batch = str(results["plain"]["batch_size"])
-    for name in names[1:]:
-        write_json(args.json, {"partial": True, "settings": results})  # what a killed run leaves behind
-        try:
-            results[name] = run_setting(args, SETTINGS[name], batch)
-        except RuntimeError as err:  # one failed setting must not cost the others' numbers
-            results[name] = {"error": str(err)[-1500:]}
-            print(f"{name}: {str(err)[-1500:]}", file=sys.stderr)
-    write_json(args.json, summarise(args, results))
+    rounds: dict[str, list[dict]] = {"plain": [run_setting(args, SETTINGS["plain"], args.batch_size)]}
+    batch = str(rounds["plain"][0]["batch_size"])
+    for round_index in range(args.rounds):
+        for name in names[1 if round_index == 0 else 0 :]:
+            write_json(args.json, {"partial": True, "settings": median_rounds(rounds)})  # what a killed run leaves
+            try:
+                rounds.setdefault(name, []).append(run_setting(args, SETTINGS[name], batch))
+            except RuntimeError as err:  # one failed setting must not cost the others' numbers
+                rounds[name] = [{"error": str(err)[-1500:]}]
+                print(f"{name}: {str(err)[-1500:]}", file=sys.stderr)
+    write_json(args.json, summarise(args, median_rounds(rounds)))
+
+
+def median_rounds(rounds: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per setting, the round with the median images/s (settings take turns round by round, so a
+    load change on a shared machine hits them alike); a setting that failed once keeps its error."""
+    out = {}
+    for name, results in rounds.items():
+        if any("error" in r for r in results):
+            out[name] = next(r for r in results if "error" in r)
+            continue
+        ranked = sorted(results, key=lambda r: r["images_per_s"])
+        out[name] = {**ranked[(len(ranked) - 1) // 2], "rounds": len(ranked)}
+    return out
 
 
 def write_json(path: Optional[str], report: dict) -> None:
@@ -296,13 +327,13 @@ def summarise(args, results: dict[str, dict]) -> dict:
     print(
         f"{args.model} {args.num_experts}E{args.num_experts_per_tok}A, {plain['params']:,} params, batch "
         f"{plain['batch_size']} of {args.in_channels}x{args.input_size}x{args.input_size}, {plain['precision']}, "
-        f"{plain['device']}, {args.steps} timed steps; decoder {args.decoder_depth}x{args.decoder_hidden_size};"
+        f"{plain['device']}, {args.steps} timed steps, median of {args.rounds} round(s); decoder {args.decoder_depth}x{args.decoder_hidden_size};"
         f" {plain['train_flops_per_image'] / 1e9:.1f} GFLOP per image per training step; square GEMM"
         f" {gemm_rate / 1e12:.3f} TFLOP/s" + (f", vendor dense bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else "")
     )
     print(
         f"{'setting':>18} {'batch':>5} {'steps/s':>9} {'images/s':>9} {'peak MB':>9} {'time x':>7} {'memory x':>8}"
-        f" {'fwd+bwd x':>9} {'TFLOP/s':>8} {'of GEMM':>7} {'MFU':>5} {'compile s':>9}"
+        f" {'fwd+bwd x':>9} {'TFLOP/s':>8} {'of GEMM':>7} {'MFU':>5} {'compile s':>9} {'faults/step':>11}"
     )
     for name, r in results.items():
         if "error" in r:
@@ -317,11 +348,12 @@ def summarise(args, results: dict[str, dict]) -> dict:
             f"{name:>18} {r['batch_size']:5d} {r['steps_per_s']:9.3f} {r['images_per_s']:9.2f} {r['peak_mb']:9.0f}"
             f" {r['time_x']:7.2f} {r['peak_mb'] / max(plain['peak_mb'], 1e-9):8.2f}"
             f" {r['fwd_bwd_s'] / plain['fwd_bwd_s']:9.2f} {u['tflops']:8.3f} {100 * u['of_gemm']:6.0f}% {mfu}"
-            f" {compile_s}"
+            f" {compile_s} {r['page_faults_per_step']:11.0f}"
         )
     print(
         "time x / memory x / fwd+bwd x: time per image, peak memory and forward+backward time relative to"
-        " 'plain' (below 1 is better); the rest of a step is the optimizer and EMA, which masking does not shrink"
+        " 'plain' (below 1 is better); the rest of a step is the optimizer and EMA, which masking does not shrink;"
+        " faults/step: the host's minor page faults per training step"
     )
     ok = {name: r for name, r in results.items() if "error" not in r}
     ratios = images_per_s_ratios(ok)
@@ -332,6 +364,8 @@ def summarise(args, results: dict[str, dict]) -> dict:
             f"vs the reference-style model: eager {ratios['eager_vs_reference']:.2f}x its images/s,"
             f" the faster of eager and compiled {ratios['best_vs_reference']:.2f}x"
         )
+    if ratios["kept_vs_glibc_malloc"] is not None:
+        print(f"freed memory kept vs glibc's malloc defaults: {ratios['kept_vs_glibc_malloc']:.2f}x the images/s")
     if "mask-0.5" in ok and "decoder" in ok:
         masked, unmasked = ok["mask-0.5"], ok["decoder"]
         print(
@@ -365,6 +399,9 @@ def images_per_s_ratios(ok: dict[str, dict]) -> dict[str, Optional[float]]:
         "compiled_vs_eager": speed["compiled"] / speed["plain"] if {"compiled", "plain"} <= set(speed) else None,
         "eager_vs_reference": speed["plain"] / speed["reference"] if have_ref else None,
         "best_vs_reference": best / speed["reference"] if have_ref else None,
+        "kept_vs_glibc_malloc": speed["plain"] / speed["glibc-malloc"]
+        if {"glibc-malloc", "plain"} <= set(speed)
+        else None,
     }
 
 
