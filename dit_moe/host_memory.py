@@ -7,12 +7,15 @@ to 32 MiB) with fresh mappings that it unmaps on free, and trims the heap's free
 every block from the heap and never trimming it keeps them all for reuse:
   - blocks up to 32 MiB (activations, per-parameter gradients): bench/step_profile.py measured a
     DiT-MoE-S/2 CPU training step about a quarter faster, ours and the reference-style model alike;
-  - larger ones, such as the flat buffers DeepSpeed's ZeRO fills from every step's gradients:
-    on one CPU rank a DiT-MoE-S/2 ZeRO-2 step went from ~580,000 page faults to ~190,000 and about
-    a seventh faster (bench/train.py's `glibc-malloc` setting measures it).
+  - larger ones, such as the flat buffers DeepSpeed's ZeRO fills from every step's gradients. An
+    aligned request cannot reuse a freed block of exactly its own size, so such a buffer extends the
+    heap's top each step, and glibc trims a top above the threshold (mallopt's int caps it at 2 GiB
+    unless trimming is off altogether). On one CPU rank a DiT-MoE-S/2 ZeRO-2 step went from
+    ~1,500,000 page faults (glibc's defaults) to ~195,000 (trim threshold 2 GiB) to none, at about
+    1.2x the resident memory (bench/train.py's `glibc-malloc` setting measures it).
 The process's resident memory then stays at its peak instead of shrinking between steps. (torch's
-THP_MEM_ALLOC_ENABLE, huge pages for blocks of 2 MiB and more, was measured too: fewer faults
-still, but a slower forward and backward.) A user's own MALLOC_* settings (or a non-glibc
+THP_MEM_ALLOC_ENABLE, huge pages for blocks of 2 MiB and more, was measured too: it cut the
+faults but slowed the forward and backward.) A user's own MALLOC_* settings (or a non-glibc
 allocator) are left alone.
 """
 
@@ -24,7 +27,7 @@ import sys
 
 M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's malloc.h
 M_MMAP_MAX = -4
-NEVER_TRIM = 2**31 - 1  # mallopt takes an int
+NEVER_TRIM = -1  # mallopt(3): -1 disables trimming (2**31 - 1 would still trim a top above 2 GiB)
 USER_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
