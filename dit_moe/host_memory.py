@@ -12,7 +12,7 @@ every block from the heap and never trimming it keeps them all for reuse:
     heap's top each step, and glibc trims a top above the threshold (mallopt's int caps it at 2 GiB
     unless trimming is off altogether). On one CPU rank a DiT-MoE-S/2 ZeRO-2 step went from
     ~1,500,000 page faults (glibc's defaults) to ~195,000 (trim threshold 2 GiB) to none, at about
-    1.2x the resident memory (bench/train.py's `glibc-malloc` setting measures it).
+    1.5x the resident memory (bench/train.py's `glibc-malloc` setting measures it).
 The process's resident memory then stays at its peak instead of shrinking between steps. (torch's
 THP_MEM_ALLOC_ENABLE, huge pages for blocks of 2 MiB and more, was measured too: it cut the
 faults but slowed the forward and backward.) A user's own MALLOC_* settings (or a non-glibc
