@@ -12,11 +12,11 @@ every block from the heap and never trimming it keeps them all for reuse:
     heap's top each step, and glibc trims a top above the threshold (mallopt's int caps it at 2 GiB
     unless trimming is off altogether). On one CPU rank a DiT-MoE-S/2 ZeRO-2 step went from
     ~1,500,000 page faults (glibc's defaults) to ~195,000 (trim threshold 2 GiB) to none, at about
-    1.5x the resident memory (bench/train.py's `glibc-malloc` setting measures it).
+    1.5x (16x16 latents) to 2x (32x32) the resident memory (bench/train.py's `glibc-malloc` setting).
 The process's resident memory then stays at its peak instead of shrinking between steps. (torch's
 THP_MEM_ALLOC_ENABLE, huge pages for blocks of 2 MiB and more, was measured too: it cut the
-faults but slowed the forward and backward.) A user's own MALLOC_* settings (or a non-glibc
-allocator) are left alone.
+faults but slowed the forward and backward.) A user's own MALLOC_MMAP_MAX_, MALLOC_MMAP_THRESHOLD_ or
+MALLOC_TRIM_THRESHOLD_ (or a non-glibc allocator) is left alone.
 """
 
 from __future__ import annotations
