@@ -71,6 +71,20 @@ def test_fitting_batch_follows_the_line_through_the_probes():
     assert bench_train.fitting_batch(peaks, 60 * gib, 512) == small  # nothing fits: the smaller probe
 
 
+def test_rounds_report_each_settings_median_round_and_keep_a_failure():
+    rounds = {
+        "plain": [
+            {"images_per_s": 3.0, "peak_mb": 1},
+            {"images_per_s": 1.0, "peak_mb": 2},
+            {"images_per_s": 2.0, "peak_mb": 3},
+        ],
+        "reference": [{"images_per_s": 1.0}, {"error": "worker failed"}],
+    }
+    out = bench_train.median_rounds(rounds)
+    assert out["plain"] == {"images_per_s": 2.0, "peak_mb": 3, "rounds": 3}  # the whole median round, not a mix
+    assert out["reference"] == {"error": "worker failed"}
+
+
 def test_report_of_a_run_that_delivered_nothing_has_every_field(tmp_path):
     (tmp_path / "steps.tsv").write_text("wheels\tok\t3\ncuda_tests\ttimed out after 150 s\t150\n")
     (tmp_path / "cuda_tests.xml").write_text(
