@@ -2,6 +2,7 @@
 
     python bench/step_profile.py                      # DiT-MoE-S/2 8E2A, 16x16x4 latents, batch 8, 1 thread, fp32
     python bench/step_profile.py --input-size 32 --threads 2 --json results/profile.json
+    python bench/step_profile.py --gemm-shapes 8   # also the training step's costliest GEMM shapes
 
 Both models (ours, and bench/reference.py's restatement of feizc/DiT-MoE's MoE layer with the same
 weights) run the same step under torch's profiler, after warm-up:
@@ -17,7 +18,10 @@ Each profiled op's self time goes to one class:
   elementwise everything else: normalisation, activations, modulate/gate/residual, copies, the loss
 Achieved GFLOP/s of the gemm class uses the profiler's own FLOP count of those ops; of the whole
 step, dit_moe.flops' count (training 3x forward). Both are set against the square-GEMM rate
-measured in the same run. Step times are medians of alternated, unprofiled runs.
+measured in the same run. Step times are medians of alternated, unprofiled runs: they are the
+measure. Class times are not: under the profiler the process page-faults again (its own event
+buffers move the heap; on a 2-core EPYC ~150,000-280,000 faults per profiled S/2 step against ~0
+unprofiled), so memory-bound ops look slower than they are, and unevenly between the two models.
 (Not named bench/profile.py: bench/ is on every benchmark's import path, and that name would
 shadow the standard library's `profile`, which torch._dynamo imports through cProfile.)
 """
@@ -57,6 +61,8 @@ GEMM_OPS = {
     "aten::_convolution",
 }
 PROFILED_STEPS = 3
+MATRIX_PRODUCTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
+SMALL_INNER = 128  # GEMMs reducing over fewer rows than this run far below the square-GEMM rate
 ATTENTION_MARK = "scaled_dot_product"
 SCOPE_ROUTING, SCOPE_EXPERTS, SCOPE_OPTIMIZER = "profile::routing", "profile::experts", "profile::optimizer"
 
@@ -69,6 +75,9 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=7, help="alternated timed runs per model and step")
     p.add_argument("--gemm-size", type=int, default=None, help="side of the square GEMM (default 2048 on CPU)")
+    p.add_argument(
+        "--gemm-shapes", type=int, default=0, help="also list the training step's K costliest GEMM shapes per model"
+    )
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p.parse_args(argv)
 
@@ -174,10 +183,27 @@ def sample_step(model: DiT, batch: dict):
     return step
 
 
-def measure(steps: dict, repeats: int) -> dict[str, tuple[float, float, dict]]:
+def gemm_shapes(events) -> dict[str, dict[str, float]]:
+    """Per GEMM op and input shapes: self seconds, profiler FLOPs, calls and the inner (reduced)
+    dimension, over all profiled steps."""
+    out: dict[str, dict[str, float]] = {}
+    for event in events:
+        if event.name not in GEMM_OPS or not event.input_shapes:
+            continue
+        shapes = [s for s in event.input_shapes if s]
+        left = shapes[1] if event.name.startswith("aten::addmm") else shapes[0]
+        inner = left[-1] if event.name in MATRIX_PRODUCTS and left else None  # not for convolutions
+        entry = out.setdefault(f"{event.name} {shapes}", {"seconds": 0.0, "flops": 0.0, "calls": 0, "inner": inner})
+        entry["seconds"] += event.self_cpu_time_total / 1e6
+        entry["flops"] += event.flops or 0
+        entry["calls"] += 1
+    return out
+
+
+def measure(steps: dict, repeats: int, record_shapes: bool = False) -> dict[str, tuple[float, float, dict, dict]]:
     """Per step: the median wall time of `repeats` runs and of their compute part (what `step()`
     returns), the steps taking turns after one warm-up each, then its classes per step from
-    `PROFILED_STEPS` profiled runs."""
+    `PROFILED_STEPS` profiled runs (and, with `record_shapes`, its GEMMs by shape)."""
 
     def timed(step) -> tuple[float, float]:
         start = time.perf_counter()
@@ -189,15 +215,20 @@ def measure(steps: dict, repeats: int) -> dict[str, tuple[float, float, dict]]:
     timings = in_turns({name: (lambda step=step: timed(step)) for name, step in steps.items()}, repeats)
     out = {}
     for name, step in steps.items():
-        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=record_shapes) as prof:
             for _ in range(PROFILED_STEPS):
                 step()
-        classes = classify(prof.events())
+        events = prof.events()
+        classes = classify(events)
+        shapes = gemm_shapes(events) if record_shapes else {}
         for value in classes.values():
             value["seconds"] /= PROFILED_STEPS
             value["flops"] /= PROFILED_STEPS
+        for value in shapes.values():
+            for key in ("seconds", "flops", "calls"):
+                value[key] /= PROFILED_STEPS
         seconds, compute_seconds = zip(*timings[name])
-        out[name] = (statistics.median(seconds), statistics.median(compute_seconds), classes)
+        out[name] = (statistics.median(seconds), statistics.median(compute_seconds), classes, shapes)
     return out
 
 
@@ -224,7 +255,9 @@ def main() -> None:
         name: train_step(model.train(), torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True), batch)
         for name, model in models.items()
     }
-    measured = {"train": measure(train_steps, args.repeats)}  # before eval(): the train steps need train mode
+    measured = {
+        "train": measure(train_steps, args.repeats, record_shapes=args.gemm_shapes > 0)
+    }  # before eval(): the train steps need train mode
     sample_steps = {name: sample_step(model.eval(), batch) for name, model in models.items()}
     measured["sample"] = measure(sample_steps, args.repeats)
     device = torch.device("cpu")
@@ -240,7 +273,7 @@ def main() -> None:
         "rows": {},
     }
     for kind, results in measured.items():
-        for name, (seconds, compute_s, classes) in results.items():
+        for name, (seconds, compute_s, classes, shapes) in results.items():
             report["rows"][f"{name} {kind}"] = {
                 "seconds": seconds,
                 "compute_seconds": compute_s,
@@ -255,10 +288,29 @@ def main() -> None:
                     for c, v in classes.items()
                 },
             }
+            if shapes:
+                report["rows"][f"{name} {kind}"]["gemm_shapes"] = summarise_shapes(shapes, args.gemm_shapes)
     print_report(report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+
+
+def summarise_shapes(shapes: dict[str, dict[str, float]], top: int) -> dict:
+    """The `top` costliest GEMM shapes, and all GEMMs whose inner dimension is under `SMALL_INNER`
+    (an expert's weight gradient over the few tokens routed to it, say) taken together."""
+
+    def rate(v):
+        return v["flops"] / v["seconds"] / 1e9 if v["flops"] and v["seconds"] else None
+
+    ranked = sorted(shapes.items(), key=lambda kv: -kv[1]["seconds"])[:top]
+    small = [v for v in shapes.values() if v["inner"] is not None and v["inner"] < SMALL_INNER]
+    small_total = {k: sum(v[k] for v in small) for k in ("seconds", "flops")}
+    return {
+        "top": [{"shape": k, "seconds": v["seconds"], "calls": v["calls"], "gflops": rate(v)} for k, v in ranked],
+        "small_inner": {"seconds": small_total["seconds"], "gflops": rate(small_total)},
+        "all_seconds": sum(v["seconds"] for v in shapes.values()),
+    }
 
 
 def print_report(report: dict) -> None:
@@ -276,6 +328,19 @@ def print_report(report: dict) -> None:
     print("of GEMM: the step's FLOPs (dit_moe.flops) per second over the square-GEMM rate; fwd+bwd: the same for")
     print("the forward + backward alone. Class times come from profiled runs (the profiler adds its own overhead).")
     rows = report["rows"]
+    for name, row in rows.items():
+        if "gemm_shapes" not in row:
+            continue
+        shapes = row["gemm_shapes"]
+        small = shapes["small_inner"]
+        print(
+            f"{name}: GEMMs by shape, profiled ms per step of {shapes['all_seconds'] * 1e3:.0f}; inner dimension"
+            f" < {SMALL_INNER} together: {small['seconds'] * 1e3:.0f} ms at {small['gflops'] or 0:.0f} GFLOP/s"
+        )
+        for entry in shapes["top"]:
+            print(
+                f"  {entry['seconds'] * 1e3:8.1f} ms {entry['gflops'] or 0:6.1f} GFLOP/s {entry['calls']:5.0f} calls  {entry['shape']}"
+            )
     for kind in ("train", "sample"):
         ratio = rows[f"ours {kind}"]["seconds"] / rows[f"reference {kind}"]["seconds"]
         print(f"ours / reference, {kind} step time: {ratio:.2f}x")
