@@ -144,9 +144,7 @@ def worker(args) -> dict:
     shape = (args.in_channels, args.input_size, args.input_size)
     spec = DrawSpec(shape, label_dropout=0.1, mask_ratio=args.mask_ratio, num_tokens=engine.module.num_tokens)
 
-    step_seconds, fwd_bwd_seconds = [], []
-
-    step_faults = []
+    step_seconds, fwd_bwd_seconds, step_faults = [], [], []
 
     def step(i, n):
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -514,14 +514,11 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()) if launch.world_size == 1 else "29500")
     accelerator = get_accelerator()
-    on_cpu = accelerator.device_name() == "cpu"
-    if on_cpu:
-        keep_freed_memory()
-    deepspeed.init_distributed(
-        dist_backend="gloo" if on_cpu else accelerator.communication_backend_name(), auto_mpi_discovery=False
-    )
-    if on_cpu:
+    backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if accelerator.device_name() == "cpu":
         _unlink_shm_buffer_at_exit(dist.get_rank())
+        keep_freed_memory()
         device = torch.device("cpu")
     else:
         accelerator.set_device(launch.local_rank)
