@@ -2,13 +2,13 @@
 
     python upcycle.py --model DiT-S/2 --ckpt dense.pt --num_experts 8 --num_experts_per_tok 2 --out moe.pt
 
-Argument parsing only (dit_moe.upcycle_cli); the work is `dit_moe.upcycle.upcycle_checkpoint`
+Argument parsing only (dit_moe.upcycle.tool); the work is `dit_moe.upcycle.upcycle_checkpoint`
 (see its docs for the method). `python -m dit_moe.upcycle` is the same command.
 """
 
 import sys
 
-from dit_moe.upcycle_cli import main
+from dit_moe.upcycle.tool import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="upcycle.py"))

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from dit_moe import flops
+from dit_moe.models import flops
 
 DRY_RUN_SKIP = "skipped: dry run"  # the wheels step's status in a dry run (scripts/device_check.sh)
 STEPS = ("wheels", "cuda_tests", "train", "moe", "sample")

@@ -14,7 +14,7 @@ one shared expert of width 2C:
   dense      a SwiGLU FFN with the same active FLOPs: width k * I + shared width
 Our layer runs `grouped` on CUDA in bf16/fp16 and `loop` elsewhere (grouped_gemm="auto").
 Prints the median time of each (variants timed in turns, after one warm-up round) and the ratios,
-then the FLOP accounting (dit_moe.flops: router, routed experts at top-k, shared expert; forward +
+then the FLOP accounting (dit_moe.models.flops: router, routed experts at top-k, shared expert; forward +
 backward = 3x forward): achieved TFLOP/s of each variant, as a fraction of the square-GEMM rate
 measured in the same run (and, on a GPU, of the vendor's dense bf16 peak), and the compute bound:
 the shortest time any implementation could take at the square-GEMM rate.
@@ -32,12 +32,12 @@ import time
 import torch
 from torch import nn
 
-from dit_moe import flops as flop_count
-from dit_moe.host_memory import keep_freed_memory
 from dit_moe.models import MODEL_SIZES
+from dit_moe.models import flops as flop_count
 from dit_moe.models.config import MoEArgs
 from dit_moe.models.experts import GroupedExperts, SwiGLUMLP, grouped_mm_available
 from dit_moe.models.moe import MoEFeedForward
+from dit_moe.utils.host_memory import keep_freed_memory
 
 from common import in_turns
 from reference import MaskLoopMoE

@@ -86,7 +86,7 @@ def train_and_score(name: str, args: argparse.Namespace, out: Path) -> dict:
     train_s = time.perf_counter() - start
     ckpt = run_dir / "run" / "export.safetensors"
     run(
-        [python, "-m", "dit_moe.sample_many", "--ckpt", str(ckpt), "--num-samples", str(args.samples),
+        [python, "-m", "dit_moe.sampling.many", "--ckpt", str(ckpt), "--num-samples", str(args.samples),
          "--out", str(run_dir / "samples"), "--npz", str(run_dir / "samples.npz"), "--sampler", "euler",
          "--num-sampling-steps", str(args.sampling_steps), "--cfg-scale", "1.5", "--batch-size", "250",
          "--seed", str(args.seed), "--vae-path", "none"],

@@ -9,11 +9,11 @@ autocast as sample.py does, for
   ours       our model
   reference  the reference-style model (bench/reference.py) holding the same weights; in eval mode it
              runs feizc/DiT-MoE's `moe_infer` (experts sorted, per-expert counts read on the host)
-each eager and compiled (`dit_moe.compile`, --compile-mode). The variants take turns, eager ones
+each eager and compiled (`dit_moe.models.compile`, --compile-mode). The variants take turns, eager ones
 first, and each is timed on --repeats full samplings of --num-steps steps after a one-step warm-up,
 which for the compiled ones holds the compilation (reported apart, as compile s). The printed
 images/s is batch / median seconds of a sampling; FLOPs are 2 forwards per image per step
-(dit_moe.flops.guided_step_flops), judged against the square-GEMM rate measured in the same run and,
+(dit_moe.models.flops.guided_step_flops), judged against the square-GEMM rate measured in the same run and,
 on a GPU, the vendor's dense bf16 peak.
 """
 
@@ -27,11 +27,10 @@ import time
 
 import torch
 
-from dit_moe import flops
-from dit_moe.compile import compile_model
 from dit_moe.diffusion import build_objective, guided
-from dit_moe.host_memory import keep_freed_memory
-from dit_moe.models import DiT
+from dit_moe.models import DiT, flops
+from dit_moe.models.compile import compile_model
+from dit_moe.utils.host_memory import keep_freed_memory
 
 from common import add_model_flags, in_turns, model_config
 from reference import load_weights, reference_dit

@@ -17,7 +17,7 @@ Each profiled op's self time goes to one class:
   attention   scaled-dot-product attention (forward and backward kernels)
   elementwise everything else: normalisation, activations, modulate/gate/residual, copies, the loss
 Achieved GFLOP/s of the gemm class uses the profiler's own FLOP count of those ops; of the whole
-step, dit_moe.flops' count (training 3x forward). Both are set against the square-GEMM rate
+step, dit_moe.models.flops' count (training 3x forward). Both are set against the square-GEMM rate
 measured in the same run. Step times are medians of alternated, unprofiled runs: they are the
 measure. Class times are not: under the profiler the process page-faults again (its own event
 buffers move the heap; on a 2-core EPYC ~150,000-280,000 faults per profiled S/2 step against ~0
@@ -38,12 +38,11 @@ import torch
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
-from dit_moe import flops
 from dit_moe.diffusion import build_objective, guided
-from dit_moe.host_memory import keep_freed_memory
-from dit_moe.models import DiT
+from dit_moe.models import DiT, flops
 from dit_moe.models.experts import GroupedExperts, SwiGLUMLP
 from dit_moe.models.moe import MoEFeedForward
+from dit_moe.utils.host_memory import keep_freed_memory
 
 from common import add_model_flags, in_turns, model_config
 from reference import MaskLoopMoE, MoeMLP, load_weights, reference_dit
@@ -325,7 +324,9 @@ def print_report(report: dict) -> None:
             cells += f"{v['seconds'] * 1e3:>8.1f}{rate:>5}"
         compute = f"{row['compute_gemm_fraction']:9.0%}" if name.endswith("train") else f"{'':9}"
         print(f"{name:18}{row['seconds'] * 1e3:9.1f}{row['gflops']:9.1f}{row['gemm_fraction']:9.0%}{compute}{cells}")
-    print("of GEMM: the step's FLOPs (dit_moe.flops) per second over the square-GEMM rate; fwd+bwd: the same for")
+    print(
+        "of GEMM: the step's FLOPs (dit_moe.models.flops) per second over the square-GEMM rate; fwd+bwd: the same for"
+    )
     print("the forward + backward alone. Class times come from profiled runs (the profiler adds its own overhead).")
     rows = report["rows"]
     for name, row in rows.items():

@@ -4,7 +4,7 @@ Prints steps/s, images/s, peak memory and the FLOP accounting for DiT-MoE-S/2 8E
 each setting in a fresh process, and ratios against the plain run measured in the same invocation:
   plain       no gradient checkpointing, no masking, eager
   grad-ckpt   gradient checkpointing of the blocks
-  compiled    torch.compile of the blocks (--compile-mode; dit_moe.compile); the compile time (first
+  compiled    torch.compile of the blocks (--compile-mode; dit_moe.models.compile); the compile time (first
               step minus a steady step) is reported apart from the step time
   compiled-grad-ckpt  both
   reference   the reference-style model (bench/reference.py: feizc/DiT-MoE's boolean-mask expert
@@ -12,11 +12,11 @@ each setting in a fresh process, and ratios against the plain run measured in th
   mask-0.5    MaskDiT: encoder on half the patches + a light decoder (--decoder-*) and the MAE term
   decoder     the same MaskDiT model unmasked (mask ratio 0), i.e. what the decoder alone costs
   glibc-malloc  plain with glibc's default malloc settings (MALLOC_MMAP_MAX_ set to its default, so
-              dit_moe.host_memory leaves malloc alone): on a CPU, what keeping freed memory gains
+              dit_moe.utils.host_memory leaves malloc alone): on a CPU, what keeping freed memory gains
 Peak memory is torch.cuda.max_memory_allocated on GPU; on CPU it is the growth of the
 process's peak resident set (ru_maxrss) over the training steps, i.e. activations, gradients
 and optimizer state that the steps added on top of the built model.
-FLOPs per image come from the config (dit_moe.flops; training = 3x forward, recomputation not
+FLOPs per image come from the config (dit_moe.models.flops; training = 3x forward, recomputation not
 counted); achieved TFLOP/s is that times images/s, judged against the square-GEMM rate measured in
 the same invocation and, on a GPU, the vendor's dense bf16 peak (MFU).
 `--batch-size auto` measures the plain setting's peak memory at two small batches and runs every
@@ -110,10 +110,9 @@ def worker(args) -> dict:
     """One setting, one process: build the engine exactly as the trainer does and time its steps."""
     import torch
 
-    from dit_moe import flops
-    from dit_moe.compile import compile_model
     from dit_moe.diffusion import DrawSpec, build_objective
-    from dit_moe.models import DiT
+    from dit_moe.models import DiT, flops
+    from dit_moe.models.compile import compile_model
     from dit_moe.train import engine as engine_lib
     from dit_moe.train.engine import apply_precision, load_deepspeed_config
     from dit_moe.train.loop import micro_step
@@ -265,7 +264,7 @@ def run_setting(args, setting: dict, batch_size: str) -> dict:
 
 def rates(result: dict, gemm_rate: float, peak: Optional[float]) -> dict:
     """Achieved training TFLOP/s of one setting, its fraction of the square-GEMM rate and its MFU."""
-    from dit_moe import flops
+    from dit_moe.models import flops
 
     return flops.utilisation(result["train_flops_per_image"] * result["images_per_s"], gemm_rate, peak)
 
@@ -315,7 +314,7 @@ def summarise(args, results: dict[str, dict]) -> dict:
     """Print the table and the ratios; return everything as one JSON-able dict."""
     import torch
 
-    from dit_moe import flops
+    from dit_moe.models import flops
 
     plain = results["plain"]
     device = torch.device("cpu" if plain["device"].startswith("CPU") else "cuda")

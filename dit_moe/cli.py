@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
+from .utils.errors import EXIT_USER_ERROR, UserError
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-EXIT_USER_ERROR = 2
-
-
-class UserError(ValueError):
-    """Bad input the user can fix; its message is one sentence saying how."""
 
 
 def flag(name: str) -> tuple[str, ...]:
@@ -65,32 +60,9 @@ def default_device(local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-@dataclass(frozen=True)
-class LaunchEnv:
-    """This process's place in a launch (torchrun's and deepspeed's RANK / LOCAL_RANK / WORLD_SIZE)."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-
-    @classmethod
-    def from_environ(cls) -> "LaunchEnv":
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for single-process or test rendezvous)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input: their message is shown as one line, without a traceback."""
-    from .checkpoint import CheckpointError
-
-    return (UserError, ValueError, FileNotFoundError, CheckpointError)
+    return (UserError, ValueError, FileNotFoundError)
 
 
 def exit_with_error(prog: str, error: BaseException) -> None:

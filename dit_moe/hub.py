@@ -44,9 +44,9 @@ from typing import Optional
 
 import torch
 
-from .atomic import write_text
-from .cli import UserError
-from .vae import is_pixel_space
+from .data.vae import is_pixel_space
+from .utils.atomic import write_text
+from .utils.errors import UserError
 
 DIT_BASE_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 DIT_BASE_URL_ENV = "DIT_MOE_DIT_BASE_URL"

@@ -7,11 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dit_moe import checkpoint_layout as layout
-from dit_moe.atomic import write_text
-from dit_moe.checkpoint import CheckpointError, load_model, read_checkpoint_file
+from dit_moe.checkpoint import CheckpointError, layout, load_model, read_checkpoint_file
 from dit_moe.diffusion import ObjectiveConfig
 from dit_moe.models import DiT_models
+from dit_moe.utils.atomic import write_text
 
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoints_v0"
 

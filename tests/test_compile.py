@@ -1,11 +1,11 @@
-"""`--compile` (dit_moe.compile): compiled DiTs compute what eager ones do, and the flag reaches the model."""
+"""`--compile` (dit_moe.models.compile): compiled DiTs compute what eager ones do, and the flag reaches the model."""
 
 import copy
 
 import pytest
 import torch
 
-from dit_moe.compile import compile_model
+from dit_moe.models.compile import compile_model
 from dit_moe.models.config import MoEArgs
 from dit_moe.models.moe import MoEFeedForward
 from dit_moe.train.build import build_model

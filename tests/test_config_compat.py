@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from dit_moe.checkpoint import load_checkpoint_model, read_checkpoint_file
-from dit_moe.cli import UserError
 from dit_moe.diffusion import ObjectiveConfig
 from dit_moe.models import DiTConfig, MoEArgs
 from dit_moe.sampling import SamplingOptions, SamplingRequest, build_sampling_objective, prepare_sampling, sample_images
 from dit_moe.sampling.grid import sample_grid
+from dit_moe.utils.errors import UserError
 
 from trainer_runs import run_train
 

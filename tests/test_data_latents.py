@@ -12,7 +12,7 @@ from dit_moe.data import DataConfig, LatentShardStream, NpyFeatureDataset, build
 from dit_moe.data.extract import ExtractConfig, parse_args, run_extraction
 from dit_moe.data.folder import ImageFolderDataset
 from dit_moe.data.shards import Manifest, decode_sample, read_shard, shard_name, write_shard
-from dit_moe.vae import load_codec
+from dit_moe.data.vae import load_codec
 
 from test_vae import save_tiny_vae
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from dit_moe.data import DataConfig, build_codec, build_train_loader
 from dit_moe.data.digits import digits_arrays
-from dit_moe.vae import LatentCodec, PixelCodec
+from dit_moe.data.vae import LatentCodec, PixelCodec
 
 from test_vae import save_tiny_vae
 

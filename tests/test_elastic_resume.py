@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dit_moe.checkpoint import load_model
-from dit_moe.checkpoint_layout import read_shape
+from dit_moe.checkpoint.layout import read_shape
 from dit_moe.data.loader import DataInfo, MapTrainLoader
 from dit_moe.train.config import BatchPlan, RunSection
 

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from dit_moe.checkpoint import load_model
+from dit_moe.data.vae import PixelCodec
 from dit_moe.diffusion import ObjectiveConfig
 from dit_moe.evaluation.npz import png_name, read_npz
 from dit_moe.sampling import SamplingOptions, build_sampling_objective, per_sample_noise, sample_images, sample_labels
 from dit_moe.sampling.many import default_npz_path, main, shard_indices
-from dit_moe.vae import PixelCodec
 
 from trainer_runs import free_port
 
@@ -143,7 +143,7 @@ def test_two_processes_match_one_process(ckpt, single_run, tmp_path):
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "dit_moe.sample_many", *_args(ckpt, out, "--batch-size", "2")],
+                [sys.executable, "-m", "dit_moe.sampling.many", *_args(ckpt, out, "--batch-size", "2")],
                 env=env,
                 cwd=REPO,
                 stdout=subprocess.PIPE,

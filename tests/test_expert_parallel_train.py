@@ -78,7 +78,7 @@ def test_resume_with_ep_reproduces_the_uninterrupted_run(ep2_zero2, tmp_path):
         assert all(torch.equal(from_dir[k], exported[k]) for k in from_dir), prefer_ema
 
     # Without its full state (--elastic-checkpoints false) a tag resumes on its own shape only: one sentence.
-    from dit_moe import checkpoint_layout as layout
+    from dit_moe.checkpoint import layout
     from dit_moe.train import engine as engine_lib
 
     layout.full_state_file(tag).unlink()

@@ -159,7 +159,7 @@ def test_out_of_space_errors_are_recognised(tmp_path, monkeypatch):
 
 
 def test_expected_checkpoint_size_is_the_previous_tag_or_the_parameter_estimate(tmp_path):
-    from dit_moe import checkpoint_layout as layout
+    from dit_moe.checkpoint import layout
     from dit_moe.train import disk
 
     assert disk.expected_bytes(tmp_path, 1000) == disk.BYTES_PER_PARAMETER * 1000
@@ -241,7 +241,7 @@ def _wait_for_first_step(results_dir, proc, timeout: float = 300) -> None:
 def test_sigterm_to_the_deepspeed_launcher_checkpoints_every_rank_and_resumes_exactly(tmp_path):
     import psutil
 
-    from dit_moe import checkpoint_layout as layout
+    from dit_moe.checkpoint import layout
 
     out, reference = tmp_path / "run", tmp_path / "reference"
     args = ("--global-batch-size", "8", "--ckpt-every", "1000")
@@ -273,8 +273,8 @@ def test_sigterm_to_the_deepspeed_launcher_checkpoints_every_rank_and_resumes_ex
 def test_sigterm_to_launch_sh_waits_until_every_rank_has_checkpointed(tmp_path):
     import psutil
 
-    from dit_moe import checkpoint_layout as layout
-    from dit_moe.cli import free_port
+    from dit_moe.checkpoint import layout
+    from dit_moe.utils.launch import free_port
 
     out = tmp_path / "run"
     flags = train_cmd(out, "--max-steps", "500", "--global-batch-size", "8", "--ckpt-every", "1000")[2:]

@@ -1,11 +1,10 @@
-"""FLOP accounting (dit_moe.flops) against torch's own FLOP counter and DiT's published count."""
+"""FLOP accounting (dit_moe.models.flops) against torch's own FLOP counter and DiT's published count."""
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dit_moe import flops
-from dit_moe.models import DiT, preset_config
+from dit_moe.models import DiT, flops, preset_config
 from dit_moe.models.masking import random_mask
 
 from tiny_dit import tiny_config

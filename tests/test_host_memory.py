@@ -17,7 +17,7 @@ class MallInfo2(ctypes.Structure):
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
 if sys.argv[1] == "keep":
-    from dit_moe.host_memory import keep_freed_memory
+    from dit_moe.utils.host_memory import keep_freed_memory
     applied = keep_freed_memory()
 elif sys.argv[1] == "trainer":  # as a training process sets itself up on a CPU
     os.environ.update(DS_ACCELERATOR="cpu", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")

@@ -18,11 +18,12 @@ import torch
 from PIL import Image
 
 from dit_moe import hub
-from dit_moe.cli import UserError, free_port
+from dit_moe.data.vae import LatentCodec, load_codec
 from dit_moe.sampling.flags import DIT_ZERO_SETUP, request_from_args
 from dit_moe.sampling.grid import build_parser
 from dit_moe.train.config import load_config
-from dit_moe.vae import LatentCodec, load_codec
+from dit_moe.utils.errors import UserError
+from dit_moe.utils.launch import free_port
 
 from test_vae import save_tiny_vae
 from tiny_dit import tiny_model

@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dit_moe.checkpoint import dit_moe_layout, load_model, objective_evidence, read_checkpoint_file, save_export
-from dit_moe.cli import UserError
 from dit_moe.diffusion import ObjectiveConfig
 from dit_moe.models.experts import unstack_expert_state_dict
 from dit_moe.sampling import SamplingRequest, per_sample_noise, prepare_sampling
 from dit_moe.sampling.grid import image_grid, main
 from dit_moe.train.build import build_model_config
 from dit_moe.train.config import load_config
+from dit_moe.utils.errors import UserError
 
 from test_vae import save_tiny_vae
 from tiny_dit import tiny_model

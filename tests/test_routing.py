@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dit_moe.checkpoint import save_export
+from dit_moe.data.vae import PixelCodec
 from dit_moe.diffusion import ObjectiveConfig, guided
 from dit_moe.models import DiT, MoEArgs
 from dit_moe.models.moe import MoEFeedForward
@@ -31,7 +32,6 @@ from dit_moe.routing import (
 )
 from dit_moe.routing.plots import timestep_bins
 from dit_moe.sampling import SamplingOptions, build_sampling_objective, sample_images
-from dit_moe.vae import PixelCodec
 
 from tiny_dit import tiny_config, tiny_model
 
@@ -144,7 +144,7 @@ def test_chunks_spill_past_the_threshold_and_read_back_the_same(tmp_path):
         read = {k: np.concatenate([c[k] for c in routing.chunks(rows=5)]) for k in routing.arrays}
     for key, value in in_memory.items():
         np.testing.assert_array_equal(read[key], value)
-    assert not list(tmp_path.glob(".*tmp*"))  # dit_moe.atomic's temporary names
+    assert not list(tmp_path.glob(".*tmp*"))  # dit_moe.utils.atomic's temporary names
 
 
 def test_temporary_spill_folder_is_removed_on_close():

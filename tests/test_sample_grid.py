@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from dit_moe.checkpoint import save_export
-from dit_moe.cli import UserError
 from dit_moe.diffusion import ObjectiveConfig
 from dit_moe.models.experts import unstack_expert_state_dict
 from dit_moe.sampling import SamplingOptions, SamplingRequest, prepare_sampling
 from dit_moe.sampling.grid import SampleGrid, default_labels, image_grid, main, sample_grid
+from dit_moe.utils.errors import UserError
 
 from test_vae import save_tiny_vae
 from tiny_dit import tiny_model
@@ -79,7 +79,7 @@ def test_each_sampler_writes_a_grid(ckpts, tmp_path, capsys, kind, sampler):
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * (8 + 2) + 2, 4 * (8 + 2) + 2, 3)  # 5 images, 4 per row, 2-pixel padding
     assert grid[12:20, 2:10].std() > 0 and not grid[12:20, 12:20].any()  # image 4 drawn, slot 5 empty
-    assert not list(tmp_path.glob(".*tmp*"))  # dit_moe.atomic's temporary names
+    assert not list(tmp_path.glob(".*tmp*"))  # dit_moe.utils.atomic's temporary names
 
 
 def test_readme_command_with_a_vae(ckpts, tmp_path, capsys):

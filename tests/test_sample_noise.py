@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dit_moe.data.vae import PixelCodec
 from dit_moe.diffusion import ObjectiveConfig, create_diffusion
 from dit_moe.sampling import (
     SamplingOptions,
@@ -11,7 +12,6 @@ from dit_moe.sampling import (
     per_sample_noise,
     sample_images,
 )
-from dit_moe.vae import PixelCodec
 
 from tiny_dit import tiny_model
 

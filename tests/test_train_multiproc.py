@@ -13,8 +13,7 @@ import shutil
 import pytest
 import torch
 
-from dit_moe import checkpoint_layout as layout
-from dit_moe.checkpoint import load_model
+from dit_moe.checkpoint import layout, load_model
 
 from trainer_runs import losses, run_train
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dit_moe.checkpoint import load_model, read_checkpoint_file
-from dit_moe.checkpoint_layout import COMPLETE_MARKER, latest_complete_tag
+from dit_moe.checkpoint.layout import COMPLETE_MARKER, latest_complete_tag
 from dit_moe.diffusion import ObjectiveConfig
 
 from trainer_runs import REPO, env, losses, run_train, train_cmd

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dit_moe.vae import LatentCodec, PixelCodec, load_codec, vae_geometry
+from dit_moe.data.vae import LatentCodec, PixelCodec, load_codec, vae_geometry
 
 
 def save_tiny_vae(path, blocks=2):

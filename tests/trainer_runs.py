@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dit_moe.cli import free_port
+from dit_moe.utils.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from dit_moe.data.npy_features import FEATURES_SUFFIX
-from dit_moe.vae import SD_VAE_SCALE_FACTOR, check_vae_path, is_pixel_space
+from dit_moe.data.vae import SD_VAE_SCALE_FACTOR, check_vae_path, is_pixel_space
 
 DATASETS = ("digits", "folder", "latents", "npy")  # and "auto"
 DEFAULT_IMAGE_SIZE = {"digits": 32, "folder": 256, "latents": 256, "npy": 256}

@@ -24,12 +24,13 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from dit_moe.cli import LaunchEnv, default_device, flag, run_main
+from dit_moe.cli import default_device, flag, run_main
 from dit_moe.data.folder import ImageFolderDataset
 from dit_moe.data.shards import Manifest, shard_name, write_shard
 from dit_moe.data.transforms import hflip
+from dit_moe.data.vae import SD_VAE_SCALE_FACTOR, is_pixel_space, load_codec
 from dit_moe.hub import resolve_vae
-from dit_moe.vae import SD_VAE_SCALE_FACTOR, is_pixel_space, load_codec
+from dit_moe.utils.launch import LaunchEnv
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import BinaryIO, Tuple
 
 import numpy as np
 
-from dit_moe.npy import read_npy_header
+from dit_moe.utils.npy_header import read_npy_header
 
 
 class DataIntegrityError(ValueError):

@@ -25,7 +25,7 @@ from dit_moe.data.integrity import DataIntegrityError, without_worker_traceback
 from dit_moe.data.latents import LatentShardStream, check_enough_shards, worker_batches_before
 from dit_moe.data.npy_features import NpyFeatureDataset
 from dit_moe.data.shards import Manifest
-from dit_moe.vae import load_codec, vae_geometry
+from dit_moe.data.vae import load_codec, vae_geometry
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 

@@ -5,7 +5,7 @@ Each sample is keyed by its dataset index (`%09d`, never a per-rank counter) and
     std.npy   float16 (2, C, H, W)  its standard deviation
     cls       the class label
 Shard i holds dataset indices [i * shard_size, (i + 1) * shard_size). A shard is written through
-`dit_moe.atomic` (temporary name, renamed when complete), so a shard file that exists was whole when
+`dit_moe.utils.atomic` (temporary name, renamed when complete), so a shard file that exists was whole when
 written; copies and disks can still damage it, which `Manifest.check_shard` (tar headers and member
 sizes against the manifest) and the strict reader `Manifest.shard_samples` report (see `integrity.py`).
 `manifest.json` describes the whole set (see `Manifest`).
@@ -24,8 +24,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Tuple
 import numpy as np
 import webdataset as wds
 
-from dit_moe.atomic import atomic_path, write_text
 from dit_moe.data.integrity import READ_ERRORS, DataIntegrityError
+from dit_moe.utils.atomic import atomic_path, write_text
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1

@@ -13,8 +13,9 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from ..atomic import write_text
-from ..cli import UserError, default_device, flag, run_main
+from ..cli import default_device, flag, run_main
+from ..utils.atomic import write_text
+from ..utils.errors import UserError
 from .digits_score import DigitsScorer
 from .fid import evaluate, save_reference_statistics
 from .npz import read_npz

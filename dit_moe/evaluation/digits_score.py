@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_path
 from ..data.digits import NUM_DIGIT_CLASSES, digits_arrays
+from ..utils.atomic import atomic_path
 from .fid import FeatureStatistics, frechet_distance
 
 DIGIT_SIZE = 8

@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_path
-from ..npy import read_npy_header
+from ..utils.atomic import atomic_path
+from ..utils.npy_header import read_npy_header
 
 IMAGES_KEY = "arr_0"
 LABELS_KEY = "arr_1"
@@ -70,7 +70,7 @@ def to_rgb(images: np.ndarray) -> np.ndarray:
 def write_npz(path: str | os.PathLike, images: np.ndarray | torch.Tensor, labels: Optional[np.ndarray] = None) -> Path:
     """Write images (uint8 NHWC, or float NCHW in [-1, 1]) and optional labels as `arr_0` / `arr_1`.
 
-    The file appears complete or not at all (`dit_moe.atomic`).
+    The file appears complete or not at all (`dit_moe.utils.atomic`).
     """
     path = Path(path)
     if path.suffix != ".npz":

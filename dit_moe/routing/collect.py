@@ -22,9 +22,9 @@ from typing import Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from ..atomic import write_text
-from ..cli import UserError
 from ..sampling import PreparedSampler, SamplingOptions, SamplingRequest, prepare_sampling
+from ..utils.atomic import write_text
+from ..utils.errors import UserError
 from .plots import class_heatmap, patch_dominant_heatmap, patch_expert_heatmap, save_figure, step_heatmap
 from .recorder import RoutingRecorder
 from .stats import format_summary, load_counts, summarize

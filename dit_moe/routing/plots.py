@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from ..atomic import atomic_path  # noqa: E402
+from ..utils.atomic import atomic_path  # noqa: E402
 from .stats import RoutingCounts, frequencies  # noqa: E402
 from .store import RoutingFileError  # noqa: E402
 

@@ -9,7 +9,7 @@ Members (R token rows, L recorded MoE layers, k experts per token; see recorder.
                     (checkpoint, sampler settings, class list)
 
 It is written member by member from the recorder's chunks and read back in row slices,
-so neither side holds more than one chunk; the write goes through `dit_moe.atomic`,
+so neither side holds more than one chunk; the write goes through `dit_moe.utils.atomic`,
 so a crash never leaves a half-written file under the final name. Everything that does
 not look like such a file stops with one `RoutingFileError` sentence.
 """
@@ -24,8 +24,8 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from ..atomic import atomic_path
-from ..npy import read_npy_header
+from ..utils.atomic import atomic_path
+from ..utils.npy_header import read_npy_header
 
 FORMAT = "dit-moe-routing/1"
 ROW_ARRAYS = ("ids", "label", "position", "timestep", "step")

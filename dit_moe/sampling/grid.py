@@ -30,8 +30,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..cli import UserError, flag, parse_int_list, run_main
+from ..cli import flag, parse_int_list, run_main
 from ..evaluation.npz import save_png, to_uint8_nhwc
+from ..utils.errors import UserError
 from .flags import add_sampling_flags, request_from_args
 from .images import SamplingOptions
 from .prepare import SamplingRequest, prepare_sampling

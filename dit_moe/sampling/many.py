@@ -4,7 +4,7 @@
         [--vae-path DIR|none] [--sampler ddpm|ddim|euler|heun] [--num-sampling-steps N] \
         [--cfg-scale 1.5] [--batch-size 32] [--seed 0] [--label-mode cycle|random]
     torchrun --nproc_per_node 8 -m dit_moe.sampling.many ...     # or scripts/sample_ddp.sh
-    python -m dit_moe.sample_many ...                            # the same tool, its older name
+    python -m dit_moe.sampling.many ...                            # the same tool, its older name
 
 Loading, the objective and every check are the prepare step's (prepare.py). Sample i has
 seed `seed + i` and label `i % num_classes` (or a draw from seed + i), so its image does not
@@ -31,9 +31,11 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..atomic import write_text
-from ..cli import LaunchEnv, UserError, flag, run_main
+from ..cli import flag, run_main
 from ..evaluation.npz import npz_from_png_folder, png_name, save_png, to_uint8_nhwc
+from ..utils.atomic import write_text
+from ..utils.errors import UserError
+from ..utils.launch import LaunchEnv
 from .flags import add_sampling_flags, request_from_args
 from .images import LABEL_MODES, sample_labels
 from .prepare import PreparedSampler, SamplingRequest, prepare_sampling, resolve_device

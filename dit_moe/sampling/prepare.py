@@ -37,12 +37,14 @@ import torch
 from torch import nn
 
 from ..checkpoint import LoadedModel, load_checkpoint_model
-from ..cli import DTYPES, LaunchEnv, UserError, default_device
+from ..cli import DTYPES, default_device
+from ..data.vae import PIXEL_SPACE, check_vae_path, is_pixel_space, load_codec
 from ..diffusion import Objective, ObjectiveConfig
-from ..host_memory import keep_freed_memory
 from ..hub import resolve_checkpoint, resolve_vae
 from ..models import DiT, DiTConfig, preset_name
-from ..vae import PIXEL_SPACE, check_vae_path, is_pixel_space, load_codec
+from ..utils.errors import UserError
+from ..utils.host_memory import keep_freed_memory
+from ..utils.launch import LaunchEnv
 from .images import SamplingOptions, build_sampling_objective, check_codec, sample_images
 
 log = logging.getLogger("dit_moe.sampling")

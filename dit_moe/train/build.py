@@ -8,9 +8,9 @@ from typing import Optional
 import torch
 
 from ..checkpoint import CheckpointContents, infer_config, objective_evidence
-from ..compile import compile_model
 from ..diffusion import ObjectiveConfig
 from ..models import DiT, DiTConfig
+from ..models.compile import compile_model
 from .config import TRAINING_FIELDS, TrainConfig
 
 

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..cli import LaunchEnv, run_main
+from ..cli import run_main
+from ..utils.launch import LaunchEnv
 from .config import load_config
 from .results import claim_results_dir
 

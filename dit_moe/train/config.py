@@ -22,11 +22,11 @@ from typing import Any, Optional
 import yaml
 
 from ..cli import flag, parse_bool, parse_optional_int_list
-from ..compile import check_mode as check_compile_mode
 from ..data import DataConfig
 from ..diffusion.config import ObjectiveConfig
 from ..hub import resolve_vae
 from ..models import DiT_models, DiTConfig, MoEArgs, preset_config
+from ..models.compile import check_mode as check_compile_mode
 
 # Architecture fields the --model preset sets (None: the preset's value) and those the data sets.
 PRESET_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads")

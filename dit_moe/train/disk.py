@@ -25,8 +25,8 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from .. import checkpoint_layout as layout
-from ..cli import UserError
+from ..checkpoint import layout
+from ..utils.errors import UserError
 
 log = logging.getLogger("dit_moe.train")
 

@@ -7,7 +7,7 @@ expert-data-parallel groups, expert parameters marked as its MoE layer marks the
 (`allreduce = False`, `group_name`), and optimizer groups split by its helper, so ZeRO-1/2
 partitions and reduces expert gradients over the expert-data-parallel group only.
 
-Checkpoints follow the layout `dit_moe.checkpoint_layout` documents and names. A resume on the shape
+Checkpoints follow the layout `dit_moe.checkpoint.layout` documents and names. A resume on the shape
 that wrote the tag (processes, --ep-size, ZeRO stage) goes through DeepSpeed's own loader; on any other
 shape through `dit_moe.train.reshard`, this module's resharding half (the other module that imports DeepSpeed).
 """
@@ -33,12 +33,12 @@ from deepspeed.utils import groups, set_z3_leaf_modules
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .. import checkpoint_layout as layout
-from ..atomic import atomic_path
-from ..cli import LaunchEnv, free_port
-from ..host_memory import keep_freed_memory
+from ..checkpoint import layout
 from ..models.moe import MoEFeedForward
 from ..parallel import ExpertParallel, shard_experts
+from ..utils.atomic import atomic_path
+from ..utils.host_memory import keep_freed_memory
+from ..utils.launch import LaunchEnv, free_port
 from . import reshard
 from .config import BatchPlan, RunSection
 from .disk import CheckpointSpace

@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .. import checkpoint_layout as layout
-from ..checkpoint import read_checkpoint_file, save_export
+from ..checkpoint import layout, read_checkpoint_file, save_export
 from ..data import TrainLoader, build_codec, build_train_loader
 from ..diffusion import Draws, DrawSpec, Objective, ObjectiveConfig, build_objective
 from ..models import DiTConfig
@@ -143,7 +142,7 @@ def setup(cfg: TrainConfig) -> Run:
 
 def resume_tag(cfg: TrainConfig) -> Optional[Path]:
     """The tag --resume names: `auto` is this run's own latest (none yet: a fresh start); a path may be a
-    results, checkpoints or tag dir (`checkpoint_layout.resolve_tag_dir`) and must hold one."""
+    results, checkpoints or tag dir (`layout.resolve_tag_dir`) and must hold one."""
     wanted = cfg.run.resume
     if not wanted:
         return None

@@ -1,7 +1,7 @@
 """The world-size-independent training state: resume a run on another number of processes, nodes,
 --ep-size or ZeRO stage, exactly.
 
-`save_full_state` writes one file beside DeepSpeed's per-rank files (`checkpoint_layout.FULL_STATE_FILE`):
+`save_full_state` writes one file beside DeepSpeed's per-rank files (`layout.FULL_STATE_FILE`):
 for every trainable parameter its full fp32 master weight and every optimizer moment (Adam's `exp_avg`,
 `exp_avg_sq`), routed experts gathered to their full [E, ...] tensors in global expert order; the frozen
 parameters and buffers; and in the header JSON the optimizer step and hyper-parameters, DeepSpeed's
@@ -46,9 +46,9 @@ from deepspeed.utils import (
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..atomic import atomic_path
-from ..checkpoint_layout import RunShape
+from ..checkpoint.layout import RunShape
 from ..parallel import ExpertParallel
+from ..utils.atomic import atomic_path
 
 MASTER = "fp32"  # key prefix of the master weights; optimizer moments use their own state names
 FROZEN = "frozen"  # parameters without gradients and buffers (floating ones in fp32)

@@ -3,7 +3,7 @@ run never overwrites another's files.
 
     results/run/
         config.yaml  log.txt  metrics.jsonl  tensorboard/  loss_curve.png
-        checkpoints/            (layout: dit_moe.checkpoint_layout)
+        checkpoints/            (layout: dit_moe.checkpoint.layout)
         export.safetensors | export.pt
 """
 

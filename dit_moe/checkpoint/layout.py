@@ -16,7 +16,7 @@ Layout under `<results>/checkpoints/`:
         COMPLETE                written last, after every file above is on disk
     latest                      name of the newest complete tag
 
-Every file is written whole or not at all (`dit_moe.atomic`). A tag without COMPLETE (a run
+Every file is written whole or not at all (`dit_moe.utils.atomic`). A tag without COMPLETE (a run
 killed mid-write) is ignored by every reader, and a `latest` that is missing or names such a
 tag falls back to the newest complete tag.
 """
@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .atomic import write_text
+from ..utils.atomic import write_text
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"

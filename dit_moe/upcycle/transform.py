@@ -41,9 +41,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, infer_config, read_checkpoint_file, save_export
-from .models import MODEL_SIZES, DiT_models, DiTConfig, preset_name
-from .models.experts import GELU_KEYS, SWIGLU_KEYS
+from ..checkpoint import infer_config, read_checkpoint_file, save_export
+from ..models import MODEL_SIZES, DiT_models, DiTConfig, preset_name
+from ..models.experts import GELU_KEYS, SWIGLU_KEYS
 
 ROUTER_INIT_STD = 1e-3
 DEFAULT_AUX_LOSS_COEF = 0.01
@@ -311,22 +311,3 @@ def upcycle_checkpoint(
         router=router,
     )
     return dense_config, moe_config, save_export(out, moe_config, moe_state, objective=contents.objective)
-
-
-__all__ = [
-    "CheckpointError",
-    "UpcycleError",
-    "ROUTER_INIT_STD",
-    "dense_ffn_layout",
-    "moe_layers_every",
-    "upcycle_checkpoint",
-    "upcycle_state_dict",
-]
-
-
-if __name__ == "__main__":  # `python -m dit_moe.upcycle`: the command line of upcycle.py
-    import sys
-
-    from dit_moe.upcycle_cli import main
-
-    sys.exit(main(prog="python -m dit_moe.upcycle"))

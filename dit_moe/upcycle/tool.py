@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from .cli import flag, parse_int_list, run_main
-from .models import DiT_models
-from .upcycle import DEFAULT_AUX_LOSS_COEF, ROUTER_INIT_STD, UPCYCLE_ROUTERS, upcycle_checkpoint
+from ..cli import flag, parse_int_list, run_main
+from ..models import DiT_models
+from .transform import DEFAULT_AUX_LOSS_COEF, ROUTER_INIT_STD, UPCYCLE_ROUTERS, upcycle_checkpoint
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:

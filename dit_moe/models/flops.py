@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .models.config import DiTConfig, MoEArgs
+from .config import DiTConfig, MoEArgs
 
 TIMESTEP_FEATURES = 256  # TimestepEmbedder's frequency_embedding_size
 TRAINING_FACTOR = 3

@@ -1,0 +1,182 @@
+"""Read every supported checkpoint format into weights plus whatever configs the file records.
+
+Formats read by `load_model` / `read_checkpoint_file`:
+- facebookresearch/DiT: a plain state dict (released weights) or train.py's {"model", "ema", "opt", "args"};
+- feizc/DiT-MoE: the same containers with per-expert keys `blocks.N.moe.experts.K.*` (stacked at load);
+- our exports (`.safetensors` or `.pt`): weights + EMA + the DiTConfig that built them and the
+  ObjectiveConfig it was trained with (files written before the objective config record only
+  the objective and its flow time scale, inside a flat model config: remapped here);
+- DeepSpeed checkpoint directories written by our trainer: a results dir, its `checkpoints/` or a
+  tag dir, resolved by `checkpoint_layout` to the latest complete tag.
+Architecture is inferred from tensor shapes when the file stores no config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+
+from ..diffusion import ObjectiveConfig
+from ..models import DiTConfig
+from ..utils.errors import CheckpointError
+from . import layout
+from .export import EXPORT_FORMAT
+
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+
+@dataclass
+class CheckpointContents:
+    """What one read of a checkpoint gives: weights and whatever configs the file records."""
+
+    state_dict: dict[str, torch.Tensor]
+    model_config: Optional[DiTConfig]  # None: the file records none (infer_config rebuilds it)
+    objective: Optional[ObjectiveConfig]  # None: the file records none (official DiT, feizc/DiT-MoE)
+    # "stored": the whole ObjectiveConfig; "legacy": a file written before it, which recorded the
+    # objective and flow time scale only (its noise schedule and diffusion steps were never saved).
+    objective_source: Optional[str]
+
+
+def _parse_configs(
+    model: Optional[dict], objective: Optional[dict]
+) -> tuple[Optional[DiTConfig], Optional[ObjectiveConfig], Optional[str]]:
+    """(model config, objective config, objective source) from the stored dicts, old flat layout included."""
+    if objective is not None:
+        return DiTConfig.from_dict(model) if model is not None else None, ObjectiveConfig.from_dict(objective), "stored"
+    if model is None:
+        return None, None, None
+    if "moe" not in model:  # the flat layout recorded the objective inside the model config
+        legacy = ObjectiveConfig(objective=model.get("objective", "iddpm"), flow_t_scale=model.get("flow_t_scale", 1.0))
+        return DiTConfig.from_dict(model), legacy, "legacy"
+    return DiTConfig.from_dict(model), None, None
+
+
+def _clean_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    cleaned = {}
+    for key, value in state_dict.items():
+        for prefix in _STRIP_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        cleaned[key] = value
+    return cleaned
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load with weights_only=True: tensors and plain containers, never arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if refused is None:  # not a pickle at all, or a damaged one
+            raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint (not a valid pickle).") from None
+        what = f"a {refused.group(1)} object"
+        raise CheckpointError(
+            f"{path} holds {what}, which safe loading (weights_only) refuses to unpickle; if you trust the file, "
+            "re-save its state dict with torch.save(state_dict, path) and pass that."
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any other read failure means "not a checkpoint we read"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint ({first_line}).") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{path} is not a valid safetensors file ({err}).") from err
+    return tensors, metadata
+
+
+def _split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+
+
+def _latest_tag_dir(directory: Path) -> Path:
+    """The complete tag a results, checkpoints or tag dir names (the layout's one resolver)."""
+    tag_dir = layout.resolve_tag_dir(directory)
+    if tag_dir is None:
+        raise CheckpointError(
+            f"{directory} is a directory but not a DeepSpeed checkpoint: neither it nor a checkpoints/ dir in it "
+            f"holds a complete tag (a {layout.TAG_PREFIX}NNNNNNN dir with a {layout.COMPLETE_MARKER} file)."
+        )
+    return tag_dir
+
+
+def _read_deepspeed_dir(
+    directory: Path, prefer_ema: bool
+) -> tuple[Optional[dict], Optional[dict], dict[str, torch.Tensor]]:
+    """(stored model config dict, stored objective config dict, state dict) of the tag `directory` resolves to."""
+    tag_dir = _latest_tag_dir(directory)
+    configs = layout.read_model_config(tag_dir), layout.read_objective_config(tag_dir)
+    return (*configs, _read_deepspeed_weights(tag_dir, prefer_ema))
+
+
+def _read_deepspeed_weights(tag_dir: Path, prefer_ema: bool) -> dict[str, torch.Tensor]:
+    ema_file = tag_dir / layout.EMA_FILE
+    states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if ema_file.is_file() and (prefer_ema or not states):
+        return _read_safetensors(ema_file)[0]
+    if not states:
+        raise CheckpointError(f"{tag_dir} holds no model weights (no {layout.EMA_FILE} or mp_rank_*_model_states.pt).")
+    blob = torch.load(states[0], map_location="cpu", weights_only=False)
+    module = blob.get("module") if isinstance(blob, dict) else None
+    if not module:
+        raise CheckpointError(
+            f"{states[0]} holds ZeRO-3 partitioned weights only; export the run with the trainer "
+            "(`--export-only`) or convert it with DeepSpeed's zero_to_fp32.py first."
+        )
+    return {**_clean_keys(module), **_gather_expert_shards(tag_dir)}
+
+
+def _gather_expert_shards(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Full [E, ...] expert weights from an expert-parallel checkpoint's per-rank shards (none: {})."""
+    shards = []
+    while layout.expert_shard(tag_dir, len(shards)).is_file():
+        shards.append(_read_safetensors(layout.expert_shard(tag_dir, len(shards)))[0])
+    return {key: torch.cat([shard[key] for shard in shards]) for key in shards[0]} if shards else {}
+
+
+def read_checkpoint_file(path: str | os.PathLike, prefer_ema: bool = True) -> CheckpointContents:
+    """Read any supported checkpoint once: weights (EMA preferred) and the configs it records."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"Checkpoint {path} does not exist; pass the path of a .pt/.safetensors file or checkpoint directory."
+        )
+    if path.is_dir():
+        model, objective, state_dict = _read_deepspeed_dir(path, prefer_ema)
+    elif path.suffix == ".safetensors":
+        state_dict, metadata = _read_safetensors(path)
+        model, objective = (json.loads(metadata[key]) if key in metadata else None for key in ("config", "objective"))
+        if metadata.get("format") == EXPORT_FORMAT:
+            ema = _split_prefixed(state_dict, "ema.")
+            state_dict = ema if (prefer_ema and ema) else _split_prefixed(state_dict, "model.")
+    else:
+        model, objective, state_dict = _read_torch_file(path, prefer_ema)
+    return CheckpointContents(_clean_keys(state_dict), *_parse_configs(model, objective))
+
+
+def _read_torch_file(path: Path, prefer_ema: bool) -> tuple[Optional[dict], Optional[dict], dict[str, torch.Tensor]]:
+    """(model config dict, objective config dict, state dict) of a `.pt`: a state dict or a checkpoint dict."""
+    blob = _torch_load(path)
+    if not isinstance(blob, dict):
+        raise CheckpointError(f"{path} holds a {type(blob).__name__}, not a state dict or checkpoint dict.")
+    model, objective = (blob.get(key) if isinstance(blob.get(key), dict) else None for key in ("config", "objective"))
+    state_dict = blob
+    if "ema" in blob or "model" in blob or "module" in blob:
+        choice = ("ema", "model", "module") if prefer_ema else ("model", "module", "ema")
+        state_dict = next(blob[key] for key in choice if isinstance(blob.get(key), dict))
+    return model, objective, state_dict
