@@ -15,7 +15,7 @@ from dit_moe.models.router_expert_choice import THRESHOLD_MOMENTUM, ExpertChoice
 from dit_moe.models.router_sigmoid import SigmoidBiasRouter, update_expert_bias
 from dit_moe.routing import RoutingRecorder
 from dit_moe.routing.stats import count_routing
-from dit_moe.upcycle import UpcycleError, upcycle_state_dict
+from dit_moe.upcycle import UpcycleError, upcycle_moe_args, upcycle_state_dict
 
 
 def identity_gate(router):
@@ -206,11 +206,11 @@ def test_expert_choice_routing_statistics_count_only_taken_slots():
 def test_upcycling_into_the_sigmoid_bias_router_starts_at_the_dense_function():
     torch.manual_seed(0)
     dense = DiT_models["DiT-T/2"](input_size=4, in_channels=1, num_classes=3, num_experts=0)
-    config, state = upcycle_state_dict(dense.state_dict(), dense.config, 4, 2, router="sigmoid-bias")
+    config, state = upcycle_state_dict(dense.state_dict(), dense.config, upcycle_moe_args(4, 2, router="sigmoid-bias"))
     assert config.moe.router == "sigmoid-bias"
     moe = DiT(config)
     moe.load_state_dict(state, strict=True)
     x, t, y = torch.randn(2, 1, 4, 4), torch.tensor([10.0, 500.0]), torch.tensor([0, 2])
     torch.testing.assert_close(moe.eval()(x, t, y), dense.eval()(x, t, y))
     with pytest.raises(UpcycleError, match="expert choice may leave a token without experts"):
-        upcycle_state_dict(dense.state_dict(), dense.config, 4, 2, router="expert-choice")
+        upcycle_state_dict(dense.state_dict(), dense.config, upcycle_moe_args(4, 2, router="expert-choice"))

@@ -13,7 +13,15 @@ import torch.nn.functional as F
 from dit_moe.checkpoint import CheckpointError, infer_config, load_model, read_checkpoint_file, save_export
 from dit_moe.diffusion import ObjectiveConfig
 from dit_moe.models import DiT, DiTConfig
-from dit_moe.upcycle import UpcycleError, moe_layers_every, upcycle_checkpoint, upcycle_state_dict
+from dit_moe.upcycle import (
+    ExpertInit,
+    UpcycleError,
+    UpcycleRequest,
+    moe_layers_every,
+    upcycle_checkpoint,
+    upcycle_moe_args,
+    upcycle_state_dict,
+)
 
 from reference_dit import randomize_
 from tiny_dit import tiny_config
@@ -66,7 +74,7 @@ def _sha(path):
 def test_upcycled_equals_dense(config, experts):
     dense = _dense(config)
     before = {k: v.clone() for k, v in dense.state_dict().items()}
-    moe_config, state = upcycle_state_dict(dense.state_dict(), dense.config, *experts)
+    moe_config, state = upcycle_state_dict(dense.state_dict(), dense.config, upcycle_moe_args(*experts))
     assert (moe_config.num_experts, moe_config.moe.num_experts_per_tok) == experts
     assert (moe_config.moe.expert_type, moe_config.moe.n_shared_experts, moe_config.moe.norm_topk_prob) == (
         "gelu",
@@ -85,7 +93,9 @@ def test_upcycled_equals_dense(config, experts):
 def test_partial_upcycling_keeps_other_blocks_dense():
     dense = _dense()
     assert moe_layers_every(6, 2) == [1, 3, 5] and moe_layers_every(6, 1) == list(range(6))
-    moe_config, state = upcycle_state_dict(dense.state_dict(), dense.config, 4, 2, moe_layers=moe_layers_every(6, 2))
+    moe_config, state = upcycle_state_dict(
+        dense.state_dict(), dense.config, upcycle_moe_args(4, 2, moe_layers=moe_layers_every(6, 2))
+    )
     assert moe_config.moe.moe_layers == [1, 3, 5]
     assert "blocks.0.mlp.fc1.weight" in state and "blocks.1.mlp.fc1.weight" not in state
     assert state["blocks.1.moe.experts.fc1_weight"].shape == (4, 512, 128)
@@ -99,7 +109,9 @@ def test_expert_noise_breaks_symmetry_within_the_stated_bound():
     dense = _dense()
     results = {}
     for sigma in (0.0, 1e-3, 1e-2):
-        config, state = upcycle_state_dict(dense.state_dict(), dense.config, 4, 2, expert_noise=sigma)
+        config, state = upcycle_state_dict(
+            dense.state_dict(), dense.config, upcycle_moe_args(4, 2), ExpertInit(expert_noise=sigma)
+        )
         results[sigma] = (state, _build(config, state))
     noisy_state, noisy = results[1e-2]
     assert torch.equal(noisy_state["blocks.0.moe.gate.weight"], results[0.0][0]["blocks.0.moe.gate.weight"])
@@ -137,7 +149,7 @@ def test_training_after_upcycling_lowers_loss_and_experts_diverge():
     from dit_moe.diffusion import create_diffusion
 
     dense = _dense(CUSTOM.replace(learn_sigma=True))
-    config, state = upcycle_state_dict(dense.state_dict(), dense.config, 4, 2)  # router noise only
+    config, state = upcycle_state_dict(dense.state_dict(), dense.config, upcycle_moe_args(4, 2))  # router noise only
     moe = _build(config, state)
     diffusion = create_diffusion(timestep_respacing="", learn_sigma=True)
     x, _, y = _inputs(4)
@@ -195,15 +207,15 @@ def _swiglu_oracle():
 def test_swiglu_dense_source_upcycles_to_swiglu_experts(tmp_path):
     oracle, dense_state = _swiglu_oracle()
     dense_config = oracle.config.replace(num_experts=0)
-    moe_config, state = upcycle_state_dict(dense_state, dense_config, 4, 2)
+    moe_config, state = upcycle_state_dict(dense_state, dense_config, upcycle_moe_args(4, 2))
     assert moe_config.moe.expert_type == "swiglu" and state["blocks.0.moe.experts.gate_proj"].shape == (4, 96, 48)
     torch.testing.assert_close(_outputs(_build(moe_config, state), False), _outputs(oracle, False))
 
     torch.save(dense_state, tmp_path / "swiglu.pt")
-    upcycle_checkpoint(tmp_path / "swiglu.pt", tmp_path / "moe.pt", 4, 2)
+    upcycle_checkpoint(UpcycleRequest(tmp_path / "swiglu.pt", tmp_path / "moe.pt", upcycle_moe_args(4, 2)))
     torch.testing.assert_close(_outputs(load_model(tmp_path / "moe.pt"), False), _outputs(oracle, False))
     with pytest.raises(UpcycleError, match="Partial upcycling of a SwiGLU model"):
-        upcycle_state_dict(dense_state, dense_config, 4, 2, moe_layers=[1])
+        upcycle_state_dict(dense_state, dense_config, upcycle_moe_args(4, 2, moe_layers=[1]))
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -216,7 +228,9 @@ def test_own_export_round_trip_keeps_config(tmp_path, suffix):
         objective=ObjectiveConfig(objective="flow", flow_t_scale=1000.0),
     )
     digest = _sha(src)
-    _, moe_config, out = upcycle_checkpoint(src, tmp_path / f"moe{suffix}", 4, 2, moe_layers=[0, 2])
+    _, moe_config, out = upcycle_checkpoint(
+        UpcycleRequest(src, tmp_path / f"moe{suffix}", upcycle_moe_args(4, 2, moe_layers=[0, 2]))
+    )
     assert _sha(src) == digest
     stored = read_checkpoint_file(out)
     assert stored.model_config == moe_config and stored.model_config.qk_norm
@@ -281,31 +295,31 @@ def test_errors_are_one_clear_sentence(tmp_path, capsys):
     out = tmp_path / "moe.pt"
 
     with pytest.raises(UpcycleError, match="--model DiT-S/2 does not match .* holds DiT-T/2; pass --model DiT-T/2"):
-        upcycle_checkpoint(tmp_path / "dense.pt", out, 4, 2, model="DiT-S/2")
+        upcycle_checkpoint(UpcycleRequest(tmp_path / "dense.pt", out, model="DiT-S/2"))
     with pytest.raises(UpcycleError, match="num_experts_per_tok=5 exceeds num_experts=4"):
-        upcycle_checkpoint(tmp_path / "dense.pt", out, 4, 5)
+        upcycle_checkpoint(UpcycleRequest(tmp_path / "dense.pt", out, upcycle_moe_args(4, 5)))
     with pytest.raises(UpcycleError, match="top-1 would scale"):
-        upcycle_state_dict(dense.state_dict(), dense.config, 4, 1)
+        upcycle_state_dict(dense.state_dict(), dense.config, upcycle_moe_args(4, 1))
     with pytest.raises(UpcycleError, match="--image-size 256 does not match .* pass --image-size 64"):
-        upcycle_checkpoint(tmp_path / "dense.pt", out, 4, 2, image_size=256)
+        upcycle_checkpoint(UpcycleRequest(tmp_path / "dense.pt", out, image_size=256))
     with pytest.raises(UpcycleError, match="moe_layers \\[6\\] must be a non-empty subset of blocks 0..5"):
-        upcycle_state_dict(dense.state_dict(), dense.config, 4, 2, moe_layers=[6])
+        upcycle_state_dict(dense.state_dict(), dense.config, upcycle_moe_args(4, 2, moe_layers=[6]))
     assert not out.exists()
 
-    config, state = upcycle_state_dict(dense.state_dict(), dense.config, 4, 2)
+    config, state = upcycle_state_dict(dense.state_dict(), dense.config, upcycle_moe_args(4, 2))
     save_export(tmp_path / "moe_export.pt", config, state)
     torch.save(state, tmp_path / "moe_plain.pt")
     for already in ("moe_export.pt", "moe_plain.pt"):
         with pytest.raises(UpcycleError, match="already an MoE model"):
-            upcycle_checkpoint(tmp_path / already, out, 4, 2)
+            upcycle_checkpoint(UpcycleRequest(tmp_path / already, out))
 
     torch.save({"encoder.weight": torch.zeros(3)}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not a DiT checkpoint"):
-        upcycle_checkpoint(tmp_path / "foreign.pt", out, 4, 2)
+        upcycle_checkpoint(UpcycleRequest(tmp_path / "foreign.pt", out))
     odd = {k.replace(".mlp.fc1.", ".mlp.w1."): v for k, v in dense.state_dict().items()}
     torch.save(odd, tmp_path / "odd.pt")
     with pytest.raises(UpcycleError, match="Block 0 has no dense MLP this tool knows"):
-        upcycle_checkpoint(tmp_path / "odd.pt", out, 4, 2)
+        upcycle_checkpoint(UpcycleRequest(tmp_path / "odd.pt", out))
 
     cli = _cli()
     with pytest.raises(SystemExit) as exit_info:

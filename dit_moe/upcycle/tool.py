@@ -10,7 +10,8 @@ from typing import Optional, Sequence
 
 from ..cli import flag, parse_int_list, run_main
 from ..models import DiT_models
-from .transform import DEFAULT_AUX_LOSS_COEF, ROUTER_INIT_STD, UPCYCLE_ROUTERS, upcycle_checkpoint
+from .request import UpcycleRequest, upcycle_checkpoint
+from .transform import DEFAULT_AUX_LOSS_COEF, ROUTER_INIT_STD, UPCYCLE_ROUTERS, ExpertInit, upcycle_moe_args
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -28,7 +29,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"must match the checkpoint when given; one of {', '.join(sorted(DiT_models))}",
     )
-    parser.add_argument(*flag("num-experts"), type=int, default=8)
+    parser.add_argument(*flag("num-experts"), type=int, default=8, help="routed experts per MoE block (default 8)")
     parser.add_argument(*flag("num-experts-per-tok"), type=int, default=2, help="top-k, at least 2")
     parser.add_argument(
         *flag("image-size"),
@@ -47,23 +48,43 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         default=0.0,
         help="relative noise per expert copy: W + sigma * std(W) * N(0,1); 0: exact copies",
     )
-    parser.add_argument(*flag("router-init-std"), type=float, default=ROUTER_INIT_STD)
-    parser.add_argument(*flag("aux-loss-coef"), type=float, default=DEFAULT_AUX_LOSS_COEF)
+    parser.add_argument(
+        *flag("router-init-std"),
+        type=float,
+        default=ROUTER_INIT_STD,
+        help="std of the new router weights (default 1e-3)",
+    )
+    parser.add_argument(
+        *flag("aux-loss-coef"), type=float, default=DEFAULT_AUX_LOSS_COEF, help="load-balancing loss coefficient"
+    )
     parser.add_argument(*flag("router"), choices=UPCYCLE_ROUTERS, default="topk", help="the MoE model's router")
-    parser.add_argument(*flag("seed"), type=int, default=0)
+    parser.add_argument(*flag("seed"), type=int, default=0, help="seeds the router and expert-noise draws")
     return parser
+
+
+def request_from_args(args: argparse.Namespace) -> UpcycleRequest:
+    """The UpcycleRequest a parsed command line describes."""
+    moe = upcycle_moe_args(
+        args.num_experts,
+        args.num_experts_per_tok,
+        router=args.router,
+        aux_loss_coef=args.aux_loss_coef,
+        moe_layers=args.moe_layers,
+    )
+    init = ExpertInit(expert_noise=args.expert_noise, router_init_std=args.router_init_std, seed=args.seed)
+    checks = {key: getattr(args, key) for key in ("model", "image_size", "input_size", "num_classes", "num_heads")}
+    return UpcycleRequest(args.ckpt, args.out, moe=moe, init=init, moe_every=args.moe_every, **checks)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "upcycle.py") -> int:
     """Parse, upcycle, print what was written; bad input exits 2 with one sentence on stderr."""
-    args = vars(build_parser(prog).parse_args(argv))
-    src, out = args.pop("ckpt"), args.pop("out")
+    args = build_parser(prog).parse_args(argv)
 
     def work() -> None:
-        dense, moe, path = upcycle_checkpoint(src, out, **args)
+        dense, moe, path = upcycle_checkpoint(request_from_args(args))
         blocks = "all" if moe.moe.moe_layers is None else ",".join(map(str, moe.moe.moe_layers))
         print(
-            f"Upcycled {src} ({dense.depth} blocks, width {dense.hidden_size}) -> {path}: "
+            f"Upcycled {args.ckpt} ({dense.depth} blocks, width {dense.hidden_size}) -> {path}: "
             f"{moe.num_experts} {moe.moe.expert_type} experts, top-{moe.moe.num_experts_per_tok}, MoE blocks {blocks}."
         )
 

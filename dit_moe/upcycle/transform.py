@@ -28,21 +28,20 @@ relatively sigma-perturbed weights; that difference is O(sigma) (first order in 
 perturbation), and so is the change of the whole network's output.
 
 The transform is pure (`upcycle_state_dict`: state dict in, state dict out, no files, no
-forward); `upcycle_checkpoint` adds reading any supported dense file and writing an export
-that `dit_moe.checkpoint.load_model`, sample.py and the trainer's `--init-from` read.
+forward); `dit_moe.upcycle.request.upcycle_checkpoint` adds reading any supported dense file and
+writing an export that `dit_moe.checkpoint.load_model`, sample.py and the trainer's `--init-from` read.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import re
-from pathlib import Path
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 
-from ..checkpoint import infer_config, read_checkpoint_file, save_export
-from ..models import MODEL_SIZES, DiT_models, DiTConfig, preset_name
+from ..models import DiTConfig, MoEArgs
 from ..models.experts import GELU_KEYS, SWIGLU_KEYS
 
 ROUTER_INIT_STD = 1e-3
@@ -52,7 +51,6 @@ UPCYCLE_ROUTERS = ("topk", "sigmoid-bias")  # the routers whose upcycled model c
 # (the per-expert suffixes of experts.py are exactly the dense MLP's parameter names).
 DENSE_LAYOUTS = {"gelu": GELU_KEYS, "swiglu": SWIGLU_KEYS}
 _MLP_KEY = re.compile(r"^blocks\.(\d+)\.mlp\.(.+)$")
-_WIDTHS = {hidden for _, hidden, _ in MODEL_SIZES.values()}
 
 
 class UpcycleError(ValueError):
@@ -79,7 +77,7 @@ def dense_ffn_layout(state: dict[str, torch.Tensor], block: int) -> str:
     )
 
 
-def _require_dense(config: DiTConfig, state: dict[str, torch.Tensor]) -> None:
+def require_dense(config: DiTConfig, state: dict[str, torch.Tensor]) -> None:
     if config.moe is not None or any(".moe." in key for key in state):
         raise UpcycleError(
             "This checkpoint is already an MoE model (it has blocks.N.moe.* weights); "
@@ -116,37 +114,44 @@ def _expert_copies(weight: torch.Tensor, num_experts: int, noise: float, generat
     return copies.to(weight.dtype).contiguous()
 
 
-def upcycle_state_dict(
-    dense_state: dict[str, torch.Tensor],
-    dense_config: DiTConfig,
-    num_experts: int,
-    num_experts_per_tok: int,
-    moe_layers: Optional[Sequence[int]] = None,
-    expert_noise: float = 0.0,
-    router_init_std: float = ROUTER_INIT_STD,
-    seed: int = 0,
-    aux_loss_coef: float = DEFAULT_AUX_LOSS_COEF,
-    router: str = "topk",
-) -> tuple[DiTConfig, dict[str, torch.Tensor]]:
-    """Turn a dense DiT state dict into a DiT-MoE one computing the same function (see the module doc).
+@dataclass(frozen=True)
+class ExpertInit:
+    """How the upcycled router and expert copies start (see the module doc)."""
 
-    `moe_layers`: block indices to upcycle (None: all); the others keep their dense `mlp`.
-    Dense GELU MLPs become GELU experts (`expert_type="gelu"`), dense SwiGLU MLPs SwiGLU experts.
-    Every other tensor is passed through unchanged (the same tensor objects, never modified);
-    all randomness comes from a generator seeded with `seed`. Returns (moe_config, moe_state).
-    """
-    _require_dense(dense_config, dense_state)
-    _check_routing(num_experts, num_experts_per_tok, router)
-    if expert_noise < 0 or router_init_std < 0:
+    expert_noise: float = 0.0  # relative noise per expert copy: W + sigma * std(W) * N(0, 1); 0: exact copies
+    router_init_std: float = ROUTER_INIT_STD  # router weights ~ N(0, std^2)
+    seed: int = 0  # seeds every random draw of the transform
+
+    def __post_init__(self) -> None:
+        if self.expert_noise < 0 or self.router_init_std < 0:
+            raise UpcycleError(
+                f"expert_noise={self.expert_noise} and router_init_std={self.router_init_std} must be >= 0; "
+                "they are standard deviations."
+            )
+
+
+def upcycle_moe_args(num_experts: int = 8, num_experts_per_tok: int = 2, **fields: Any) -> MoEArgs:
+    """The MoE shape an upcycled model can have: renormalised top-k, no shared experts, full-width
+    experts (their type is set from the dense MLP); `fields` sets router, aux_loss_coef, moe_layers..."""
+    _check_routing(num_experts, num_experts_per_tok, fields.get("router", "topk"))
+    values = {"n_shared_experts": 0, "norm_topk_prob": True, "aux_loss_coef": DEFAULT_AUX_LOSS_COEF, **fields}
+    return MoEArgs(num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, **values)
+
+
+def _check_moe(moe: MoEArgs) -> None:
+    """The MoE shapes whose upcycled model computes the dense function at step 0."""
+    _check_routing(moe.num_experts, moe.num_experts_per_tok, moe.router)
+    if moe.n_shared_experts or moe.num_shared_experts or not moe.norm_topk_prob or moe.expert_width_ratio != 1:
         raise UpcycleError(
-            f"expert_noise={expert_noise} and router_init_std={router_init_std} must be >= 0; "
-            "they are standard deviations."
+            "An upcycled model has no shared experts, renormalised top-k weights and full-width experts "
+            "(n_shared_experts=0, num_shared_experts=None, norm_topk_prob=True, expert_width_ratio=1); "
+            "build its MoE shape with upcycle_moe_args."
         )
-    depth, hidden = dense_config.depth, dense_config.hidden_size
-    layers = list(range(depth)) if moe_layers is None else sorted({int(i) for i in moe_layers})
-    if not layers or not all(0 <= i < depth for i in layers):
-        raise UpcycleError(f"moe_layers {list(moe_layers or [])} must be a non-empty subset of blocks 0..{depth - 1}.")
 
+
+def _dense_kind(dense_state: dict[str, torch.Tensor], config: DiTConfig, layers: list[int]) -> str:
+    """The one dense MLP layout of every block ("gelu" or "swiglu"), checked against the config's width."""
+    depth, hidden = config.depth, config.hidden_size
     kinds = {dense_ffn_layout(dense_state, i) for i in range(depth)}
     if len(kinds) > 1:
         raise UpcycleError("The blocks mix GELU and SwiGLU dense MLPs; this tool upcycles one layout per model.")
@@ -156,16 +161,39 @@ def upcycle_state_dict(
             "Partial upcycling of a SwiGLU model would leave SwiGLU dense blocks, which DiT cannot build; "
             "upcycle all blocks (drop --moe-layers / --moe-every)."
         )
-    layout = DENSE_LAYOUTS[kind]
-    first_suffix = next(iter(layout.values()))  # fc1.weight or gate_proj.weight: [I, C]
+    first_suffix = next(iter(DENSE_LAYOUTS[kind].values()))  # fc1.weight or gate_proj.weight: [I, C]
     widths = {dense_state[f"blocks.{i}.mlp.{first_suffix}"].shape[0] for i in range(depth)}
     intermediate = widths.pop()
-    if widths or int(dense_config.mlp_ratio * hidden) != intermediate:
+    if widths or int(config.mlp_ratio * hidden) != intermediate:
         raise UpcycleError(
-            f"The dense MLP widths {sorted(widths | {intermediate})} do not match mlp_ratio={dense_config.mlp_ratio} "
+            f"The dense MLP widths {sorted(widths | {intermediate})} do not match mlp_ratio={config.mlp_ratio} "
             f"x hidden {hidden}; pass the config the checkpoint was trained with."
         )
+    return kind
 
+
+def _moe_blocks(depth: int, moe_layers: Optional[Sequence[int]]) -> list[int]:
+    layers = list(range(depth)) if moe_layers is None else sorted({int(i) for i in moe_layers})
+    if not layers or not all(0 <= i < depth for i in layers):
+        raise UpcycleError(f"moe_layers {list(moe_layers or [])} must be a non-empty subset of blocks 0..{depth - 1}.")
+    return layers
+
+
+def upcycle_state_dict(
+    dense_state: dict[str, torch.Tensor], dense_config: DiTConfig, moe: MoEArgs, init: ExpertInit = ExpertInit()
+) -> tuple[DiTConfig, dict[str, torch.Tensor]]:
+    """Turn a dense DiT state dict into a DiT-MoE one of shape `moe` computing the same function
+    (see the module doc).
+
+    `moe.moe_layers`: block indices to upcycle (None: all); the others keep their dense `mlp`.
+    Dense GELU MLPs become GELU experts, dense SwiGLU MLPs SwiGLU experts (whatever `moe.expert_type`
+    says). Every other tensor is passed through unchanged (the same tensor objects, never modified);
+    all randomness comes from a generator seeded with `init.seed`. Returns (moe_config, moe_state).
+    """
+    require_dense(dense_config, dense_state)
+    _check_moe(moe)
+    layers = _moe_blocks(dense_config.depth, moe.moe_layers)
+    kind = _dense_kind(dense_state, dense_config, layers)
     upcycled = set(layers)
     moe_state = {
         key: value
@@ -173,141 +201,19 @@ def upcycle_state_dict(
         if not ((m := _MLP_KEY.match(key)) and int(m.group(1)) in upcycled)
     }
     # Routers first, from their own draws, so the routing does not depend on expert_noise.
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(init.seed)
     for i in layers:
         # fp32 like the router's numerics; load_state_dict copies into the model's dtype anyway.
-        router_weight = torch.randn(num_experts, hidden, generator=generator)
-        moe_state[f"blocks.{i}.moe.gate.weight"] = router_init_std * router_weight
-        if router == "sigmoid-bias":
-            moe_state[f"blocks.{i}.moe.gate.expert_bias"] = torch.zeros(num_experts)
+        router_weight = torch.randn(moe.num_experts, dense_config.hidden_size, generator=generator)
+        moe_state[f"blocks.{i}.moe.gate.weight"] = init.router_init_std * router_weight
+        if moe.router == "sigmoid-bias":
+            moe_state[f"blocks.{i}.moe.gate.expert_bias"] = torch.zeros(moe.num_experts)
     for i in layers:
-        for stacked, suffix in layout.items():
+        for stacked, suffix in DENSE_LAYOUTS[kind].items():
             dense = dense_state[f"blocks.{i}.mlp.{suffix}"]
-            moe_state[f"blocks.{i}.moe.experts.{stacked}"] = _expert_copies(dense, num_experts, expert_noise, generator)
-
-    moe_config = dense_config.replace(
-        num_experts=num_experts,
-        num_experts_per_tok=num_experts_per_tok,
-        n_shared_experts=0,
-        expert_type=kind,
-        norm_topk_prob=True,
-        moe_layers=None if len(layers) == depth else layers,
-        aux_loss_coef=aux_loss_coef,
-        router=router,
+            copies = _expert_copies(dense, moe.num_experts, init.expert_noise, generator)
+            moe_state[f"blocks.{i}.moe.experts.{stacked}"] = copies
+    moe_args = dataclasses.replace(
+        moe, expert_type=kind, moe_layers=None if len(layers) == dense_config.depth else layers
     )
-    return moe_config, moe_state
-
-
-def _infer_dense_config(state: dict[str, torch.Tensor], num_heads: Optional[int]) -> DiTConfig:
-    """infer_config for a dense file, SwiGLU dense MLPs included.
-
-    infer_config reads the MLP width from `mlp.fc1.weight` only; a SwiGLU `mlp.gate_proj.weight`
-    has the same [I, C] shape, so it stands in for it in a shallow key view.
-    """
-    embed = state.get("x_embedder.proj.weight")
-    if embed is not None and not any(".moe." in key for key in state):
-        dense_ffn_layout(state, 0)  # an unknown MLP layout fails here, with a sentence
-        if num_heads is None and embed.shape[0] not in _WIDTHS and "blocks.0.attn.q_norm.weight" not in state:
-            raise UpcycleError(
-                f"Cannot infer the head count of a width-{embed.shape[0]} model from its weights; pass --num-heads."
-            )
-    view = dict(state)
-    for key, value in state.items():
-        if key.endswith(".mlp.gate_proj.weight"):
-            view.setdefault(key.replace(".mlp.gate_proj.", ".mlp.fc1."), value)
-    return infer_config(view, num_heads=num_heads)  # None: inferred from the width or q_norm
-
-
-def _check_request(
-    config: DiTConfig,
-    src: Path,
-    model: Optional[str],
-    image_size: Optional[int],
-    input_size: Optional[int],
-    num_classes: Optional[int],
-) -> None:
-    """Flags that describe the source must agree with what the file holds."""
-    name = preset_name(config)
-    if model is not None:
-        if model not in DiT_models:
-            raise UpcycleError(f"Unknown --model {model!r}; choose one of {sorted(DiT_models)}.")
-        if model != name:
-            shape = f"depth {config.depth}, width {config.hidden_size}, patch {config.patch_size}"
-            held = name or f"a custom model ({shape})"
-            fix = f"pass --model {name} or drop --model" if name else "drop --model"
-            raise UpcycleError(f"--model {model} does not match {src}, which holds {held}; {fix}.")
-    if image_size is not None:
-        # 4 channels: an SD-VAE latent (8x downsampling, DiT's convention); otherwise pixel space.
-        latent = image_size // 8 if config.in_channels == 4 else image_size
-        if latent != config.input_size:
-            expected = config.input_size * 8 if config.in_channels == 4 else config.input_size
-            raise UpcycleError(
-                f"--image-size {image_size} does not match {src}, which was trained at input size "
-                f"{config.input_size} (image size {expected}); pass --image-size {expected} or drop it."
-            )
-    if input_size is not None and input_size != config.input_size:
-        raise UpcycleError(
-            f"--input-size {input_size} does not match {src}, whose input size is {config.input_size}; "
-            f"pass --input-size {config.input_size} or drop it."
-        )
-    if num_classes is not None and num_classes != config.num_classes:
-        raise UpcycleError(
-            f"--num-classes {num_classes} does not match {src}, which has {config.num_classes} classes; "
-            f"pass --num-classes {config.num_classes} or drop it."
-        )
-
-
-def upcycle_checkpoint(
-    src_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    num_experts: int,
-    num_experts_per_tok: int,
-    *,
-    model: Optional[str] = None,
-    image_size: Optional[int] = None,
-    input_size: Optional[int] = None,
-    num_classes: Optional[int] = None,
-    num_heads: Optional[int] = None,
-    moe_layers: Optional[Sequence[int]] = None,
-    moe_every: Optional[int] = None,
-    expert_noise: float = 0.0,
-    router_init_std: float = ROUTER_INIT_STD,
-    seed: int = 0,
-    aux_loss_coef: float = DEFAULT_AUX_LOSS_COEF,
-    router: str = "topk",
-) -> tuple[DiTConfig, DiTConfig, Path]:
-    """Upcycle the dense checkpoint at `src_path` (EMA weights when it has them) into an export at `out_path`.
-
-    Reads every format `read_checkpoint_file` reads (official DiT state dict, train.py dict, our
-    exports, DeepSpeed dirs); the architecture comes from the file's stored config or its
-    tensor shapes. `model`, `image_size` (pixels; input size = image_size // 8 for a
-    4-channel latent model, image_size otherwise), `input_size` and `num_classes` are
-    checked against the file. `num_heads` is needed only for non-preset widths. The export
-    (`.safetensors` by suffix, else a torch `.pt`) holds the weights, the MoE config and the
-    source's objective config when it records one; the source file is only read. Returns (dense_config, moe_config, written path).
-    """
-    src, out = Path(src_path), Path(out_path)
-    if out.exists() and src.exists() and out.resolve() == src.resolve():
-        raise UpcycleError(f"--out {out} is the source checkpoint; write the upcycled model to another path.")
-    if moe_layers is not None and moe_every is not None:
-        raise UpcycleError("Pass either --moe-layers or --moe-every, not both.")
-    contents = read_checkpoint_file(src, prefer_ema=True)
-    stored, state = contents.model_config, contents.state_dict
-    dense_config = stored if stored is not None else _infer_dense_config(state, num_heads)
-    _require_dense(dense_config, state)
-    _check_request(dense_config, src, model, image_size, input_size, num_classes)
-    if moe_every is not None:
-        moe_layers = moe_layers_every(dense_config.depth, moe_every)
-    moe_config, moe_state = upcycle_state_dict(
-        state,
-        dense_config,
-        num_experts,
-        num_experts_per_tok,
-        moe_layers=moe_layers,
-        expert_noise=expert_noise,
-        router_init_std=router_init_std,
-        seed=seed,
-        aux_loss_coef=aux_loss_coef,
-        router=router,
-    )
-    return dense_config, moe_config, save_export(out, moe_config, moe_state, objective=contents.objective)
+    return dense_config.replace(moe=moe_args), moe_state
