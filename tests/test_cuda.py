@@ -18,8 +18,9 @@ from dit_moe.models.attention import Attention, flash_attn_available
 from dit_moe.models.config import MoEArgs
 from dit_moe.models.experts import GroupedExperts
 from dit_moe.models.moe import MoEFeedForward
-from dit_moe.routing import collect_routing
+from dit_moe.routing import RoutingRequest, collect_routing
 from dit_moe.routing.stats import load_counts
+from dit_moe.sampling import SamplingOptions, SamplingRequest
 from dit_moe.sampling.grid import main as sample_main
 
 from trainer_runs import REPO, losses, train_cmd
@@ -174,16 +175,9 @@ def test_sample_py_on_the_device_draws_the_cpu_images(tiny_export, tmp_path):
 
 def test_routing_collection_on_the_device(tiny_export, tmp_path):
     """The routing recorder on the device sees every token of every MoE layer at every step, top-k each."""
-    out = collect_routing(
-        tiny_export,
-        tmp_path / "routing.npz",
-        vae_path="none",
-        classes=[0, 3],
-        samples_per_class=2,
-        num_steps=3,
-        device=str(DEVICE),
-        progress=False,
-    )
+    sampling = SamplingRequest(tiny_export, vae_path="none", options=SamplingOptions(num_steps=3), device=str(DEVICE))
+    request = RoutingRequest(sampling, classes=[0, 3], samples_per_class=2, progress=False)
+    out = collect_routing(request, tmp_path / "routing.npz")
     counts = load_counts(str(out))
     tokens_per_layer = 2 * 2 * 3 * 16  # classes x samples x steps x (8 / 2)^2 patches (conditional half)
     assert counts.expert_totals.shape == (len(counts.moe_layers), 4)

@@ -1,6 +1,7 @@
 """Routing analysis: recorded routing equals a routing known by construction, recording changes no
 output, hooks go away, chunks spill to disk, bad routing files fail in one sentence, plots and CLIs run."""
 
+import dataclasses
 import json
 import runpy
 import sys
@@ -20,7 +21,8 @@ from dit_moe.routing import (
     RoutingFile,
     RoutingFileError,
     RoutingRecorder,
-    analyse_checkpoint,
+    RoutingRequest,
+    analyse_routing,
     class_heatmap,
     count_routing,
     load_counts,
@@ -31,7 +33,7 @@ from dit_moe.routing import (
     summarize,
 )
 from dit_moe.routing.plots import timestep_bins
-from dit_moe.sampling import SamplingOptions, build_sampling_objective, sample_images
+from dit_moe.sampling import SamplingOptions, SamplingRequest, build_sampling_objective, sample_images
 
 from tiny_dit import tiny_config, tiny_model
 
@@ -434,9 +436,9 @@ def test_analysis_scripts_run_on_a_checkpoint(tiny_export, tmp_path, monkeypatch
 
 
 def test_analyse_checkpoint_writes_everything(tiny_export, tmp_path):
-    paths = analyse_checkpoint(
-        tiny_export, tmp_path / "out", classes=[0, 1], samples_per_class=1, num_steps=2, cfg_scale=1.0, progress=False
-    )
+    options = SamplingOptions(num_steps=2, cfg_scale=1.0)
+    request = RoutingRequest(SamplingRequest(tiny_export, options=options), classes=[0, 1], samples_per_class=1)
+    paths = analyse_routing(dataclasses.replace(request, progress=False), tmp_path / "out")
     assert set(paths) == {"routing", "class", "patch", "patch_experts", "step", "summary_json", "summary_txt"}
     assert all(Path(p).is_file() and Path(p).stat().st_size > 0 for p in paths.values())
     assert "entropy" in Path(paths["summary_txt"]).read_text()
@@ -446,4 +448,4 @@ def test_dense_checkpoint_is_refused(tmp_path):
     model = DiT(tiny_config(in_channels=3))
     ckpt = save_export(tmp_path / "dense.safetensors", model.config, model.state_dict())
     with pytest.raises(ValueError, match="dense DiT"):
-        analyse_checkpoint(ckpt, tmp_path / "out", progress=False)
+        analyse_routing(RoutingRequest.for_checkpoint(ckpt, progress=False), tmp_path / "out")

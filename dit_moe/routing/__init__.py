@@ -5,7 +5,7 @@
     rec.save("routing.npz")                          # per-token expert ids, tagged rows
     counts = load_counts("routing.npz")              # class / position / timestep histograms
     fig = class_heatmap(counts)                      # also step_heatmap, patch_*_heatmap
-    paths = analyse_checkpoint("model.pt", "out/")   # everything for a checkpoint in one call
+    paths = analyse_routing(RoutingRequest.for_checkpoint("model.pt"), "out/")   # everything in one call
 
 Files: recorder.py (hooks, buffering), store.py (the .npz format, validation),
 stats.py (counts, summary), plots.py (heatmaps), collect.py (sampling through the prepare
@@ -14,12 +14,11 @@ the analysis/ scripts).
 """
 
 from .collect import (
-    analyse_checkpoint,
-    analyse_request,
+    RoutingRequest,
+    analyse_routing,
     collect_routing,
     default_classes,
     plot_routing,
-    record_routing,
     write_summary,
 )
 from .plots import class_heatmap, panel_axes, patch_dominant_heatmap, patch_expert_heatmap, save_figure, step_heatmap
@@ -44,10 +43,9 @@ __all__ = [
     "patch_expert_heatmap",
     "panel_axes",
     "save_figure",
+    "RoutingRequest",
     "collect_routing",
-    "record_routing",
-    "analyse_checkpoint",
-    "analyse_request",
+    "analyse_routing",
     "plot_routing",
     "write_summary",
     "default_classes",

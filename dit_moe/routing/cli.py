@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 from ..cli import flag, parse_int_list, parse_optional_int_list, run_main
 from ..sampling.flags import add_sampling_flags, request_from_args
-from .collect import analyse_request, record_routing, write_summary
+from .collect import RoutingRequest, analyse_routing, collect_routing, write_summary
 from .plots import class_heatmap, patch_dominant_heatmap, patch_expert_heatmap, save_figure, step_heatmap
 from .stats import load_counts
 
@@ -98,8 +98,10 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _recording(args: argparse.Namespace) -> dict:
-    return dict(
+def routing_request(args: argparse.Namespace) -> RoutingRequest:
+    """The RoutingRequest a parsed `collect` or `all` command line describes."""
+    return RoutingRequest(
+        request_from_args(args),
         classes=args.classes,
         samples_per_class=args.samples_per_class,
         seed=args.seed,
@@ -111,10 +113,10 @@ def _recording(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> None:
     """Carry out one parsed command, printing what it wrote."""
     if args.command == "collect":
-        path = record_routing(request_from_args(args), args.out, **_recording(args))
+        path = collect_routing(routing_request(args), args.out)
         print(f"Saved routing of every token to {path}")
     elif args.command == "all":
-        paths = analyse_request(request_from_args(args), args.out_dir, **_recording(args))
+        paths = analyse_routing(routing_request(args), args.out_dir)
         print(Path(paths["summary_txt"]).read_text(), end="")
         print("Wrote " + ", ".join(str(p) for p in paths.values()))
     elif args.command == "summary":

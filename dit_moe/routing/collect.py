@@ -1,7 +1,8 @@
 """Sample from a checkpoint with the routing recorder attached, and the one-call analysis.
 
-    path = collect_routing("model.pt", "routing.npz", classes=[0, 1, 2], samples_per_class=8)
-    paths = analyse_checkpoint("model.pt", "routing_out/")   # routing file, heatmaps, summary
+    request = RoutingRequest.for_checkpoint("model.pt", classes=[0, 1, 2], samples_per_class=8)
+    path = collect_routing(request, "routing.npz")
+    paths = analyse_routing(request, "routing_out/")   # routing file, heatmaps, summary
 
 Loading, the objective and every check are the sampling prepare step's
 (dit_moe.sampling.prepare), and sampling is `sample_images`, as for `sample.py`, so the
@@ -16,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from ..sampling import PreparedSampler, SamplingOptions, SamplingRequest, prepare_sampling
+from ..sampling import PreparedSampler, SamplingRequest, prepare_sampling
 from ..utils.atomic import write_text
 from ..utils.errors import UserError
 from .plots import class_heatmap, patch_dominant_heatmap, patch_expert_heatmap, save_figure, step_heatmap
@@ -35,79 +36,77 @@ def default_classes(num_classes: int, count: int = 10) -> list[int]:
     return list(range(0, num_classes, max(1, num_classes // count)))[:count]
 
 
-def collect_routing(
-    ckpt: str | os.PathLike,
-    out: str | os.PathLike,
-    vae_path: Optional[str] = None,
-    classes: Optional[Sequence[int]] = None,
-    samples_per_class: int = 2,
-    num_steps: Optional[int] = None,
-    sampler: Optional[str] = None,
-    cfg_scale: Optional[float] = None,
-    seed: int = 0,
-    batch_size: int = 32,
-    record_uncond: bool = False,
-    device: Optional[str] = None,
-    dtype: str = "fp32",
-    max_memory_mb: float = 256.0,
-    progress: bool = True,
-) -> Path:
-    """Sample `samples_per_class` images of each class from `ckpt` and write the routing of every token to `out`.
+@dataclass(frozen=True)
+class RoutingRequest:
+    """One routing collection: what to sample (a SamplingRequest: checkpoint, codec, sampler, steps,
+    guidance, device) and which samples to record."""
 
-    `classes` defaults to `default_classes(num_classes)`; `num_steps` and `sampler` default to
-    the objective's (IDDPM: ddpm, 250; flow: euler, 50). Returns the routing file's path.
-    """
-    options = SamplingOptions(sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale)
-    request = SamplingRequest(ckpt, vae_path=vae_path, options=options, dtype=dtype, device=device)
-    return record_routing(
-        request, out, classes, samples_per_class, seed, batch_size, record_uncond, max_memory_mb, progress
-    )
+    sampling: SamplingRequest
+    classes: Optional[Sequence[int]] = None  # None: default_classes(num_classes)
+    samples_per_class: int = 2
+    seed: int = 0  # sample i has seed `seed + i`
+    batch_size: int = 32
+    record_uncond: bool = False  # with guidance, also record the unconditional half
+    max_memory_mb: float = 256.0  # the recorder's buffer before it spills rows to disk
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.samples_per_class < 1 or self.batch_size < 1:
+            raise UserError(
+                f"samples_per_class and batch_size must be positive, got {self.samples_per_class} and "
+                f"{self.batch_size}."
+            )
+
+    @classmethod
+    def for_checkpoint(cls, ckpt: str | os.PathLike, **fields: Any) -> "RoutingRequest":
+        """A request for `ckpt` with the sampling prepare step's defaults (vae from the file, the
+        objective's sampler and steps, fp32 on the default device)."""
+        return cls(SamplingRequest(ckpt), **fields)
 
 
-def record_routing(
-    request: SamplingRequest,
-    out: str | os.PathLike,
-    classes: Optional[Sequence[int]] = None,
-    samples_per_class: int = 2,
-    seed: int = 0,
-    batch_size: int = 32,
-    record_uncond: bool = False,
-    max_memory_mb: float = 256.0,
-    progress: bool = True,
-) -> Path:
-    """`collect_routing` for a sampling request (what `python -m dit_moe.routing collect` parses)."""
-    if samples_per_class < 1 or batch_size < 1:
-        raise UserError(f"samples_per_class and batch_size must be positive, got {samples_per_class} and {batch_size}.")
-    prepared = prepare_sampling(request)
+def collect_routing(request: RoutingRequest, out: str | os.PathLike) -> Path:
+    """Sample `samples_per_class` images of each class and write the routing of every token to `out`
+    (what `python -m dit_moe.routing collect` does); returns the routing file's path."""
+    prepared = prepare_sampling(request.sampling)
     if not prepared.model.moe_blocks:
-        raise UserError(f"{request.ckpt} is a dense DiT (no MoE layers), so it has no routing to analyse.")
+        raise UserError(f"{request.sampling.ckpt} is a dense DiT (no MoE layers), so it has no routing to analyse.")
     num_classes = prepared.config.num_classes
-    classes = prepared.check_labels(default_classes(num_classes) if classes is None else classes, "--classes")
-    labels = [c for c in classes for _ in range(samples_per_class)]
-    recorder = RoutingRecorder(prepared.model, record_uncond=record_uncond, max_memory_mb=max_memory_mb)
+    wanted = default_classes(num_classes) if request.classes is None else request.classes
+    classes = prepared.check_labels(wanted, "--classes")
+    labels = [c for c in classes for _ in range(request.samples_per_class)]
+    recorder = RoutingRecorder(prepared.model, record_uncond=request.record_uncond, max_memory_mb=request.max_memory_mb)
     try:
         with recorder:
-            _sample_recorded(prepared, recorder, labels, seed, batch_size, progress)
-        return recorder.save(
-            out,
-            ckpt=str(Path(request.ckpt).resolve()),
-            vae_path=prepared.vae_path,
-            classes=classes,
-            samples_per_class=samples_per_class,
-            seed=seed,
-            objective=prepared.objective_name,
-            sampling=dict(
-                asdict(prepared.options), sampler=prepared.sampler, num_steps=prepared.num_steps, dtype=request.dtype
-            ),
-        )
+            _sample_recorded(prepared, recorder, labels, request)
+        return recorder.save(out, **_provenance(request, prepared, classes))
     finally:
         recorder.close()
 
 
+def _provenance(request: RoutingRequest, prepared: PreparedSampler, classes: list[int]) -> dict[str, Any]:
+    """What the routing file records about how its samples were drawn."""
+    sampling = dict(
+        asdict(prepared.options),
+        sampler=prepared.sampler,
+        num_steps=prepared.num_steps,
+        dtype=request.sampling.dtype,
+    )
+    return dict(
+        ckpt=str(Path(request.sampling.ckpt).resolve()),
+        vae_path=prepared.vae_path,
+        classes=classes,
+        samples_per_class=request.samples_per_class,
+        seed=request.seed,
+        objective=prepared.objective_name,
+        sampling=sampling,
+    )
+
+
 def _sample_recorded(
-    prepared: PreparedSampler, recorder: RoutingRecorder, labels: list[int], seed: int, batch_size: int, progress: bool
+    prepared: PreparedSampler, recorder: RoutingRecorder, labels: list[int], request: RoutingRequest
 ) -> None:
     """Sample `labels` (sample i with seed `seed + i`) in batches, tagging each step's forwards for `recorder`."""
+    seed, batch_size, progress = request.seed, request.batch_size, request.progress
     batches = [range(i, min(i + batch_size, len(labels))) for i in range(0, len(labels), batch_size)]
     bar = tqdm(total=len(batches) * prepared.num_steps, desc="routing", unit="step", disable=not progress)
 
@@ -145,33 +144,12 @@ def plot_routing(routing: str | os.PathLike, out_dir: str | os.PathLike, bins: i
     return paths
 
 
-def analyse_checkpoint(
-    ckpt: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    vae_path: Optional[str] = None,
-    classes: Optional[Sequence[int]] = None,
-    samples_per_class: int = 2,
-    num_steps: Optional[int] = 20,
-    sampler: Optional[str] = None,
-    cfg_scale: Optional[float] = None,
-    seed: int = 0,
-    device: Optional[str] = None,
-    progress: bool = True,
-) -> dict[str, Path]:
-    """Record routing while sampling from `ckpt`, then write heatmaps and summary into `out_dir`.
+def analyse_routing(request: RoutingRequest, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Record routing while sampling, then write heatmaps and summary into `out_dir` (what
+    `python -m dit_moe.routing all` does).
 
     Returns paths by name: "routing" (routing.npz), "class", "patch", "patch_experts", "step"
     (PNGs), "summary_json", "summary_txt".
     """
-    options = SamplingOptions(sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale)
-    request = SamplingRequest(ckpt, vae_path=vae_path, options=options, device=device)
-    return analyse_request(
-        request, out_dir, classes=classes, samples_per_class=samples_per_class, seed=seed, progress=progress
-    )
-
-
-def analyse_request(request: SamplingRequest, out_dir: str | os.PathLike, **recording) -> dict[str, Path]:
-    """`analyse_checkpoint` for a sampling request (what `python -m dit_moe.routing all` parses);
-    `recording` takes `record_routing`'s options (classes, samples_per_class, seed, batch_size, ...)."""
-    routing = record_routing(request, Path(out_dir) / "routing.npz", **recording)
+    routing = collect_routing(request, Path(out_dir) / "routing.npz")
     return {"routing": routing, **plot_routing(routing, out_dir)}

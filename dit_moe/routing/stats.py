@@ -63,70 +63,90 @@ class RoutingCounts:
         return slots
 
 
-def count_routing(chunks: Iterable[dict[str, np.ndarray]], meta: dict, source: str = "the recording") -> RoutingCounts:
-    """Accumulate RoutingCounts over row chunks (from RoutingRecorder.chunks or RoutingFile.chunks)."""
-    E, k, layers = int(meta["num_experts"]), int(meta["top_k"]), list(meta["moe_layers"])
-    L = len(layers)
-    timesteps = np.asarray(meta["timesteps"], dtype=np.float32)
-    grid = tuple(meta["grid_size"]) if meta.get("grid_size") else None
-    num_classes = int(meta["num_classes"])
-    P = grid[0] * grid[1] if grid else int(meta.get("num_positions", 0))
-    if P < 1:
-        raise RoutingFileError(f"{source} records neither a patch grid nor a number of positions; re-record it.")
-    chunks = iter(chunks)
-    first = next(chunks, None)
-    if first is None:
-        raise RoutingFileError(f"{source} holds no token rows; record at least one forward.")
-    C1, U = num_classes + 1, len(timesteps)
-    by_class = np.zeros(L * C1 * E, np.int64)
-    by_position = np.zeros(L * P * E, np.int64)
-    by_timestep = np.zeros(L * max(U, 1) * E, np.int64)
-    tokens_by_class, tokens_by_position = np.zeros(C1, np.int64), np.zeros(P, np.int64)
-    tokens_by_timestep = np.zeros(max(U, 1), np.int64)
-    weight_sum = np.zeros(L * E, np.float64) if "weights" in first else None
-    layer_offset = np.arange(L).reshape(1, L, 1)  # broadcasts over [R, L, k]
-    num_tokens = 0
-    for chunk in _prepend(first, chunks):
+class _Tally:
+    """Running histograms of routed tokens: per (layer, class | position | timestep, expert)."""
+
+    def __init__(self, meta: dict, source: str, with_weights: bool):
+        self.E, self.k, self.layers = int(meta["num_experts"]), int(meta["top_k"]), list(meta["moe_layers"])
+        self.timesteps = np.asarray(meta["timesteps"], dtype=np.float32)
+        self.grid = tuple(meta["grid_size"]) if meta.get("grid_size") else None
+        self.num_classes, self.source = int(meta["num_classes"]), source
+        self.empty_slots = bool(meta.get("empty_slots"))
+        self.P = self.grid[0] * self.grid[1] if self.grid else int(meta.get("num_positions", 0))
+        if self.P < 1:
+            raise RoutingFileError(f"{source} records neither a patch grid nor a number of positions; re-record it.")
+        L, E, self.C1, self.U = len(self.layers), self.E, self.num_classes + 1, len(self.timesteps)
+        self.by_class = np.zeros(L * self.C1 * E, np.int64)
+        self.by_position = np.zeros(L * self.P * E, np.int64)
+        self.by_timestep = np.zeros(L * max(self.U, 1) * E, np.int64)
+        self.tokens_by_class, self.tokens_by_position = np.zeros(self.C1, np.int64), np.zeros(self.P, np.int64)
+        self.tokens_by_timestep = np.zeros(max(self.U, 1), np.int64)
+        self.weight_sum = np.zeros(L * E, np.float64) if with_weights else None
+        self.layer_offset = np.arange(L).reshape(1, L, 1)  # broadcasts over [R, L, k]
+        self.num_tokens = 0
+
+    def add(self, chunk: dict[str, np.ndarray]) -> None:
+        E, C1, P, L, source = self.E, self.C1, self.P, len(self.layers), self.source
         ids = chunk["ids"].astype(np.int64)
         label, position = chunk["label"].astype(np.int64), chunk["position"].astype(np.int64)
-        _check_range(ids, E + bool(meta.get("empty_slots")), "expert ids", source)
+        _check_range(ids, E + self.empty_slots, "expert ids", source)
         _check_range(label, C1, "labels", source)
         _check_range(position, P, "patch positions", source)
         routed = ids < E  # [R, L, k]; False: an empty slot
-        num_tokens += len(label)
-        by_class += _bincount(((layer_offset * C1 + label[:, None, None]) * E + ids), L * C1 * E, routed)
-        by_position += _bincount(((layer_offset * P + position[:, None, None]) * E + ids), L * P * E, routed)
-        tokens_by_class += np.bincount(label, minlength=C1)
-        tokens_by_position += np.bincount(position, minlength=P)
-        known = np.isfinite(chunk["timestep"])
-        if U and known.any():
-            index = np.searchsorted(timesteps, chunk["timestep"][known])
-            if (index >= U).any() or not np.array_equal(timesteps[np.minimum(index, U - 1)], chunk["timestep"][known]):
-                raise RoutingFileError(f"{source} has timestep tags that its metadata does not list; re-record it.")
-            by_timestep += _bincount(
-                ((layer_offset * U + index[:, None, None]) * E + ids[known]), L * U * E, routed[known]
-            )
-            tokens_by_timestep += np.bincount(index, minlength=U)
-        if weight_sum is not None:
+        self.num_tokens += len(label)
+        self.by_class += _bincount(((self.layer_offset * C1 + label[:, None, None]) * E + ids), L * C1 * E, routed)
+        self.by_position += _bincount(((self.layer_offset * P + position[:, None, None]) * E + ids), L * P * E, routed)
+        self.tokens_by_class += np.bincount(label, minlength=C1)
+        self.tokens_by_position += np.bincount(position, minlength=P)
+        self._add_timesteps(chunk, ids, routed)
+        if self.weight_sum is not None:
             weights = chunk["weights"].astype(np.float64)
-            weight_sum += np.bincount((layer_offset * E + ids)[routed], weights=weights[routed], minlength=L * E)
-    return RoutingCounts(
-        num_experts=E,
-        top_k=k,
-        moe_layers=layers,
-        num_classes=num_classes,
-        grid_size=grid,
-        timesteps=timesteps,
-        by_class=by_class.reshape(L, C1, E),
-        by_position=by_position.reshape(L, P, E),
-        by_timestep=by_timestep.reshape(L, max(U, 1), E)[:, :U],
-        tokens_by_class=tokens_by_class,
-        tokens_by_position=tokens_by_position,
-        tokens_by_timestep=tokens_by_timestep[:U],
-        weight_sum=None if weight_sum is None else weight_sum.reshape(L, E),
-        num_tokens=num_tokens,
-        source=source,
-    )
+            flat = (self.layer_offset * E + ids)[routed]
+            self.weight_sum += np.bincount(flat, weights=weights[routed], minlength=L * E)
+
+    def _add_timesteps(self, chunk: dict[str, np.ndarray], ids: np.ndarray, routed: np.ndarray) -> None:
+        known = np.isfinite(chunk["timestep"])
+        U, E, L = self.U, self.E, len(self.layers)
+        if not U or not known.any():
+            return
+        index = np.searchsorted(self.timesteps, chunk["timestep"][known])
+        if (index >= U).any() or not np.array_equal(self.timesteps[np.minimum(index, U - 1)], chunk["timestep"][known]):
+            raise RoutingFileError(f"{self.source} has timestep tags that its metadata does not list; re-record it.")
+        flat = (self.layer_offset * U + index[:, None, None]) * E + ids[known]
+        self.by_timestep += _bincount(flat, L * U * E, routed[known])
+        self.tokens_by_timestep += np.bincount(index, minlength=U)
+
+    def counts(self) -> RoutingCounts:
+        L, E, U = len(self.layers), self.E, self.U
+        return RoutingCounts(
+            num_experts=E,
+            top_k=self.k,
+            moe_layers=self.layers,
+            num_classes=self.num_classes,
+            grid_size=self.grid,
+            timesteps=self.timesteps,
+            by_class=self.by_class.reshape(L, self.C1, E),
+            by_position=self.by_position.reshape(L, self.P, E),
+            by_timestep=self.by_timestep.reshape(L, max(U, 1), E)[:, :U],
+            tokens_by_class=self.tokens_by_class,
+            tokens_by_position=self.tokens_by_position,
+            tokens_by_timestep=self.tokens_by_timestep[:U],
+            weight_sum=None if self.weight_sum is None else self.weight_sum.reshape(L, E),
+            num_tokens=self.num_tokens,
+            source=self.source,
+        )
+
+
+def count_routing(chunks: Iterable[dict[str, np.ndarray]], meta: dict, source: str = "the recording") -> RoutingCounts:
+    """Accumulate RoutingCounts over row chunks (from RoutingRecorder.chunks or RoutingFile.chunks)."""
+    chunks = iter(chunks)
+    first = next(chunks, None)
+    tally = _Tally(meta, source, with_weights=first is not None and "weights" in first)
+    if first is None:
+        raise RoutingFileError(f"{source} holds no token rows; record at least one forward.")
+    for chunk in _prepend(first, chunks):
+        tally.add(chunk)
+    return tally.counts()
 
 
 def load_counts(path: str) -> RoutingCounts:
