@@ -8,7 +8,7 @@ import torch
 from dit_moe.models.compile import compile_model
 from dit_moe.models.config import MoEArgs
 from dit_moe.models.moe import MoEFeedForward
-from dit_moe.train.build import build_model
+from dit_moe.train.build import build_training_model
 from dit_moe.train.config import load_config
 
 from tiny_dit import tiny_model
@@ -75,10 +75,12 @@ def test_dropless_moe_layer_compiles_to_one_graph():
 def test_compile_flag_reaches_the_model_and_keeps_its_keys():
     cfg = load_config(["--model", "DiT-T/2", "--num-experts", "4", "--compile", "blocks"])
     assert cfg.run.compile == "blocks"
-    model = build_model(cfg, cfg.model.architecture(8, 4, 10))
+    model = build_training_model(cfg, cfg.model.architecture(8, 4, 10))
     assert all(block._compiled_call_impl is not None for block in model.blocks)
     assert model._compiled_call_impl is None
-    plain = build_model(load_config(["--model", "DiT-T/2", "--num-experts", "4"]), cfg.model.architecture(8, 4, 10))
+    plain = build_training_model(
+        load_config(["--model", "DiT-T/2", "--num-experts", "4"]), cfg.model.architecture(8, 4, 10)
+    )
     assert plain.blocks[0]._compiled_call_impl is None
     assert list(compile_model(plain, "model").state_dict()) == list(model.state_dict())
     assert plain._compiled_call_impl is not None

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dit_moe.diffusion import DrawSpec, Objective, create_diffusion
-from dit_moe.diffusion.timesteps import LossSecondMomentTimesteps, UniformTimesteps
+from dit_moe.diffusion.timesteps import LossSecondMomentTimesteps, UniformIndexTimesteps
 from dit_moe.train.distributed import RankSlice
 
 from trainer_runs import free_port
@@ -46,7 +46,7 @@ def test_two_ranks_keep_the_history_one_process_would():
 
 
 def test_samplers_that_do_not_learn_are_not_fed():
-    sampler = UniformTimesteps(T)
+    sampler = UniformIndexTimesteps(T)
     sampler.update = lambda t, losses: pytest.fail("a non-adaptive sampler was fed losses")
     gather = lambda local: pytest.fail("a non-adaptive sampler cost a collective")  # noqa: E731
     objective_with(sampler, gather=gather).observe(GLOBAL_T, GLOBAL_LOSS)

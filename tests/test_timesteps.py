@@ -11,8 +11,8 @@ from dit_moe.diffusion import (
     LogitNormalTimesteps,
     LossSecondMomentTimesteps,
     SpeeDiTTimesteps,
-    UniformTimesteps,
-    UniformTimeTimesteps,
+    UniformFlowTimesteps,
+    UniformIndexTimesteps,
     build_objective,
     create_diffusion,
 )
@@ -171,7 +171,7 @@ def test_speed_rejects_a_boundary_outside_the_process_and_a_schedule_without_a_f
 
 
 def test_uniform_discrete():
-    t, w = UniformTimesteps(1000).sample(50000, "cpu")
+    t, w = UniformIndexTimesteps(1000).sample(50000, "cpu")
     assert t.min() >= 0 and t.max() <= 999 and torch.equal(w, torch.ones(50000))
     assert abs(t.double().mean().item() - 499.5) < 4 * 288.7 / math.sqrt(50000)
 
@@ -199,5 +199,5 @@ def test_flow_time_samplers():
     t, w = LogitNormalTimesteps(mean=0.5, std=0.3).sample(50000, "cpu")
     logit = torch.log(t / (1 - t))
     assert abs(logit.mean().item() - 0.5) < 0.01 and abs(logit.std().item() - 0.3) < 0.01
-    t, _ = UniformTimeTimesteps().sample(50000, "cpu")
+    t, _ = UniformFlowTimesteps().sample(50000, "cpu")
     assert t.min() >= 0 and t.max() < 1 and abs(t.mean().item() - 0.5) < 0.006

@@ -15,8 +15,8 @@ from .timesteps import (
     SpeeDiTTimesteps,
     SpeeDTimesteps,
     TimestepSampler,
-    UniformTimesteps,
-    UniformTimeTimesteps,
+    UniformFlowTimesteps,
+    UniformIndexTimesteps,
 )
 
 __all__ = [
@@ -36,10 +36,10 @@ __all__ = [
     "euler",
     "heun",
     "TimestepSampler",
-    "UniformTimesteps",
+    "UniformIndexTimesteps",
     "SpeeDiTTimesteps",
     "SpeeDTimesteps",
     "LossSecondMomentTimesteps",
     "LogitNormalTimesteps",
-    "UniformTimeTimesteps",
+    "UniformFlowTimesteps",
 ]

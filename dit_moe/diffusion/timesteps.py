@@ -54,7 +54,7 @@ class TimestepSampler:
         """Feed back the unweighted per-sample losses at t; a no-op unless the sampler adapts."""
 
 
-class UniformTimesteps(TimestepSampler):
+class UniformIndexTimesteps(TimestepSampler):
     """t uniform over 0..T-1, weight 1: DiT's ``torch.randint(0, T, (N,))``."""
 
     def __init__(self, num_timesteps: int):
@@ -205,7 +205,7 @@ class LogitNormalTimesteps(TimestepSampler):
         return t, torch.ones(batch_size, device=device)
 
 
-class UniformTimeTimesteps(TimestepSampler):
+class UniformFlowTimesteps(TimestepSampler):
     """t uniform in [0, 1), weight 1: rectified flow without the logit-normal (DiT-MoE ln=False)."""
 
     def sample(self, batch_size, device):
@@ -219,7 +219,7 @@ CONTINUOUS_SAMPLERS = ("logit-normal", "uniform")
 def build_discrete_sampler(name: str, alphas_cumprod: np.ndarray) -> TimestepSampler:
     """An IDDPM timestep sampler by name, for a process with these alpha_bar."""
     if name == "uniform":
-        return UniformTimesteps(len(alphas_cumprod))
+        return UniformIndexTimesteps(len(alphas_cumprod))
     if name == "speedit":
         return SpeeDiTTimesteps(alphas_cumprod)
     if name == "speed":
@@ -234,5 +234,5 @@ def build_continuous_sampler(name: str) -> TimestepSampler:
     if name == "logit-normal":
         return LogitNormalTimesteps()
     if name == "uniform":
-        return UniformTimeTimesteps()
+        return UniformFlowTimesteps()
     raise ValueError(f"unknown timestep sampler {name!r} for flow: use one of {', '.join(CONTINUOUS_SAMPLERS)}")

@@ -63,7 +63,7 @@ def _flags_for(trained: ObjectiveConfig, keys: list[str]) -> str:
     return " ".join(flags.get(key, f"--{key.replace('_', '-')} {getattr(trained, key)}") for key in keys)
 
 
-def build_model(cfg: TrainConfig, config: DiTConfig, init: Optional[CheckpointContents] = None) -> DiT:
+def build_training_model(cfg: TrainConfig, config: DiTConfig, init: Optional[CheckpointContents] = None) -> DiT:
     """Same weights on every rank (ZeRO-3 partitions each rank's own copy), from --init-from (`init`) if given."""
     torch.manual_seed(cfg.run.seed)
     model = DiT(config)

@@ -29,7 +29,7 @@ from ..models import DiTConfig
 from ..models.router_sigmoid import update_expert_bias
 from ..parallel import ExpertParallel
 from . import engine as engine_lib
-from .build import build_model, build_model_config
+from .build import build_model_config, build_training_model
 from .config import BatchPlan, TrainConfig
 from .disk import CheckpointSpace
 from .distributed import RankSlice, StopRequest
@@ -104,7 +104,7 @@ def setup(cfg: TrainConfig) -> Run:
     codec = build_codec(cfg.data).to(device) if loader.needs_encoding else None
     init = read_checkpoint_file(cfg.model.init_from) if cfg.model.init_from else None  # read once: may be GBs
     model_config = build_model_config(cfg, loader.input_channels, loader.input_size, loader.num_classes, init)
-    model = build_model(cfg, model_config, init)
+    model = build_training_model(cfg, model_config, init)
     del init
     ep = engine_lib.setup_expert_parallel(model, cfg.run.ep_size)
     ranks = RankSlice(rank, world_size)
