@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from dit_moe.data import DataConfig, LatentShardStream, NpyFeatureDataset, build_train_loader
 from dit_moe.data.extract import ExtractConfig, parse_args, run_extraction
 from dit_moe.data.folder import ImageFolderDataset
+from dit_moe.data.latents import LatentView
 from dit_moe.data.shards import Manifest, decode_sample, read_shard, shard_name, write_shard
 from dit_moe.data.vae import load_codec
 
@@ -148,7 +149,9 @@ def _synthetic_shards(root, sizes, latent_shape=(2, 2, 2), std=0.0):
 
 
 def _epoch_indices(root, rank, world_size, num_workers, seed=0):
-    stream = LatentShardStream(str(root), rank, world_size, seed, shuffle_buffer=5, scale_factor=1.0, num_epochs=1)
+    stream = LatentShardStream(
+        str(root), rank, world_size, seed, shuffle_buffer=5, view=LatentView(scale_factor=1.0), num_epochs=1
+    )
     return [int(i) for _, _, i in DataLoader(stream, batch_size=None, num_workers=num_workers)]
 
 
@@ -164,7 +167,7 @@ def test_stream_is_deterministic_and_samples_flip_and_noise(tmp_path):
     _synthetic_shards(tmp_path, [6] * 4)
     assert _epoch_indices(tmp_path, 0, 1, 0, seed=1) == _epoch_indices(tmp_path, 0, 1, 0, seed=1)
     assert _epoch_indices(tmp_path, 0, 1, 0, seed=1) != _epoch_indices(tmp_path, 0, 1, 0, seed=2)
-    stream = LatentShardStream(str(tmp_path), scale_factor=0.5, num_epochs=2)
+    stream = LatentShardStream(str(tmp_path), view=LatentView(scale_factor=0.5), num_epochs=2)
     views = {}
     for latent, label, index in stream:
         assert torch.allclose(latent.abs(), torch.full_like(latent, 0.5 * (index + 1)))  # std = 0: exactly the mean
@@ -176,7 +179,9 @@ def test_stream_is_deterministic_and_samples_flip_and_noise(tmp_path):
 
 def test_stream_samples_from_std(tmp_path):
     _synthetic_shards(tmp_path, [4], latent_shape=(1, 8, 8), std=1.0)
-    latent, _, index = next(iter(LatentShardStream(str(tmp_path), scale_factor=1.0, random_flip=False)))
+    latent, _, index = next(
+        iter(LatentShardStream(str(tmp_path), view=LatentView(random_flip=False, scale_factor=1.0)))
+    )
     noise = latent - (index + 1)
     assert 0.5 < noise.std() < 1.5
 

@@ -34,7 +34,7 @@ class DataConfig:
     meant there, and digits when neither path is given.
     """
 
-    dataset: str = "auto"
+    dataset: str = "auto"  # auto|digits|folder|latents|npy (see the class doc); auto: from the paths given
     data_path: Optional[str] = None  # image folder ("folder")
     features_path: Optional[str] = None  # shards ("latents") / fast-DiT folder ("npy"); defaults to data_path
     vae_path: Optional[str] = None  # AutoencoderKL folder, ema|mse or a hub id (fetched), "none": pixels

@@ -132,8 +132,8 @@ def _encode_batches(loader, indices, codec, device, progress):
         progress.update(len(x))
 
 
-def parse_args(argv=None) -> ExtractConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dit_moe.data.extract", description=__doc__.split("\n\n")[0])
     parser.add_argument(*flag("data-path"), required=True, help="image folder, one sub-folder per class")
     parser.add_argument(
         *flag("vae-path"),
@@ -148,12 +148,21 @@ def parse_args(argv=None) -> ExtractConfig:
         required=True,
         help="output folder for the shards and manifest.json",
     )
-    parser.add_argument(*flag("image-size"), type=int, default=256)
-    parser.add_argument(*flag("shard-size"), type=int, default=1000)
-    parser.add_argument(*flag("batch-size"), type=int, default=32)
-    parser.add_argument(*flag("num-workers"), type=int, default=4)
-    parser.add_argument(*flag("vae-scale-factor"), type=float, default=SD_VAE_SCALE_FACTOR)
-    args = parser.parse_args(argv)
+    parser.add_argument(*flag("image-size"), type=int, default=256, help="ADM centre crop side in pixels (default 256)")
+    parser.add_argument(*flag("shard-size"), type=int, default=1000, help="samples per webdataset shard")
+    parser.add_argument(*flag("batch-size"), type=int, default=32, help="images per VAE forward")
+    parser.add_argument(*flag("num-workers"), type=int, default=4, help="image-decoding worker processes")
+    parser.add_argument(
+        *flag("vae-scale-factor"),
+        type=float,
+        default=SD_VAE_SCALE_FACTOR,
+        help="latent scale recorded in the manifest (SD VAE: 0.18215)",
+    )
+    return parser
+
+
+def parse_args(argv=None) -> ExtractConfig:
+    args = build_parser().parse_args(argv)
     return ExtractConfig(
         args.data_path,
         resolve_vae(args.vae_path),

@@ -16,6 +16,7 @@ current epoch by reading (not decoding) raw samples.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -40,6 +41,15 @@ def worker_batches_before(batches: int, worker: int, num_workers: int) -> int:
     return max(0, -(-(batches - worker) // num_workers))
 
 
+@dataclass(frozen=True)
+class LatentView:
+    """How a stored (mean, std) pair becomes a training latent."""
+
+    random_flip: bool = True  # horizontal flip of half the samples (the flipped view's stored moments)
+    sample_latents: bool = True  # draw mean + std * eps; False: the mean
+    scale_factor: float = 0.18215  # latents are multiplied by it (the manifest's VAE scale)
+
+
 class LatentShardStream(IterableDataset):
     """Infinite (or `num_epochs`-long) stream of (latent (C, H, W) float32 scaled, label, dataset index).
 
@@ -54,9 +64,7 @@ class LatentShardStream(IterableDataset):
         world_size: int = 1,
         seed: int = 0,
         shuffle_buffer: int = 1000,
-        random_flip: bool = True,
-        sample_latents: bool = True,
-        scale_factor: float = 0.18215,
+        view: LatentView = LatentView(),
         num_epochs: Optional[int] = None,
     ):
         self.manifest = Manifest.load(features_path)
@@ -65,7 +73,7 @@ class LatentShardStream(IterableDataset):
         self.features_path = features_path
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer = max(1, shuffle_buffer)
-        self.random_flip, self.sample_latents, self.scale_factor = random_flip, sample_latents, scale_factor
+        self.view = view
         self.num_epochs = num_epochs
         self.start_batch, self.batch_size = 0, 1
         self._slot_counts: Dict[Tuple[int, int, int], int] = {}
@@ -111,11 +119,11 @@ class LatentShardStream(IterableDataset):
     def _decode(self, raw: dict, epoch: int) -> Tuple[torch.Tensor, int, int]:
         index, mean, std, label = self.manifest.decode(raw)
         rng = np.random.default_rng([self.seed, epoch, index])
-        view = int(self.random_flip and rng.random() < 0.5)  # 0: plain, 1: flipped
+        view = int(self.view.random_flip and rng.random() < 0.5)  # 0: plain, 1: flipped
         latent = mean[view].astype(np.float32)
-        if self.sample_latents:
+        if self.view.sample_latents:
             latent = latent + std[view].astype(np.float32) * rng.standard_normal(latent.shape, dtype=np.float32)
-        return torch.from_numpy(latent * np.float32(self.scale_factor)), label, index
+        return torch.from_numpy(latent * np.float32(self.view.scale_factor)), label, index
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, int, int]]:
         info = get_worker_info()

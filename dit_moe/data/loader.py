@@ -22,7 +22,7 @@ from dit_moe.data.config import DataConfig
 from dit_moe.data.digits import NUM_DIGIT_CLASSES, DigitsDataset
 from dit_moe.data.folder import ImageFolderDataset
 from dit_moe.data.integrity import DataIntegrityError, without_worker_traceback
-from dit_moe.data.latents import LatentShardStream, check_enough_shards, worker_batches_before
+from dit_moe.data.latents import LatentShardStream, LatentView, check_enough_shards, worker_batches_before
 from dit_moe.data.npy_features import NpyFeatureDataset
 from dit_moe.data.shards import Manifest
 from dit_moe.data.vae import load_codec, vae_geometry
@@ -279,9 +279,7 @@ def build_train_loader(
             world_size,
             seed,
             cfg.shuffle_buffer,
-            cfg.random_flip,
-            cfg.sample_latents,
-            manifest.scale_factor,
+            LatentView(cfg.random_flip, cfg.sample_latents, manifest.scale_factor),
         )
         if manifest.image_size != cfg.image_size:
             raise ValueError(

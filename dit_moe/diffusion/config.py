@@ -26,7 +26,7 @@ class ObjectiveConfig:
     objective: str = "iddpm"  # "iddpm" (DiT) or "flow" (rectified flow, DiT-MoE's --rf True)
     noise_schedule: str = "linear"  # IDDPM beta schedule: "linear" (DiT) or "cosine"
     diffusion_steps: int = 1000  # IDDPM training steps
-    timestep_sampler: str = "auto"  # auto: uniform (iddpm) / logit-normal (flow); or speedit, ...
+    timestep_sampler: str = "auto"  # auto: uniform (iddpm) / logit-normal (flow); iddpm: uniform, speedit, speed, loss-second-moment; flow: logit-normal, uniform
     flow_t_scale: float = 1.0  # DiT-MoE feeds raw t in (0, 1); 1000 matches the embedder range
 
     def __post_init__(self) -> None:

@@ -30,7 +30,7 @@ def _add_inception_flags(parser: argparse.ArgumentParser) -> None:
         help="inception-2015-12-05.pt (NVIDIA's TorchScript FID network) or the folder holding it",
     )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument(*flag("batch-size"), type=int, default=64)
+    parser.add_argument(*flag("batch-size"), type=int, default=64, help="images per Inception forward")
 
 
 def _write_json(path: Optional[str], results: dict) -> None:
@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     fid.set_defaults(run=_fid)
 
     stats = commands.add_parser("stats", help="precompute reference statistics (mu, sigma) of an image .npz")
-    stats.add_argument("--images", required=True)
-    stats.add_argument("--out", required=True)
+    stats.add_argument("--images", required=True, help="image batch .npz (arr_0 uint8 NHWC)")
+    stats.add_argument("--out", required=True, help="statistics .npz to write (mu, sigma)")
     _add_inception_flags(stats)
     stats.set_defaults(run=_stats)
 
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--samples", required=True, help="sample batch .npz with labels (arr_1)")
     digits.add_argument("--seed", type=int, default=0, help="classifier training seed")
     digits.add_argument(*flag("cache-dir"), default=None, help="keep the fitted classifier here")
-    digits.add_argument("--json", default=None)
+    digits.add_argument("--json", default=None, help="also write the scores to this JSON file")
     digits.set_defaults(run=_digits)
     return parser
 

@@ -40,13 +40,13 @@ def _add_collect_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         *flag("classes"), type=parse_int_list, default=None, help="e.g. 0,1,2 (default: up to 10 evenly spaced)"
     )
-    parser.add_argument(*flag("samples-per-class"), type=int, default=2)
+    parser.add_argument(*flag("samples-per-class"), type=int, default=2, help="samples recorded per class")
     parser.add_argument(
         *flag("record-uncond"),
         action="store_true",
         help="also record CFG's unconditional half (tagged with the null label)",
     )
-    parser.add_argument(*flag("batch-size"), type=int, default=32)
+    parser.add_argument(*flag("batch-size"), type=int, default=32, help="images per forward")
 
 
 def _add_routing_input(parser: argparse.ArgumentParser, out_help: str) -> None:

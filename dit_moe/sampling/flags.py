@@ -67,7 +67,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser, zero_setup: bool = False
         choices=sorted(DiT_models),
         metavar="NAME",
         default=None,
-        help="for DiT's command line: must match the checkpoint's architecture when given",
+        help="for DiT's command line: must match the checkpoint's architecture when given "
+        "(`python -m dit_moe.models` lists the presets)",
     )
     parser.add_argument(
         *flag("image-size"), type=int, default=None, help="pixels; checked against the checkpoint and VAE"

@@ -153,13 +153,32 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_sampling_flags(parser)
-    parser.add_argument(*flag("num-samples"), *flag("num-fid-samples"), dest="num_samples", type=int, default=50_000)
+    parser.add_argument(
+        *flag("num-samples"),
+        *flag("num-fid-samples"),
+        dest="num_samples",
+        type=int,
+        default=50_000,
+        help="images to sample over all ranks (default 50,000, the FID convention)",
+    )
     parser.add_argument(
         *flag("out"), *flag("sample-dir"), dest="out", required=True, help="folder for the PNGs (resumable)"
     )
     parser.add_argument(*flag("npz"), default=None, help="where to write the .npz (default: OUT.npz)")
-    parser.add_argument(*flag("batch-size"), *flag("per-proc-batch-size"), dest="batch_size", type=int, default=32)
-    parser.add_argument(*flag("label-mode"), choices=LABEL_MODES, default="cycle")
+    parser.add_argument(
+        *flag("batch-size"),
+        *flag("per-proc-batch-size"),
+        dest="batch_size",
+        type=int,
+        default=32,
+        help="images per forward on each rank",
+    )
+    parser.add_argument(
+        *flag("label-mode"),
+        choices=LABEL_MODES,
+        default="cycle",
+        help="cycle: image i has class i mod num_classes (balanced); random: a uniform draw per image from seed + i (DiT's sample_ddp.py)",
+    )
     return parser
 
 

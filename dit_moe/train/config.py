@@ -23,10 +23,12 @@ import yaml
 
 from ..cli import flag, parse_bool, parse_optional_int_list
 from ..data import DataConfig
-from ..diffusion.config import ObjectiveConfig
+from ..data.config import DATASETS
+from ..diffusion.config import NOISE_SCHEDULES, OBJECTIVES, ObjectiveConfig
 from ..hub import resolve_vae
 from ..models import DiT_models, DiTConfig, MoEArgs, preset_config
 from ..models.compile import check_mode as check_compile_mode
+from ..models.config import ATTENTION_BACKENDS, EXPERT_TYPES, GROUPED_GEMM_MODES, ROUTERS
 
 # Architecture fields the --model preset sets (None: the preset's value) and those the data sets.
 PRESET_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads")
@@ -53,7 +55,9 @@ TRAINING_FIELDS = (
 class ModelChoice:
     """The model section's own fields; `ModelSection` adds every DiTConfig / MoEArgs field to them."""
 
-    model: str = "DiT-S/2"  # registry name, e.g. "DiT-XL/2"; "DiT-T/2" for laptops
+    model: str = (
+        "DiT-S/2"  # registry name, e.g. "DiT-XL/2"; "DiT-T/2" for laptops; `python -m dit_moe.models` lists all
+    )
     init_from: Optional[str] = None  # weights to start from (export, upcycled model, DiT .pt)
     # MaskDiT: encoder on 1 - mask_ratio of the patches, a dense decoder over all of them.
     mask_ratio: float = 0.0  # 0: no masking (MaskDiT trains at 0.5, fine-tunes at 0)
@@ -101,20 +105,20 @@ ARCHITECTURE_FIELDS = tuple(name for name, _, _ in _ARCHITECTURE)
 
 @dataclass
 class RunSection:
-    deepspeed_config: str = "config/zero2.json"
+    deepspeed_config: str = "config/zero2.json"  # DeepSpeed JSON: engine settings only (ZeRO, precision, AdamW)
     precision: str = "auto"  # auto: the DeepSpeed config's on GPU, fp32 on CPU; fp32|bf16|fp16
     global_batch_size: Optional[int] = None  # micro x accumulation x world size
     micro_batch_size: Optional[int] = None  # per process; DiT-MoE's --train_batch_size
-    grad_accum_steps: Optional[int] = None
+    grad_accum_steps: Optional[int] = None  # micro-batches per optimizer step; None: global / (micro x world size)
     lr: Optional[float] = None  # overrides the DeepSpeed config's optimizer lr
     max_steps: Optional[int] = None  # optimizer steps; takes precedence over epochs
-    epochs: int = 1400
-    log_every: int = 100
-    ckpt_every: int = 10_000
+    epochs: int = 1400  # passes over the data when max_steps is not given (DiT: 1400)
+    log_every: int = 100  # steps between metrics.jsonl / log lines
+    ckpt_every: int = 10_000  # steps between checkpoints (one more is saved at the end)
     keep_last: int = 3  # checkpoints kept on disk
-    ema_decay: float = 0.9999
-    seed: int = 0
-    results_dir: str = "results"
+    ema_decay: float = 0.9999  # EMA decay per optimizer step (DiT: 0.9999)
+    seed: int = 0  # global seed (DiT's --global-seed); every rank derives its own from it
+    results_dir: str = "results"  # the run's folder: metrics, log, checkpoints, export
     resume: Optional[str] = None  # "auto": latest checkpoint in results_dir; or a checkpoint dir
     elastic_checkpoints: bool = True  # also save full optimizer state (12 B/param): resume on any shape
     overwrite: bool = False  # a fresh run may delete the run already in results_dir
@@ -148,6 +152,18 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+# Flags whose values are a fixed set: argparse checks them and --help lists them.
+FIELD_CHOICES = {
+    "model": tuple(DiT_models),
+    "dataset": ("auto", *DATASETS),
+    "router": ROUTERS,
+    "expert_type": EXPERT_TYPES,
+    "attn_backend": ATTENTION_BACKENDS,
+    "grouped_gemm": GROUPED_GEMM_MODES,
+    "objective": OBJECTIVES,
+    "noise_schedule": NOISE_SCHEDULES,
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+}
 SECTIONS = {"model": ModelSection, "data": DataConfig, "objective": ObjectiveConfig, "run": RunSection}
 # Where each section's fields are declared, for their --help text (the trailing comments there).
 FIELD_SOURCES = {
@@ -213,10 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
                 type=_field_parser(hints[f.name]),
                 default=argparse.SUPPRESS,
                 metavar=f.name.upper(),
-                help=f"{comments.get(f.name, '')} (default: {default})".lstrip(),
+                choices=FIELD_CHOICES.get(f.name),
+                help=_flag_help(comments.get(f.name, ""), default, FIELD_CHOICES.get(f.name)),
             )
     _add_aliases(parser.add_argument_group("DiT-MoE spellings"))
     return parser
+
+
+def _flag_help(comment: str, default: Any, choices: Optional[tuple[str, ...]]) -> str:
+    listed = f" [choices: {', '.join(choices)}]" if choices else ""
+    return f"{comment}{listed} (default: {default})".lstrip()
 
 
 def _add_aliases(aliases: argparse._ArgumentGroup) -> None:
@@ -237,7 +259,14 @@ def _add_aliases(aliases: argparse._ArgumentGroup) -> None:
         default=argparse.SUPPRESS,
         help="gradient accumulation steps (DiT-MoE's name)",
     )
-    aliases.add_argument("--global-seed", "--global_seed", dest="run.seed", type=int, default=argparse.SUPPRESS)
+    aliases.add_argument(
+        "--global-seed",
+        "--global_seed",
+        dest="run.seed",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="DiT's spelling of --seed",
+    )
     aliases.add_argument(
         "--vae",
         dest="data.vae_path",
