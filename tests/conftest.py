@@ -32,3 +32,14 @@ def tiny_export(tmp_path_factory):
         model.state_dict(),
         objective=ObjectiveConfig(objective="flow"),
     )
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """The suite's shared trainer run: DiT-T/2 4E2A on 8 px digits, one CPU process, ZeRO-2, 4 steps
+    at global batch 8, a checkpoint every 2 steps (read-only: tests copy it before changing it)."""
+    from trainer_runs import run_train
+
+    out = tmp_path_factory.mktemp("trained_run")
+    run_train(out, "--global-batch-size", "8", "--max-steps", "4", "--ckpt-every", "2")
+    return out

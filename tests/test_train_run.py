@@ -16,12 +16,10 @@ from dit_moe.diffusion import ObjectiveConfig
 from trainer_runs import REPO, env, losses, run_train, train_cmd
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """4 uninterrupted steps, checkpoints every 2."""
-    out = tmp_path_factory.mktemp("reference")
-    run_train(out, "--global-batch-size", "8", "--max-steps", "4", "--ckpt-every", "2")
-    return out
+@pytest.fixture
+def reference_run(trained_run):
+    """4 uninterrupted steps, checkpoints every 2 (the suite's shared run)."""
+    return trained_run
 
 
 @pytest.mark.slow
