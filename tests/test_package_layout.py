@@ -160,3 +160,11 @@ def test_presets_can_be_listed(capsys):
     assert "DiT-XL/2" in listed and "DiT-G/2" in listed and "DiT-T/2" in listed
     # DiT's paper: DiT-XL/2 has 675M parameters.
     assert round(parameter_count("DiT-XL/2", num_experts=0) / 1e6) == 675
+
+
+def test_trainer_help_lists_the_choices_of_fixed_set_flags():
+    from dit_moe.train.flags import FIELD_CHOICES, build_parser
+
+    helps = {a.dest.split(".")[-1]: a.help for a in build_parser()._actions}
+    for name, choices in FIELD_CHOICES.items():
+        assert all(choice in helps[name] for choice in choices), name

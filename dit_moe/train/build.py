@@ -11,7 +11,7 @@ from ..checkpoint import CheckpointContents, infer_config, objective_evidence
 from ..diffusion import ObjectiveConfig
 from ..models import DiT, DiTConfig
 from ..models.compile import compile_model
-from .config import TRAINING_FIELDS, TrainConfig
+from .sections import TRAINING_FIELDS, TrainConfig
 
 
 def build_model_config(

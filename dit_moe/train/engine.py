@@ -40,8 +40,9 @@ from ..utils.atomic import atomic_path
 from ..utils.host_memory import keep_freed_memory
 from ..utils.launch import LaunchEnv, free_port
 from . import reshard
-from .config import BatchPlan, RunSection
+from .batch import BatchPlan
 from .disk import CheckpointSpace
+from .sections import RunSection
 
 EXPERT_PARALLEL_STAGES = (1, 2)
 QUIET_STEPS_PER_PRINT = 10**9  # DeepSpeed prints nothing of its own: the trainer logs

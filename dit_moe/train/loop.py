@@ -29,11 +29,12 @@ from ..models import DiTConfig
 from ..models.router_sigmoid import update_expert_bias
 from ..parallel import ExpertParallel
 from . import engine as engine_lib
+from .batch import BatchPlan
 from .build import build_model_config, build_training_model
-from .config import BatchPlan, TrainConfig
 from .disk import CheckpointSpace
 from .distributed import RankSlice, StopRequest
 from .metrics import LoadTracker, MetricsWriter, Window, expert_parallel_record, plot_loss_curve
+from .sections import TrainConfig
 
 log = logging.getLogger("dit_moe.train")
 
