@@ -114,7 +114,8 @@ def worker(args) -> dict:
     from dit_moe.models import DiT, flops
     from dit_moe.models.compile import compile_model
     from dit_moe.train import engine as engine_lib
-    from dit_moe.train.engine import apply_precision, load_deepspeed_config
+    from dit_moe.train.deepspeed_config import load_deepspeed_config
+    from dit_moe.train.engine import apply_precision
     from dit_moe.train.loop import micro_step
 
     from reference import reference_dit

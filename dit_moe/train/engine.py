@@ -15,7 +15,6 @@ shape through `dit_moe.train.reshard`, this module's resharding half (the other 
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import random
 import shutil
@@ -41,21 +40,12 @@ from ..utils.host_memory import keep_freed_memory
 from ..utils.launch import LaunchEnv, free_port
 from . import reshard
 from .batch import BatchPlan
+from .deepspeed_config import load_deepspeed_config
 from .disk import CheckpointSpace
 from .sections import RunSection
 
 EXPERT_PARALLEL_STAGES = (1, 2)
 QUIET_STEPS_PER_PRINT = 10**9  # DeepSpeed prints nothing of its own: the trainer logs
-
-
-def load_deepspeed_config(path: str) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} does not exist; pass one of config/zero*.json.")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"DeepSpeed config {path} is not valid JSON ({err}).") from err
 
 
 def apply_precision(ds_config: dict[str, Any], precision: str, device: torch.device) -> str:
