@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dit_moe.checkpoint import CheckpointError, infer_config, load_model, save_export
+from dit_moe.checkpoint import CheckpointError, infer_config, load_model, read_checkpoint_file, save_export
 from dit_moe.models import DiT_models
 
 from reference_dit import randomize_
@@ -102,3 +102,24 @@ def test_errors_are_clear(tmp_path):
     torch.save(sd, tmp_path / "truncated.pt")
     with pytest.raises(CheckpointError, match="does not match"):
         load_model(tmp_path / "truncated.pt")
+
+
+def test_how_a_file_was_trained_is_one_typed_value(tmp_path):
+    """Recorded, legacy, judged from the keys, unknown: decided once, in the reader."""
+    from dit_moe.checkpoint import ObjectiveSource
+    from dit_moe.diffusion import ObjectiveConfig
+
+    dense = tiny_model(in_channels=4, num_experts=0)
+    torch.save(dense.state_dict(), tmp_path / "official.pt")  # DiT's released layout: IDDPM by its keys
+    judged = read_checkpoint_file(tmp_path / "official.pt").trained_as
+    assert judged.source is ObjectiveSource.KEYS and judged.objective == ObjectiveConfig()
+    assert judged.recorded is None and judged.known_fields() == ("objective",)
+    flow = ObjectiveConfig(objective="flow", flow_t_scale=1000.0)
+    export = save_export(tmp_path / "ours.safetensors", dense.config, dense.state_dict(), objective=flow)
+    recorded = read_checkpoint_file(export).trained_as
+    assert recorded.source is ObjectiveSource.RECORDED and recorded.recorded == flow and recorded.judged is None
+    assert recorded.known_fields() == ("objective", "flow_t_scale", "noise_schedule", "diffusion_steps")
+    moe = tiny_model(in_channels=4, num_experts=4, num_experts_per_tok=2)
+    bare = save_export(tmp_path / "bare.safetensors", moe.config, moe.state_dict())  # no objective, our keys
+    unknown = read_checkpoint_file(bare).trained_as
+    assert unknown.source is ObjectiveSource.UNKNOWN and unknown.objective is None and unknown.known_fields() == ()

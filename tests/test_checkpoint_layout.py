@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dit_moe.checkpoint import CheckpointError, layout, load_model, read_checkpoint_file
+from dit_moe.checkpoint import CheckpointError, ObjectiveSource, layout, load_model, read_checkpoint_file
 from dit_moe.diffusion import ObjectiveConfig
 from dit_moe.models import DiT_models
 from dit_moe.utils.atomic import write_text
@@ -76,9 +76,9 @@ def test_an_incomplete_tag_is_ignored_even_when_named_directly(tmp_path):
 
 def test_the_objective_config_is_read_back_beside_the_model_config(tmp_path):
     _write_tag(tmp_path / "checkpoints", 2)
-    assert read_checkpoint_file(tmp_path).objective == ObjectiveConfig(noise_schedule="cosine")
+    assert read_checkpoint_file(tmp_path).trained_as.recorded == ObjectiveConfig(noise_schedule="cosine")
     assert layout.read_objective_config(layout.resolve_tag_dir(FIXTURE)) is None  # written before objective configs
-    assert read_checkpoint_file(FIXTURE).objective_source == "legacy"
+    assert read_checkpoint_file(FIXTURE).trained_as.source is ObjectiveSource.LEGACY
     assert load_model(FIXTURE).config.num_experts > 0
 
 

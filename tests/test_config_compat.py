@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dit_moe.checkpoint import load_checkpoint_model, read_checkpoint_file
+from dit_moe.checkpoint import ObjectiveSource, load_checkpoint_model, read_checkpoint_file
 from dit_moe.diffusion import ObjectiveConfig
 from dit_moe.models import DiTConfig, MoEArgs
 from dit_moe.sampling import SamplingOptions, SamplingRequest, build_sampling_objective, prepare_sampling, sample_images
@@ -41,8 +41,8 @@ def test_flat_config_keys_remap_to_the_nested_config():
 def test_old_files_load_with_their_recorded_objective(path):
     loaded = load_checkpoint_model(FIXTURES / path)
     expected = "iddpm" if "iddpm" in path else "flow"
-    assert loaded.config_source == "stored" and loaded.objective_source == "legacy"
-    assert loaded.objective == ObjectiveConfig(objective=expected)
+    assert loaded.config_stored and loaded.trained_as.source is ObjectiveSource.LEGACY
+    assert loaded.trained_as.recorded == ObjectiveConfig(objective=expected)
     assert (loaded.model.config.moe is None) == ("dense" in path)
 
 
@@ -76,7 +76,7 @@ def test_a_cosine_run_is_sampled_with_cosine_without_the_flag(tmp_path):
         "500",
     )
     export = tmp_path / "export.safetensors"
-    assert read_checkpoint_file(export).objective.noise_schedule == "cosine"
+    assert read_checkpoint_file(export).trained_as.recorded.noise_schedule == "cosine"
     options = SamplingOptions(sampler="ddim", num_steps=5, cfg_scale=1.0)
     prepared = prepare_sampling(SamplingRequest(export, options=options, device="cpu"))
     assert (prepared.objective_config.noise_schedule, prepared.objective_config.diffusion_steps) == ("cosine", 500)

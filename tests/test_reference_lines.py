@@ -232,7 +232,7 @@ def test_dit_moe_deepspeed_line_trains_its_architecture_end_to_end(tmp_path):
     assert "sdpa attention with QK-norm (LayerNorm eps 1e-06)" in proc.stdout + proc.stderr
     export = read_checkpoint_file(tmp_path / "out" / "export.safetensors")
     assert export.model_config.qk_norm and export.model_config.qk_norm_eps == 1e-6
-    assert export.objective == ObjectiveConfig(objective="flow", timestep_sampler="logit-normal", flow_t_scale=1.0)
+    assert export.trained_as.recorded == ObjectiveConfig(objective="flow", timestep_sampler="logit-normal", flow_t_scale=1.0)
 
 
 @pytest.mark.multiproc
@@ -281,4 +281,4 @@ def test_dit_torchrun_line_trains_dits_dense_model_on_two_ranks(tmp_path):
     export = read_checkpoint_file(tmp_path / "procs2" / "export.safetensors")
     config = export.model_config
     assert config.moe is None and not config.qk_norm and config.learn_sigma
-    assert export.objective == ObjectiveConfig(timestep_sampler="uniform")
+    assert export.trained_as.recorded == ObjectiveConfig(timestep_sampler="uniform")

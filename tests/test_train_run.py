@@ -31,7 +31,7 @@ def test_short_run_writes_metrics_curve_checkpoints_and_export(reference_run):
     assert (out / "config.yaml").is_file() and any((out / "tensorboard").iterdir())
     ckpts = out / "checkpoints"
     assert latest_complete_tag(ckpts) == "step0000004" and (ckpts / "step0000002" / COMPLETE_MARKER).is_file()
-    assert read_checkpoint_file(ckpts).objective == ObjectiveConfig(
+    assert read_checkpoint_file(ckpts).trained_as.recorded == ObjectiveConfig(
         timestep_sampler="uniform"
     )  # beside dit_config.json
     assert not list(out.rglob(".*.tmp*"))  # every write went through a temporary name and was renamed

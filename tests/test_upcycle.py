@@ -235,7 +235,7 @@ def test_own_export_round_trip_keeps_config(tmp_path, suffix):
     stored = read_checkpoint_file(out)
     assert stored.model_config == moe_config and stored.model_config.qk_norm
     assert stored.model_config.moe.moe_layers == [0, 2]
-    assert stored.objective == ObjectiveConfig(objective="flow", flow_t_scale=1000.0)
+    assert stored.trained_as.recorded == ObjectiveConfig(objective="flow", flow_t_scale=1000.0)
     torch.testing.assert_close(_outputs(load_model(out), False), _outputs(dense, False))
 
 

@@ -11,6 +11,7 @@ from ..utils.errors import CheckpointError
 from .export import EXPORT_FORMAT, dit_moe_layout, save_export
 from .infer import infer_config, objective_evidence
 from .load import LoadedModel, load_checkpoint_model, load_model
+from .provenance import ObjectiveSource, TrainedAs
 from .read import CheckpointContents, read_checkpoint_file
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "CheckpointContents",
     "CheckpointError",
     "LoadedModel",
+    "ObjectiveSource",
+    "TrainedAs",
     "dit_moe_layout",
     "infer_config",
     "load_checkpoint_model",

@@ -8,10 +8,10 @@ from typing import Any, Optional
 
 import torch
 
-from ..diffusion import ObjectiveConfig
 from ..models import DiT
 from ..utils.errors import CheckpointError
-from .infer import infer_config, objective_evidence
+from .infer import infer_config
+from .provenance import TrainedAs
 from .read import read_checkpoint_file
 
 
@@ -20,13 +20,8 @@ class LoadedModel:
     """A model built from a checkpoint, with what the file says about how it was trained."""
 
     model: DiT
-    # The recorded objective, or for a file that records none what its keys show (objective_evidence);
-    # None: not conclusive.
-    objective: Optional[ObjectiveConfig]
-    # "stored" | "legacy" (as in CheckpointContents) | "evidence" (judged from the keys) | None
-    objective_source: Optional[str]
-    config_source: str  # "stored": the file holds the model config; "inferred": rebuilt from tensor shapes
-    evidence: str = ""  # for "evidence" and None: what the keys showed, for messages
+    trained_as: TrainedAs  # the objective, recorded or judged from the keys, and where it comes from
+    config_stored: bool  # True: the file holds the model config; False: rebuilt from tensor shapes
 
 
 def load_model(
@@ -65,10 +60,4 @@ def load_checkpoint_model(
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             f"{'...' if len(unexpected) > 5 else ''}."
         )
-    objective, source, evidence = contents.objective, contents.objective_source, ""
-    if objective is None:
-        objective, evidence = objective_evidence(state_dict)
-        source = "evidence" if objective is not None else None
-    return LoadedModel(
-        model.to(device).eval(), objective, source, "stored" if stored is not None else "inferred", evidence
-    )
+    return LoadedModel(model.to(device).eval(), contents.trained_as, stored is not None)

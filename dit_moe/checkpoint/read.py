@@ -30,6 +30,8 @@ from ..models import DiTConfig
 from ..utils.errors import CheckpointError
 from . import layout
 from .export import EXPORT_FORMAT
+from .infer import objective_evidence
+from .provenance import ObjectiveSource, TrainedAs
 
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 
@@ -42,24 +44,23 @@ class CheckpointContents:
 
     state_dict: dict[str, torch.Tensor]
     model_config: Optional[DiTConfig]  # None: the file records none (infer_config rebuilds it)
-    objective: Optional[ObjectiveConfig]  # None: the file records none (official DiT, feizc/DiT-MoE)
-    # "stored": the whole ObjectiveConfig; "legacy": a file written before it, which recorded the
-    # objective and flow time scale only (its noise schedule and diffusion steps were never saved).
-    objective_source: Optional[str]
+    trained_as: TrainedAs  # the objective, recorded or judged from the keys, and where it comes from
 
 
 def _parse_configs(
-    model: Optional[dict], objective: Optional[dict]
-) -> tuple[Optional[DiTConfig], Optional[ObjectiveConfig], Optional[str]]:
-    """(model config, objective config, objective source) from the stored dicts, old flat layout included."""
+    model: Optional[dict], objective: Optional[dict], state_dict: dict[str, torch.Tensor]
+) -> tuple[Optional[DiTConfig], TrainedAs]:
+    """(model config, how the file was trained) from the stored dicts (the old flat layout included),
+    or for a file that records no objective, from its keys (`objective_evidence`)."""
+    config = DiTConfig.from_dict(model) if model is not None else None
     if objective is not None:
-        return DiTConfig.from_dict(model) if model is not None else None, ObjectiveConfig.from_dict(objective), "stored"
-    if model is None:
-        return None, None, None
-    if "moe" not in model:  # the flat layout recorded the objective inside the model config
+        return config, TrainedAs(ObjectiveConfig.from_dict(objective), ObjectiveSource.RECORDED)
+    if model is not None and "moe" not in model:  # the flat layout recorded the objective inside the model config
         legacy = ObjectiveConfig(objective=model.get("objective", "iddpm"), flow_t_scale=model.get("flow_t_scale", 1.0))
-        return DiTConfig.from_dict(model), legacy, "legacy"
-    return DiTConfig.from_dict(model), None, None
+        return config, TrainedAs(legacy, ObjectiveSource.LEGACY)
+    judged, evidence = objective_evidence(state_dict)
+    source = ObjectiveSource.KEYS if judged is not None else ObjectiveSource.UNKNOWN
+    return config, TrainedAs(judged, source, evidence)
 
 
 def _clean_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -166,7 +167,8 @@ def read_checkpoint_file(path: str | os.PathLike, prefer_ema: bool = True) -> Ch
             state_dict = ema if (prefer_ema and ema) else _split_prefixed(state_dict, "model.")
     else:
         model, objective, state_dict = _read_torch_file(path, prefer_ema)
-    return CheckpointContents(_clean_keys(state_dict), *_parse_configs(model, objective))
+    state_dict = _clean_keys(state_dict)
+    return CheckpointContents(state_dict, *_parse_configs(model, objective, state_dict))
 
 
 def _read_torch_file(path: Path, prefer_ema: bool) -> tuple[Optional[dict], Optional[dict], dict[str, torch.Tensor]]:

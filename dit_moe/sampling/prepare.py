@@ -36,7 +36,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-from ..checkpoint import LoadedModel, load_checkpoint_model
+from ..checkpoint import LoadedModel, ObjectiveSource, load_checkpoint_model
 from ..cli import DTYPES, default_device
 from ..data.vae import PIXEL_SPACE, check_vae_path, is_pixel_space, load_codec
 from ..diffusion import Objective, ObjectiveConfig
@@ -50,7 +50,6 @@ from .images import SamplingOptions, build_sampling_objective, check_codec, samp
 log = logging.getLogger("dit_moe.sampling")
 
 IMAGE_CHANNELS = (1, 3)  # models with these input channels generate pixels
-RECORDED_SOURCES = ("stored", "legacy")  # LoadedModel.objective_source values that mean "the file says so"
 DEFAULT_CFG_SCALE = 1.5  # DiT-MoE's README command (DiT's sample.py uses 4.0)
 # DiT-MoE's sample.py samples its flow checkpoints with guidance 7.0 whatever --cfg-scale says.
 DIT_MOE_FLOW_CFG_SCALE = 7.0
@@ -169,7 +168,7 @@ def prepare_sampling(request: SamplingRequest) -> PreparedSampler:
     config = loaded.model.config
     check_architecture(config, request.model_name, request.num_classes)
     resolved = resolve_objective(loaded, request)
-    check_sampler(resolved, request, loaded.config_source)
+    check_sampler(resolved, request, loaded.config_stored)
     codec = resolve_codec(request.vae_path, config).to(device)
     check_image_size(request.image_size, config, codec)
     options = request.options
@@ -181,7 +180,7 @@ def prepare_sampling(request: SamplingRequest) -> PreparedSampler:
         resolved.objective,
         resolved.config,
         resolved.source,
-        loaded.config_source,
+        "stored" if loaded.config_stored else "inferred",
         options,
         vae_path,
         device,
@@ -239,8 +238,8 @@ def resolve_objective(loaded: LoadedModel, request: SamplingRequest) -> Resolved
       (checkpoint.objective_evidence, said in one line), else it stops and asks for the flag.
     A request contradicting a recorded objective stops, and so do IDDPM schedule options for flow.
     """
-    recorded = loaded.objective if loaded.objective_source in RECORDED_SOURCES else None
-    evidence = loaded.objective if loaded.objective_source == "evidence" else None
+    trained_as = loaded.trained_as
+    recorded, evidence = trained_as.recorded, trained_as.judged
     asked, flag = request.objective, request.objective_flag
     if recorded is not None and asked is not None and asked != recorded.objective:
         raise UserError(
@@ -250,7 +249,7 @@ def resolve_objective(loaded: LoadedModel, request: SamplingRequest) -> Resolved
         )
     if recorded is None and evidence is None and asked is None:
         raise UserError(
-            f"{request.ckpt} records no objective and its {loaded.evidence}; say how it was trained with "
+            f"{request.ckpt} records no objective and its {trained_as.evidence}; say how it was trained with "
             f"{_flag_text(flag, 'flow')} (rectified flow) or {_flag_text(flag, 'iddpm')} (IDDPM)."
         )
     schedule = {
@@ -264,7 +263,7 @@ def resolve_objective(loaded: LoadedModel, request: SamplingRequest) -> Resolved
         raise UserError(
             "--noise-schedule and --diffusion-steps describe IDDPM models; leave them out for a rectified-flow model."
         )
-    if loaded.objective_source == "stored":
+    if trained_as.source is ObjectiveSource.RECORDED:
         _check_recorded_schedule(recorded, schedule)
         config, source = recorded, "the checkpoint's config"
     else:
@@ -275,7 +274,7 @@ def resolve_objective(loaded: LoadedModel, request: SamplingRequest) -> Resolved
             if recorded is not None
             else _flag_text(flag, asked)
             if asked is not None
-            else f"the file's keys: {loaded.evidence}"
+            else f"the file's keys: {trained_as.evidence}"
         )
         if recorded is None and asked is None:
             log.warning(
@@ -283,7 +282,7 @@ def resolve_objective(loaded: LoadedModel, request: SamplingRequest) -> Resolved
                 request.ckpt,
                 OBJECTIVE_WORDS[name][0],
                 t_scale,
-                loaded.evidence,
+                trained_as.evidence,
                 _flag_text(flag, "iddpm" if name == "flow" else "flow"),
             )
     default_cfg = (
@@ -306,13 +305,13 @@ def _check_recorded_schedule(recorded: ObjectiveConfig, schedule: dict) -> None:
         )
 
 
-def check_sampler(resolved: ResolvedObjective, request: SamplingRequest, config_source: str) -> None:
+def check_sampler(resolved: ResolvedObjective, request: SamplingRequest, config_stored: bool) -> None:
     """The requested sampler must be one of the objective's (DDPM/DDIM for IDDPM, Euler/Heun for flow)."""
     objective, sampler = resolved.objective, request.options.sampler
     if sampler is None or sampler in objective.samplers:
         return
     hint = ""
-    if config_source == "inferred" and request.objective is None and resolved.name == "iddpm":
+    if not config_stored and request.objective is None and resolved.name == "iddpm":
         hint = "; if the file was trained with rectified flow, pass --rf True (or --objective flow)"
     raise UserError(
         f"--sampler {sampler} cannot sample {objective.description} (objective from {resolved.source}); "

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint import CheckpointContents, infer_config, objective_evidence
+from ..checkpoint import CheckpointContents, infer_config
 from ..diffusion import ObjectiveConfig
 from ..models import DiT, DiTConfig
 from ..models.compile import compile_model
@@ -37,16 +37,11 @@ def build_model_config(
 def check_init_objective(cfg: TrainConfig, init: CheckpointContents) -> None:
     """Fine-tuning must continue the objective the file was trained with (recorded, or shown by its
     keys: `objective_evidence`); another objective or time scale stops, unless asked for on purpose."""
-    trained, source = init.objective, "recorded in the file"
-    if trained is None:
-        trained, evidence = objective_evidence(init.state_dict)
-        source = f"judged from {evidence}"
+    trained, source = init.trained_as.objective, init.trained_as.describe
     if trained is None:
         return
     run = cfg.objective
-    keys = ("objective", "flow_t_scale") if trained.objective == "flow" else ("objective",)
-    if init.objective_source == "stored" and trained.objective == "iddpm":
-        keys += ("noise_schedule", "diffusion_steps")
+    keys = init.trained_as.known_fields()
     changed = [key for key in keys if getattr(trained, key) != getattr(run, key)]
     if changed:
         was = ", ".join(f"{key} {getattr(trained, key)}" for key in changed)

@@ -125,4 +125,4 @@ def upcycle_checkpoint(request: UpcycleRequest) -> tuple[DiTConfig, DiTConfig, P
     if request.moe_every is not None:
         moe = MoEArgs(**{**vars(moe), "moe_layers": moe_layers_every(dense_config.depth, request.moe_every)})
     moe_config, moe_state = upcycle_state_dict(state, dense_config, moe, request.init)
-    return dense_config, moe_config, save_export(out, moe_config, moe_state, objective=contents.objective)
+    return dense_config, moe_config, save_export(out, moe_config, moe_state, objective=contents.trained_as.recorded)
