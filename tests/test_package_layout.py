@@ -138,7 +138,7 @@ def _undocumented(name: str, parser: argparse.ArgumentParser) -> list[str]:
         if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
             continue
         text = (action.help or "").strip()
-        if not text or text.startswith("(default"):
+        if not text or text.startswith(("(default", "[choices")):
             missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
         elif action.choices and not isinstance(action.choices, dict) and action.metavar:
             listed = all(str(choice) in text for choice in action.choices) or "python -m dit_moe.models" in text

@@ -22,6 +22,7 @@ from dit_moe.sampling import SamplingRequest, per_sample_noise, prepare_sampling
 from dit_moe.sampling.grid import image_grid, main
 from dit_moe.train.build import build_model_config
 from dit_moe.train.config import load_config
+from dit_moe.train.loop import settled_config
 from dit_moe.utils.errors import UserError
 
 from test_vae import save_tiny_vae
@@ -166,15 +167,21 @@ def test_init_from_keeps_the_files_objective(dit_moe_flow_file, tmp_path):
     path, _ = dit_moe_flow_file
     contents = read_checkpoint_file(path)
 
-    def config_for(*flags):
+    def settled(*flags):
         cfg = load_config(DIT_MOE_LINE + ["--dataset", "digits", "--init-from", str(path), *flags])
-        return build_model_config(cfg, 3, 8, 10, contents)
+        return settled_config(cfg, None, contents)
 
-    with pytest.raises(ValueError, match="trained with objective flow .*DiT-MoE's flash-attention keys.*--rf True"):
-        config_for()  # fine-tuning DiT-MoE's flow file without --rf True
-    with pytest.raises(ValueError, match="flow_t_scale 1.0 .* --flow-t-scale 1000"):
-        config_for("--rf", "True", "--flow-t-scale", "1000")
+    def config_for(*flags):
+        return build_model_config(settled(*flags), 3, 8, 10, contents)
+
+    # The file's objective needs no flag: DiT-MoE's flash layout means rectified flow on the raw t.
+    assert (settled().objective.objective, settled().objective.flow_t_scale) == ("flow", 1.0)
+    with pytest.raises(UserError, match=r"--flow-t-scale 1000.0 \(it records 1.0\).*--allow-objective-change True"):
+        config_for("--rf", "True", "--flow-t-scale", "1000")  # a contradicting flag stops
+    with pytest.raises(UserError, match=r"--objective iddpm \(--rf False; it records flow\)"):
+        config_for("--rf", "False")
     assert config_for("--rf", "True").qk_norm
+    assert settled("--allow-objective-change", "True", "--rf", "False").objective.objective == "iddpm"
     assert config_for("--allow-objective-change", "True").moe_shape == "4E2A"
     model = tiny_model(in_channels=3)
     cosine = save_export(
@@ -183,9 +190,13 @@ def test_init_from_keeps_the_files_objective(dit_moe_flow_file, tmp_path):
         model.state_dict(),
         objective=ObjectiveConfig(noise_schedule="cosine"),
     )
-    cfg = load_config(["--dataset", "digits", "--init-from", str(cosine)])
-    with pytest.raises(ValueError, match="noise_schedule cosine .* --noise-schedule linear"):
-        build_model_config(cfg, 3, 8, 10, read_checkpoint_file(cosine))
+    cfg = load_config(["--dataset", "digits", "--init-from", str(cosine), "--noise-schedule", "linear"])
+    with pytest.raises(UserError, match=r"--noise-schedule linear \(it records cosine\)"):
+        settled_config(cfg, None, read_checkpoint_file(cosine))
+    cfg = settled_config(
+        load_config(["--dataset", "digits", "--init-from", str(cosine)]), None, read_checkpoint_file(cosine)
+    )
+    assert cfg.objective.noise_schedule == "cosine" and cfg.model.model == "DiT-T/2"
 
 
 def _image_folder(root, count: int) -> str:
@@ -232,7 +243,9 @@ def test_dit_moe_deepspeed_line_trains_its_architecture_end_to_end(tmp_path):
     assert "sdpa attention with QK-norm (LayerNorm eps 1e-06)" in proc.stdout + proc.stderr
     export = read_checkpoint_file(tmp_path / "out" / "export.safetensors")
     assert export.model_config.qk_norm and export.model_config.qk_norm_eps == 1e-6
-    assert export.trained_as.recorded == ObjectiveConfig(objective="flow", timestep_sampler="logit-normal", flow_t_scale=1.0)
+    assert export.trained_as.recorded == ObjectiveConfig(
+        objective="flow", timestep_sampler="logit-normal", flow_t_scale=1.0
+    )
 
 
 @pytest.mark.multiproc

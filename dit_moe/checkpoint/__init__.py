@@ -13,6 +13,7 @@ from .infer import infer_config, objective_evidence
 from .load import LoadedModel, load_checkpoint_model, load_model
 from .provenance import ObjectiveSource, TrainedAs
 from .read import CheckpointContents, read_checkpoint_file
+from .record import RecordedRun, record_of_contents, record_of_tag
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -20,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "LoadedModel",
     "ObjectiveSource",
+    "RecordedRun",
     "TrainedAs",
     "dit_moe_layout",
     "infer_config",
@@ -27,5 +29,7 @@ __all__ = [
     "load_model",
     "objective_evidence",
     "read_checkpoint_file",
+    "record_of_contents",
+    "record_of_tag",
     "save_export",
 ]

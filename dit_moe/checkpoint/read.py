@@ -47,7 +47,7 @@ class CheckpointContents:
     trained_as: TrainedAs  # the objective, recorded or judged from the keys, and where it comes from
 
 
-def _parse_configs(
+def parse_configs(
     model: Optional[dict], objective: Optional[dict], state_dict: dict[str, torch.Tensor]
 ) -> tuple[Optional[DiTConfig], TrainedAs]:
     """(model config, how the file was trained) from the stored dicts (the old flat layout included),
@@ -168,7 +168,7 @@ def read_checkpoint_file(path: str | os.PathLike, prefer_ema: bool = True) -> Ch
     else:
         model, objective, state_dict = _read_torch_file(path, prefer_ema)
     state_dict = _clean_keys(state_dict)
-    return CheckpointContents(state_dict, *_parse_configs(model, objective, state_dict))
+    return CheckpointContents(state_dict, *parse_configs(model, objective, state_dict))
 
 
 def _read_torch_file(path: Path, prefer_ema: bool) -> tuple[Optional[dict], Optional[dict], dict[str, torch.Tensor]]:

@@ -20,6 +20,19 @@ EXPERT_TYPES = ("swiglu", "gelu")
 ATTENTION_BACKENDS = ("sdpa", "flash", "math")
 GROUPED_GEMM_MODES = ("auto", "on", "off")
 ROUTERS = ("topk", "expert-choice", "sigmoid-bias")
+# Fields that change how a model trains or runs, not what its weights compute: a run that continues or
+# starts from a checkpoint takes them from its flags; every other field is the checkpoint's.
+TRAINING_ONLY_FIELDS = (
+    "grad_checkpointing",
+    "attn_backend",
+    "grouped_gemm",
+    "aux_loss_coef",
+    "aux_loss_per_sample",
+    "z_loss_coef",
+    "capacity_factor",
+    "class_dropout_prob",
+    "bias_update_rate",
+)
 
 
 @dataclass
@@ -176,6 +189,12 @@ class DiTConfig:
             flat = {k: v for k, v in flat.items() if k not in MOE_FIELDS}
         _check_keys(flat, also=MOE_FIELDS)
         return cls.from_flat(**flat)
+
+    def flat_dict(self) -> dict[str, Any]:
+        """Every field in the flat layout of DiT_models' keywords: MoE fields beside the others
+        (`num_experts` 0 and no other MoE field for the dense DiT)."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "moe"}
+        return {**flat, **(dataclasses.asdict(self.moe) if self.moe is not None else {"num_experts": 0})}
 
     def replace(self, **changes: Any) -> "DiTConfig":
         """A copy with fields changed; flat MoE fields (num_experts, aux_loss_coef, ...) change `moe`."""

@@ -3,15 +3,38 @@ preset and flags) and the model with its starting weights."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
-from ..checkpoint import CheckpointContents, infer_config
+from ..checkpoint import CheckpointContents, RecordedRun, infer_config
 from ..diffusion import ObjectiveConfig
 from ..models import DiT, DiTConfig
 from ..models.compile import compile_model
-from .sections import TRAINING_FIELDS, TrainConfig
+from ..models.config import TRAINING_ONLY_FIELDS
+from .sections import ARCHITECTURE_FIELDS, TrainConfig
+
+
+def settle_with_record(
+    cfg: TrainConfig, record: RecordedRun, instead: str, objective_may_change: bool = False
+) -> TrainConfig:
+    """`cfg` describing the checkpoint's run: its architecture and objective replace the defaults, so the
+    start-up line and config.yaml say what is built; a flag that contradicts them stops (`RecordedRun.check`).
+    `objective_may_change` (--init-from with --allow-objective-change) leaves the objective to the flags."""
+    objective_names = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+    asked = cfg.asked("model", "objective")
+    if objective_may_change:
+        asked = {k: v for k, v in asked.items() if k not in objective_names}
+    record.check(asked, instead)
+    pinned = record.pinned()
+    model = {k: v for k, v in pinned.items() if k in ARCHITECTURE_FIELDS}
+    if record.preset is not None:
+        model["model"] = record.preset
+    objective = {} if objective_may_change else {k: v for k, v in pinned.items() if k in objective_names}
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, **model), objective=dataclasses.replace(cfg.objective, **objective)
+    )
 
 
 def build_model_config(
@@ -21,10 +44,8 @@ def build_model_config(
     caller) with this run's training options, else the preset + flags."""
     if init is None:
         return cfg.model.architecture(input_size, input_channels, num_classes)
-    if not cfg.model.allow_objective_change:
-        check_init_objective(cfg, init)
     base = init.model_config or infer_config(init.state_dict)
-    config = base.replace(**{name: getattr(cfg.model, name) for name in TRAINING_FIELDS})
+    config = base.replace(**{name: getattr(cfg.model, name) for name in TRAINING_ONLY_FIELDS})
     got = (config.in_channels, config.input_size, config.num_classes)
     if got != (input_channels, input_size, num_classes):
         raise ValueError(
@@ -32,30 +53,6 @@ def build_model_config(
             f"{(input_channels, input_size, num_classes)}; use matching --image-size / --num-classes / --vae-path."
         )
     return config
-
-
-def check_init_objective(cfg: TrainConfig, init: CheckpointContents) -> None:
-    """Fine-tuning must continue the objective the file was trained with (recorded, or shown by its
-    keys: `objective_evidence`); another objective or time scale stops, unless asked for on purpose."""
-    trained, source = init.trained_as.objective, init.trained_as.describe
-    if trained is None:
-        return
-    run = cfg.objective
-    keys = init.trained_as.known_fields()
-    changed = [key for key in keys if getattr(trained, key) != getattr(run, key)]
-    if changed:
-        was = ", ".join(f"{key} {getattr(trained, key)}" for key in changed)
-        now = ", ".join(f"--{key.replace('_', '-')} {getattr(run, key)}" for key in changed)
-        raise ValueError(
-            f"--init-from {cfg.model.init_from} was trained with {was} ({source}), but this run has {now}; "
-            f"pass the file's values (e.g. {_flags_for(trained, changed)}), or --allow-objective-change True "
-            "to fine-tune it into another objective on purpose."
-        )
-
-
-def _flags_for(trained: ObjectiveConfig, keys: list[str]) -> str:
-    flags = {"objective": f"--rf {trained.objective == 'flow'}"}
-    return " ".join(flags.get(key, f"--{key.replace('_', '-')} {getattr(trained, key)}") for key in keys)
 
 
 def build_training_model(cfg: TrainConfig, config: DiTConfig, init: Optional[CheckpointContents] = None) -> DiT:

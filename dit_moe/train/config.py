@@ -38,4 +38,5 @@ def load_config(argv: Optional[list[str]] = None) -> TrainConfig:
         values["objective"]["objective"] = "flow" if args["rf"] else "iddpm"
     if "vae_path" in values["data"]:  # a VAE named by DiT's ema/mse or a hub id: its cached folder
         values["data"]["vae_path"] = resolve_vae(values["data"]["vae_path"])
-    return TrainConfig(**{name: SECTIONS[name](**values[name]) for name in SECTIONS})
+    given = frozenset(f"{section}.{key}" for section, keys in values.items() for key in keys)
+    return TrainConfig(**{name: SECTIONS[name](**values[name]) for name in SECTIONS}, given=given)

@@ -22,15 +22,23 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..checkpoint import layout, read_checkpoint_file, save_export
+from ..checkpoint import (
+    CheckpointContents,
+    layout,
+    read_checkpoint_file,
+    record_of_contents,
+    record_of_tag,
+    save_export,
+)
 from ..data import TrainLoader, build_codec, build_train_loader
 from ..diffusion import Draws, DrawSpec, Objective, ObjectiveConfig, build_objective
 from ..models import DiTConfig
 from ..models.router_sigmoid import update_expert_bias
 from ..parallel import ExpertParallel
+from ..utils.errors import UserError
 from . import engine as engine_lib
 from .batch import BatchPlan
-from .build import build_model_config, build_training_model
+from .build import build_model_config, build_training_model, settle_with_record
 from .disk import CheckpointSpace
 from .distributed import RankSlice, StopRequest
 from .metrics import LoadTracker, MetricsWriter, Window, expert_parallel_record, plot_loss_curve
@@ -94,6 +102,8 @@ def setup(cfg: TrainConfig) -> Run:
     rank, _local_rank, world_size, device = engine_lib.init_distributed()
     _setup_logging(Path(cfg.run.results_dir), rank)
     resume_from = resume_tag(cfg)
+    init = read_checkpoint_file(cfg.model.init_from) if cfg.model.init_from and resume_from is None else None
+    cfg = settled_config(cfg, resume_from, init)
     resumed = layout.read_shape(resume_from) if resume_from is not None else None
     ds_config, plan, precision = engine_lib.prepare_deepspeed_config(cfg.run, world_size, device, resumed)
     if resumed is not None and resumed.micro_batch is not None:
@@ -103,7 +113,6 @@ def setup(cfg: TrainConfig) -> Run:
     if resumed is not None:
         loader.check_resumable_on(resumed.world_size)
     codec = build_codec(cfg.data).to(device) if loader.needs_encoding else None
-    init = read_checkpoint_file(cfg.model.init_from) if cfg.model.init_from else None  # read once: may be GBs
     model_config = build_model_config(cfg, loader.input_channels, loader.input_size, loader.num_classes, init)
     model = build_training_model(cfg, model_config, init)
     del init
@@ -141,6 +150,22 @@ def setup(cfg: TrainConfig) -> Run:
     )
 
 
+def settled_config(cfg: TrainConfig, resume_from: Optional[Path], init: Optional[CheckpointContents]) -> TrainConfig:
+    """The run's config once the checkpoint it continues (or starts from) has had its say: what the
+    checkpoint records is the truth, flags may repeat it or change only how the model trains."""
+    if resume_from is not None:
+        instead = f"start a new run from its weights with --init-from {resume_from} and another --results-dir"
+        return settle_with_record(cfg, record_of_tag(resume_from), instead)
+    if init is None:
+        return cfg
+    where = f"--init-from {cfg.model.init_from}"
+    instead = (
+        "train another architecture without --init-from (a dense file becomes an MoE one with upcycle.py), "
+        "or pass --allow-objective-change True to fine-tune it into another objective on purpose"
+    )
+    return settle_with_record(cfg, record_of_contents(init, where), instead, cfg.model.allow_objective_change)
+
+
 def resume_tag(cfg: TrainConfig) -> Optional[Path]:
     """The tag --resume names: `auto` is this run's own latest (none yet: a fresh start); a path may be a
     results, checkpoints or tag dir (`layout.resolve_tag_dir`) and must hold one."""
@@ -150,6 +175,11 @@ def resume_tag(cfg: TrainConfig) -> Optional[Path]:
     auto = wanted == "auto"
     tag_dir = layout.resolve_tag_dir(Path(cfg.run.results_dir) / layout.CHECKPOINTS_DIR if auto else Path(wanted))
     if tag_dir is None and not auto:
+        if Path(wanted).is_file():
+            raise UserError(
+                f"--resume {wanted} is a weights file, and --resume continues a run from its checkpoint directory; "
+                f"to start a new run from these weights pass --init-from {wanted}."
+            )
         raise FileNotFoundError(f"--resume {wanted}: no complete checkpoint found there.")
     return tag_dir
 
@@ -182,6 +212,18 @@ def resume(run: Run) -> None:
     run.step = client["step"]
     run.loader.load_state_dict(client["data"])
     log.info("Resumed from %s at step %d in %.2f s.", tag_dir, run.step, time.perf_counter() - began)
+    if "run.lr" in run.cfg.given:
+        _change_learning_rate(run.engine, run.cfg.run.lr)
+
+
+def _change_learning_rate(engine, lr: float) -> None:
+    """A new --lr on resume replaces the one the optimizer state brought back (a legitimate change), said in the log."""
+    groups = engine.optimizer.param_groups
+    before = groups[0]["lr"]
+    for group in groups:
+        group["lr"] = lr
+    if before != lr:
+        log.info("Learning rate %g from the checkpoint replaced by --lr %g.", before, lr)
 
 
 def announce(run: Run) -> None:

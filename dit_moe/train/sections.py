@@ -25,26 +25,13 @@ TRAINER_DEFAULTS = {"num_experts": 8}
 # Fields whose trainer default depends on the model (None until `ModelChoice.architecture` decides), with
 # the rule for --help. DiT-MoE's train_deepspeed.py builds its QK-norm flash block for every size; DiT has none.
 AUTO_FIELDS = {"qk_norm": "default: on for MoE models (DiT-MoE's train_deepspeed.py), off for dense DiT"}
-# Model options that change training, not weights: an --init-from run takes them from the flags.
-TRAINING_FIELDS = (
-    "grad_checkpointing",
-    "attn_backend",
-    "grouped_gemm",
-    "aux_loss_coef",
-    "aux_loss_per_sample",
-    "z_loss_coef",
-    "capacity_factor",
-    "class_dropout_prob",
-)
 
 
 @dataclass
 class ModelChoice:
     """The model section's own fields; `ModelSection` adds every DiTConfig / MoEArgs field to them."""
 
-    model: str = (
-        "DiT-S/2"  # registry name, e.g. "DiT-XL/2"; "DiT-T/2" for laptops; `python -m dit_moe.models` lists all
-    )
+    model: str = "DiT-S/2"  # registry name ("DiT-T/2" for laptops); `python -m dit_moe.models` lists them
     init_from: Optional[str] = None  # weights to start from (export, upcycled model, DiT .pt)
     # MaskDiT: encoder on 1 - mask_ratio of the patches, a dense decoder over all of them.
     mask_ratio: float = 0.0  # 0: no masking (MaskDiT trains at 0.5, fine-tunes at 0)
@@ -131,9 +118,17 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     run: RunSection = field(default_factory=RunSection)
+    # "section.field" of every value the YAML or a flag set (the rest are defaults): what a checkpoint's
+    # record may not be contradicted by, and may fill in.
+    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(getattr(self, name)) for name in ("model", "data", "objective", "run")}
+
+    def asked(self, *sections: str) -> dict[str, Any]:
+        """Field name -> value of what the YAML or flags set in `sections`."""
+        names = [dotted.split(".", 1) for dotted in sorted(self.given)]
+        return {name: getattr(getattr(self, section), name) for section, name in names if section in sections}
 
     def save_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

@@ -1,0 +1,86 @@
+"""What a checkpoint records is its run's truth (issue: a run stays the run it was): flags that were
+not given take the recorded architecture and objective, flags that repeat them are fine, flags that
+contradict them stop with one sentence naming both values and the way to start a new run."""
+
+import pytest
+
+from dit_moe.checkpoint import layout, read_checkpoint_file, save_export
+from dit_moe.diffusion import ObjectiveConfig
+from dit_moe.train.config import load_config
+from dit_moe.train.loop import resume_tag, settled_config
+from dit_moe.utils.errors import UserError
+
+from tiny_dit import tiny_config, tiny_model
+
+FLOW = ObjectiveConfig(objective="flow", flow_t_scale=1000.0, timestep_sampler="logit-normal")
+
+
+@pytest.fixture
+def flow_tag(tmp_path):
+    """A tag's record as the trainer writes it: a DiT-T/2 4E2A rectified-flow run (config files only)."""
+    tag = tmp_path / "run" / layout.CHECKPOINTS_DIR / layout.tag_for_step(2)
+    tag.mkdir(parents=True)
+    layout.write_configs(
+        tag, tiny_config(in_channels=3, num_experts=4, num_experts_per_tok=2).to_dict(), FLOW.to_dict()
+    )
+    return tag
+
+
+def _settle(tag, *flags):
+    return settled_config(load_config(["--dataset", "digits", *flags]), tag, None)
+
+
+def test_a_forgotten_flag_takes_the_recorded_value_on_resume(flow_tag):
+    cfg = _settle(flow_tag)  # no --rf, no --model: today's code continued it as an IDDPM DiT-S/2 8E2A
+    assert (cfg.objective.objective, cfg.objective.flow_t_scale) == ("flow", 1000.0)
+    assert (cfg.model.model, cfg.model.num_experts, cfg.model.num_experts_per_tok) == ("DiT-T/2", 4, 2)
+    assert cfg.to_dict()["objective"]["objective"] == "flow"  # what config.yaml is written from
+
+
+def test_a_contradicting_flag_on_resume_is_refused_with_both_values(flow_tag):
+    with pytest.raises(UserError, match=r"--objective iddpm \(--rf False; it records flow\).*--init-from"):
+        _settle(flow_tag, "--rf", "False")
+    with pytest.raises(UserError, match=r"--flow-t-scale 1.0 \(it records 1000.0\)"):
+        _settle(flow_tag, "--flow-t-scale", "1")
+    with pytest.raises(UserError, match=r"--num-experts-per-tok 1 \(it records 2\)"):
+        _settle(flow_tag, "--num-experts-per-tok", "1")
+    with pytest.raises(UserError, match=r"--model DiT-S/2 \(it records DiT-T/2\)"):
+        _settle(flow_tag, "--model", "DiT-S/2")
+
+
+def test_repeating_the_record_is_fine_and_training_options_are_the_flags(flow_tag):
+    cfg = _settle(flow_tag, "--rf", "True", "--model", "DiT-T/2", "--num_experts", "4", "--aux-loss-coef", "0.05")
+    assert cfg.objective.objective == "flow" and cfg.model.aux_loss_coef == 0.05
+
+
+def test_init_from_with_a_contradicting_model_is_refused_and_the_config_describes_the_file(tmp_path):
+    model = tiny_model(in_channels=3, num_experts=4, num_experts_per_tok=2)
+    path = save_export(tmp_path / "w.safetensors", model.config, model.state_dict(), objective=FLOW)
+    contents = read_checkpoint_file(path)
+    with pytest.raises(UserError, match=r"--model DiT-B/2 \(it records DiT-T/2\).*--init-from"):
+        settled_config(load_config(["--init-from", str(path), "--model", "DiT-B/2"]), None, contents)
+    cfg = settled_config(load_config(["--init-from", str(path)]), None, contents)
+    assert (cfg.model.model, cfg.model.num_experts, cfg.objective.objective) == ("DiT-T/2", 4, "flow")
+
+
+def test_resume_of_a_weights_file_points_to_init_from(tmp_path):
+    weights = tmp_path / "dit_moe_s_8E2A.pt"
+    weights.write_bytes(b"not read")
+    cfg = load_config(["--resume", str(weights), "--results-dir", str(tmp_path / "run")])
+    with pytest.raises(UserError, match=r"is a weights file.*--init-from .*dit_moe_s_8E2A.pt"):
+        resume_tag(cfg)
+
+
+@pytest.mark.slow
+def test_resume_applies_a_new_learning_rate_and_keeps_the_recorded_model(trained_run, tmp_path):
+    import shutil
+
+    from trainer_runs import run_train
+
+    shutil.copytree(trained_run / layout.CHECKPOINTS_DIR, tmp_path / layout.CHECKPOINTS_DIR)
+    run_train(tmp_path, "--max-steps", "5", "--lr", "0.5", "--resume", "auto", "--num_experts", "4")
+    log = (tmp_path / "log.txt").read_text()
+    assert "Learning rate 0.0001 from the checkpoint replaced by --lr 0.5." in log
+    assert "DiT-T/2 4E2A" in log
+    proc = run_train(tmp_path, "--max-steps", "6", "--resume", "auto", "--num_experts", "8", check=False)
+    assert proc.returncode == 2 and "--num-experts 8 (it records 4)" in proc.stderr and "Traceback" not in proc.stderr
