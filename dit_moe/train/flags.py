@@ -108,46 +108,26 @@ def _flag_help(comment: str, default: Any, choices: Optional[tuple[str, ...]]) -
     return f"{comment}{listed} (default: {default})".lstrip()
 
 
+# DiT's, fast-DiT's and DiT-MoE's names for fields of the sections: (flag, dest, type, help).
+ALIASES = (
+    ("train-batch-size", "run.micro_batch_size", int, "per-process micro batch (DiT-MoE's meaning)"),
+    ("accum-iter", "run.grad_accum_steps", int, "gradient accumulation steps (DiT-MoE's name)"),
+    ("global-seed", "run.seed", int, "DiT's spelling of --seed"),
+    ("feature-path", "data.features_path", str, "fast-DiT's spelling of --features-path"),
+    (
+        "vae",
+        "data.vae_path",
+        str,
+        "DiT's flag, the same as --vae-path: ema|mse (stabilityai/sd-vae-ft-ema|mse, fetched once into the "
+        "Hugging Face cache), a hub id, a local AutoencoderKL folder or 'none'",
+    ),
+)
+
+
 def _add_aliases(aliases: argparse._ArgumentGroup) -> None:
     """DiT's, fast-DiT's and DiT-MoE's flag names for fields of the sections."""
-    aliases.add_argument(
-        "--train_batch_size",
-        "--train-batch-size",
-        dest="run.micro_batch_size",
-        type=int,
-        default=argparse.SUPPRESS,
-        help="per-process micro batch (DiT-MoE's meaning)",
-    )
-    aliases.add_argument(
-        "--accum_iter",
-        "--accum-iter",
-        dest="run.grad_accum_steps",
-        type=int,
-        default=argparse.SUPPRESS,
-        help="gradient accumulation steps (DiT-MoE's name)",
-    )
-    aliases.add_argument(
-        "--global-seed",
-        "--global_seed",
-        dest="run.seed",
-        type=int,
-        default=argparse.SUPPRESS,
-        help="DiT's spelling of --seed",
-    )
-    aliases.add_argument(
-        "--vae",
-        dest="data.vae_path",
-        default=argparse.SUPPRESS,
-        help="DiT's flag, the same as --vae-path: ema|mse (stabilityai/sd-vae-ft-ema|mse, fetched "
-        "once into the Hugging Face cache), a hub id, a local AutoencoderKL folder or 'none'",
-    )
-    aliases.add_argument(
-        "--feature-path",
-        "--feature_path",
-        dest="data.features_path",
-        default=argparse.SUPPRESS,
-        help="fast-DiT's spelling of --features-path",
-    )
+    for name, dest, kind, text in ALIASES:
+        aliases.add_argument(*flag(name), dest=dest, type=kind, default=argparse.SUPPRESS, help=text)
     aliases.add_argument(
         "--rf",
         dest="rf",
