@@ -10,8 +10,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dit_moe.models import DiT, DiT_models
-from dit_moe.models.flops import block_ffn_flops
 from dit_moe.models.config import MoEArgs
+from dit_moe.models.flops import block_ffn_flops
 from dit_moe.models.moe import MoEFeedForward, combine, dispatch
 from dit_moe.models.router_expert_choice import THRESHOLD_MOMENTUM, ExpertChoiceRouter
 from dit_moe.models.router_sigmoid import SigmoidBiasRouter, update_expert_bias

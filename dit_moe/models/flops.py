@@ -30,8 +30,8 @@ weights); a guided sampling step is 2x (one forward over [cond; uncond]).
 
 from __future__ import annotations
 
-import time
 import math
+import time
 from typing import Optional, Sequence, Union
 
 import torch
