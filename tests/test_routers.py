@@ -13,7 +13,7 @@ from dit_moe.models import DiT, DiT_models
 from dit_moe.models.config import MoEArgs
 from dit_moe.models.flops import block_ffn_flops
 from dit_moe.models.moe import MoEFeedForward, combine, dispatch
-from dit_moe.models.router_expert_choice import THRESHOLD_MOMENTUM, ExpertChoiceRouter
+from dit_moe.models.router_expert_choice import THRESHOLD_MOMENTUM, ExpertChoiceRouter, UncalibratedRouter
 from dit_moe.models.router_sigmoid import SigmoidBiasRouter, update_expert_bias
 from dit_moe.routing import RoutingRecorder
 from dit_moe.routing.stats import count_routing
@@ -74,10 +74,15 @@ def test_expert_choice_calibrates_a_batch_independent_threshold():
         assert torch.equal(router(LOGITS[t : t + 1])[1], ids[t : t + 1])
 
 
-def test_uncalibrated_expert_choice_uses_the_training_rule_in_eval_mode():
+def test_uncalibrated_expert_choice_refuses_eval_mode_and_a_loaded_calibration_is_noted():
     router = identity_gate(ExpertChoiceRouter(2, 2, top_k=1)).eval()
-    assert router(LOGITS)[1].tolist() == [[0, 2], [0, 2], [2, 1], [2, 1]]
+    with pytest.raises(UncalibratedRouter, match="would depend on the batch"):
+        router(LOGITS)  # routing over the batch would tie each sample to the others
     assert router.threshold_norm == 0  # eval forwards do not calibrate
+    trained = identity_gate(ExpertChoiceRouter(2, 2, top_k=1))
+    trained(LOGITS)
+    router.load_state_dict(trained.state_dict())
+    assert router.calibrated and torch.equal(router(LOGITS)[1], trained.eval()(LOGITS)[1])
 
 
 def test_dispatch_drops_empty_slots_and_combine_inverts_it():
