@@ -156,7 +156,8 @@ def train_and_score(name: str, seed: int, args: argparse.Namespace, out: Path) -
 def summary(results: list[dict], name: str) -> dict:
     """Mean and sample standard deviation over the seeds of every metric of variant `name`."""
     runs = [r for r in results if r["variant"] == name]
-    out = {"variant": name, "seeds": len(runs), **{k: runs[0][k] for k in ("train_ffn_flops", "sample_ffn_flops")}}
+    compute = ("train_ffn_flops", "sample_ffn_flops")  # sampling: measured, so it may differ between seeds
+    out = {"variant": name, "seeds": len(runs), **{k: statistics.fmean(r[k] for r in runs) for k in compute}}
     for key in METRICS:
         values = [r[key] for r in runs if r[key] is not None]
         out[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
