@@ -22,7 +22,7 @@ persistent fp32 buffers, so checkpoints and exports carry them. An expert then t
 the share C / M of tokens it took in training. A router never calibrated (threshold_norm = 0,
 also a file written for another router) refuses eval mode (`UncalibratedRouter`): routing over the
 batch would make a sample depend on the others. The trainer recalibrates the thresholds for the
-EMA weights before it exports them (dit_moe.train.expert_choice); `calibrated` tracks, without a
+EMA weights before it exports them (dit_moe.train.routers); `calibrated` tracks, without a
 host sync per forward, whether the buffers hold a calibration.
 
 The forward returns the dense slot layout [M, E]: slot e of token t holds expert e (id e,
