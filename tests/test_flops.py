@@ -22,6 +22,7 @@ EXPERT_SHAPES = {
     ),
     "capacity-2": dict(num_experts=4, num_experts_per_tok=2, capacity_factor=2.0),  # token choice: never full
     "capacity-1.5": dict(num_experts=8, num_experts_per_tok=2, capacity_factor=1.5, moe_layers=[0, 3]),
+    "z-loss": dict(num_experts=4, num_experts_per_tok=2, z_loss_coef=1e-3, aux_loss_per_sample=True),  # + aux loss
 }
 
 
@@ -66,12 +67,12 @@ def test_training_forward_count_equals_torch_flop_counter_for_every_router_and_e
     moe = config.moe
     if router != "expert-choice" and moe.capacity_factor and moe.capacity_factor * moe.num_experts_per_tok < 4:
         # token choice with a capacity an expert can fill: the count is an upper bound, the measured copies exact
-        assert sum(flops.forward_flops(config, experts_per_token=experts).values()) * batch >= counted
-        measured = sum(flops.forward_flops(config, experts_per_token=meter.per_layer()).values()) * batch
+        assert sum(flops.forward_flops(config, None, experts, training=True).values()) * batch >= counted
+        measured = sum(flops.forward_flops(config, None, meter.per_layer(), training=True).values()) * batch
         assert measured == pytest.approx(counted, abs=batch)  # per-image counts are rounded to whole FLOPs
         return
     assert meter.per_layer() == [experts] * len(model.moe_blocks)
-    assert sum(flops.forward_flops(config, experts_per_token=experts).values()) * batch == counted
+    assert sum(flops.forward_flops(config, None, experts, training=True).values()) * batch == counted
     assert flops.training_flops(config, micro_batch=batch) * batch == 3 * counted
 
 

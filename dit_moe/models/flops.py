@@ -7,7 +7,7 @@ Counts are matmul FLOPs (2 per multiply-add) of one image's forward pass, compon
     adaln         every adaLN modulation: 2 C (6 C) per block, 2 C (2 C) for the final layer
     attention     qkv + proj: 2 T (4 C^2); scores and values: 2 (2 T^2 C)
     mlp           dense blocks' MLP: 2 T (2 C I)
-    router        2 T C E (fp32 logits)
+    router        2 T C E (fp32 logits); in training with a z-loss, twice (the loss recomputes them)
     experts       routed experts: 2 T a (3 C I_e) for SwiGLU, 2 T a (2 C I_e) for GELU
     shared        the shared SwiGLU expert of width I_s: 2 T (3 C I_s)
     final_layer   2 T C (p^2 out_channels)
@@ -76,17 +76,23 @@ def routed_experts_per_token(moe: MoEArgs, routed_tokens: Optional[int] = None) 
 
 
 def block_ffn_flops(
-    hidden: int, intermediate: int, moe: Optional[MoEArgs], tokens: int, experts_per_token: Optional[float] = None
+    hidden: int,
+    intermediate: int,
+    moe: Optional[MoEArgs],
+    tokens: int,
+    experts_per_token: Optional[float] = None,
+    training: bool = False,
 ) -> dict[str, int]:
     """Feed-forward FLOPs of one block over `tokens` tokens: the dense MLP, or router + routed + shared
-    experts, with `experts_per_token` copies per token (default: `routed_experts_per_token(moe)`)."""
+    experts, with `experts_per_token` copies per token (default: `routed_experts_per_token(moe)`);
+    `training` counts the z-loss's second router product."""
     if moe is None:
         return {"mlp": 2 * tokens * 2 * hidden * intermediate}
     routed, shared = expert_widths(hidden, intermediate, moe)
     a = routed_experts_per_token(moe) if experts_per_token is None else experts_per_token
     projections = 3 if moe.expert_type == "swiglu" else 2
     out = {
-        "router": 2 * tokens * hidden * moe.num_experts,
+        "router": 2 * tokens * hidden * moe.num_experts * (2 if training and moe.z_loss_coef > 0 else 1),
         "experts": round(2 * tokens * a * projections * hidden * routed),
     }
     if shared:
@@ -95,12 +101,18 @@ def block_ffn_flops(
 
 
 def _block_flops(
-    hidden: int, cond: int, intermediate: int, moe: Optional[MoEArgs], tokens: int, experts: Optional[float] = None
+    hidden: int,
+    cond: int,
+    intermediate: int,
+    moe: Optional[MoEArgs],
+    tokens: int,
+    experts: Optional[float] = None,
+    training: bool = False,
 ) -> dict[str, int]:
     return {
         "adaln": 2 * cond * 6 * hidden,
         "attention": 2 * tokens * 4 * hidden**2 + 2 * 2 * tokens**2 * hidden,
-        **block_ffn_flops(hidden, intermediate, moe, tokens, experts),
+        **block_ffn_flops(hidden, intermediate, moe, tokens, experts, training),
     }
 
 
@@ -110,14 +122,17 @@ def _add(total: dict[str, int], part: dict[str, int]) -> None:
 
 
 def forward_flops(
-    config: DiTConfig, visible_tokens: Optional[int] = None, experts_per_token: ExpertsPerToken = None
+    config: DiTConfig,
+    visible_tokens: Optional[int] = None,
+    experts_per_token: ExpertsPerToken = None,
+    training: bool = False,
 ) -> dict[str, int]:
     """Matmul FLOPs of one image's forward pass by component (see the module docstring).
 
     `visible_tokens`: tokens the encoder blocks see under MaskDiT masking (default: all of them).
     `experts_per_token`: expert copies per token, one number or one per MoE layer (default:
     `routed_experts_per_token`; for expert choice pass the training value over the micro-batch or
-    the one measured at sampling).
+    the one measured at sampling). `training`: the training forward's (a z-loss recomputes the router logits).
     """
     C, p = config.hidden_size, config.patch_size
     T = (config.input_size // p) ** 2
@@ -132,7 +147,7 @@ def forward_flops(
     for index in range(config.depth):
         moe = config.moe if index in moe_blocks else None
         experts = per_layer[moe_blocks.index(index)] if moe is not None else None
-        _add(total, _block_flops(C, C, I, moe, T_enc, experts))
+        _add(total, _block_flops(C, C, I, moe, T_enc, experts, training))
     width = C
     if config.decoder_depth:
         width = D = config.decoder_hidden_size
@@ -158,7 +173,7 @@ def training_flops(config: DiTConfig, visible_tokens: Optional[int] = None, micr
     if config.moe is not None and micro_batch is not None:
         tokens = micro_batch * (visible_tokens or (config.input_size // config.patch_size) ** 2)
         experts = routed_experts_per_token(config.moe, tokens)
-    return TRAINING_FACTOR * sum(forward_flops(config, visible_tokens, experts).values())
+    return TRAINING_FACTOR * sum(forward_flops(config, visible_tokens, experts, training=True).values())
 
 
 def guided_step_flops(config: DiTConfig, experts_per_token: ExpertsPerToken = None) -> int:
