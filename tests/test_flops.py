@@ -1,5 +1,7 @@
 """FLOP accounting (dit_moe.models.flops) against torch's own FLOP counter and DiT's published count."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -160,3 +162,26 @@ def test_measured_gemm_rate_and_utilisation():
     u = flops.utilisation(0.5 * rate, rate, None)
     assert u == {"tflops": 0.5 * rate / 1e12, "of_gemm": 0.5, "mfu": None}
     assert flops.utilisation(400e12, 800e12, 1000e12)["mfu"] == pytest.approx(0.4)
+
+
+def test_routing_compare_variants_are_at_equal_activated_compute_by_the_count():
+    """bench/routing_compare.py's variants, built from its flags as the trainer builds them, cost the
+    same feed-forward FLOPs per token to within the routers' C x E (1%), in training and at large batch."""
+    import importlib.util
+
+    from dit_moe.train.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "routing_compare.py"
+    spec = importlib.util.spec_from_file_location("routing_compare", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    per_token = {}
+    for name, flags in bench.VARIANTS.items():
+        cfg = load_config(["--model", "DiT-T/2", "--dataset", "digits", "--image-size", "8", *flags])
+        config = cfg.model.architecture(8, 3, 10)
+        tokens = 64 * (config.input_size // config.patch_size) ** 2
+        experts = flops.routed_experts_per_token(config.moe, tokens) if config.moe else None
+        per_token[name] = bench.ffn_flops_per_token(config, experts)
+    assert per_token["topk"] == 2 * 3 * 128 * (2 * 512) + 2 * 128 * 8  # a SwiGLU of activated width 8C + router
+    for name, value in per_token.items():
+        assert value == pytest.approx(per_token["topk"], rel=0.01), name
