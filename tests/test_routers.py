@@ -7,11 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from dit_moe.models import DiT, DiT_models
 from dit_moe.models.config import MoEArgs
+from dit_moe.models.flops import block_ffn_flops
 from dit_moe.models.moe import MoEFeedForward, combine, dispatch
-from dit_moe.models.router_expert_choice import THRESHOLD_MOMENTUM, ExpertChoiceRouter
+from dit_moe.models.router_expert_choice import THRESHOLD_MOMENTUM, ExpertChoiceRouter, UncalibratedRouter
 from dit_moe.models.router_sigmoid import SigmoidBiasRouter, update_expert_bias
 from dit_moe.routing import RoutingRecorder
 from dit_moe.routing.stats import count_routing
@@ -72,10 +74,15 @@ def test_expert_choice_calibrates_a_batch_independent_threshold():
         assert torch.equal(router(LOGITS[t : t + 1])[1], ids[t : t + 1])
 
 
-def test_uncalibrated_expert_choice_uses_the_training_rule_in_eval_mode():
+def test_uncalibrated_expert_choice_refuses_eval_mode_and_a_loaded_calibration_is_noted():
     router = identity_gate(ExpertChoiceRouter(2, 2, top_k=1)).eval()
-    assert router(LOGITS)[1].tolist() == [[0, 2], [0, 2], [2, 1], [2, 1]]
+    with pytest.raises(UncalibratedRouter, match="would depend on the batch"):
+        router(LOGITS)  # routing over the batch would tie each sample to the others
     assert router.threshold_norm == 0  # eval forwards do not calibrate
+    trained = identity_gate(ExpertChoiceRouter(2, 2, top_k=1))
+    trained(LOGITS)
+    router.load_state_dict(trained.state_dict())
+    assert router.calibrated and torch.equal(router(LOGITS)[1], trained.eval()(LOGITS)[1])
 
 
 def test_dispatch_drops_empty_slots_and_combine_inverts_it():
@@ -171,7 +178,13 @@ def test_fine_grained_experts_keep_the_activated_width():
         16, 64, MoEArgs(num_experts=16, num_experts_per_tok=8, expert_width_ratio=0.25, num_shared_experts=2)
     )
     assert coarse.experts.gate_proj.shape == (4, 64, 16) and fine.experts.gate_proj.shape == (16, 16, 16)
-    assert 2 * 64 == 8 * 16  # activated routed width: k * I
+    x = torch.randn(2, 3, 16)
+    for layer in (coarse, fine):  # the FLOP accounting reads the widths the layer was built with
+        with FlopCounterMode(display=False) as counter:
+            layer(x)
+        assert counter.get_total_flops() == sum(block_ffn_flops(16, 64, layer.args, 6).values())
+    routed = [block_ffn_flops(16, 64, layer.args, 6)["experts"] for layer in (coarse, fine)]
+    assert routed[0] == routed[1]  # the same activated routed width: 2 x 64 = 8 x 16
     assert fine.shared_experts.gate_proj.weight.shape == (2 * 16, 16)  # two shared experts of routed width
     dit_moe = MoEFeedForward(16, 64, MoEArgs())  # DiT-MoE's layout: one shared expert of width 2 * hidden
     assert dit_moe.shared_experts.gate_proj.weight.shape == (32, 16)

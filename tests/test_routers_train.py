@@ -49,6 +49,11 @@ def test_router_trains_with_and_without_expert_parallelism(runs, tmp_path):
         assert got[3]["expert_load_cv"] == pytest.approx(0.0, abs=1e-6)  # every expert takes C tokens
         for gate in gates(ep2):  # three training forwards calibrated the threshold
             assert gate.threshold_norm.item() == pytest.approx(1 - 0.99**3)
+        ema = load_model(ep2 / "export.safetensors")  # the EMA, as sampling loads it
+        ema_gates = [ema.blocks[i].moe.gate for i in ema.moe_blocks]
+        for gate, live in zip(ema_gates, gates(ep2)):  # recalibrated for the EMA at export, averaged over ranks
+            assert gate.calibrated and gate.threshold_norm.item() == pytest.approx(1 - 0.99**8)
+            assert not torch.equal(gate.threshold, live.threshold)
     if router == "sigmoid-bias":
         steps = [gate.expert_bias / model.config.moe.bias_update_rate for gate in gates(ep2)]
         assert any(s.abs().sum() > 0 for s in steps)

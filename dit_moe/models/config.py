@@ -33,6 +33,9 @@ TRAINING_ONLY_FIELDS = (
     "class_dropout_prob",
     "bias_update_rate",
 )
+# Load-balancing loss coefficient when none is given: DiT-MoE's for top-k; none for the routers that balance
+# otherwise (sigmoid-bias by its bias; DeepSeek-V3's own sequence-wise term is 1e-4, pass it to have it).
+DEFAULT_AUX_LOSS_COEF = {"topk": 0.01}
 
 
 @dataclass
@@ -53,7 +56,8 @@ class MoEArgs:
     expert_type: str = "swiglu"  # "swiglu" (DiT-MoE) or "gelu" (dense DiT MLP, for upcycling)
     moe_layers: Optional[list[int]] = None  # block indices that are MoE; None: every block
     norm_topk_prob: bool = False  # renormalise the k selected weights to sum to 1
-    aux_loss_coef: float = 0.01  # load-balancing loss coefficient; 0 disables it (expert-choice has none)
+    # None: the router's default, 0.01 for topk (DiT-MoE), 0 for sigmoid-bias (balanced by its bias) and expert-choice.
+    aux_loss_coef: Optional[float] = None  # load-balancing loss coefficient (default 0.01 topk, 0 others); 0: off
     aux_loss_per_sample: bool = False  # DiT-MoE's "seq_aux": balance within each sample
     z_loss_coef: float = 0.0  # router z-loss coefficient; 0 disables it
     capacity_factor: Optional[float] = None  # None: dropless (expert-choice: 1); else cf * k * T / E per expert
@@ -76,6 +80,8 @@ class MoEArgs:
             raise ValueError(f"expert_width_ratio must be positive, got {self.expert_width_ratio}.")
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}.")
+        if self.aux_loss_coef is None:
+            self.aux_loss_coef = DEFAULT_AUX_LOSS_COEF.get(self.router, 0.0)
         if self.bias_update_rate < 0:
             raise ValueError(f"bias_update_rate must be >= 0, got {self.bias_update_rate}.")
         if self.capacity_factor is not None and self.capacity_factor <= 0:

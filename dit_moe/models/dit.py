@@ -17,6 +17,8 @@ visible tokens (N, T_keep, C); decoder tokens (N, T, D) with D = decoder_hidden_
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -26,6 +28,7 @@ from .config import DiTConfig
 from .layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
 from .masking import MaskInfo, drop_tokens, restore_tokens
 from .moe import MoEFeedForward
+from .router import recomputing
 
 AuxLosses = dict[str, torch.Tensor]
 
@@ -102,6 +105,11 @@ class DecoderEmbed(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm(x), shift, scale))
+
+
+def _recompute_contexts():
+    """Gradient checkpointing's (forward, recomputation) contexts: routers count their side effects once."""
+    return nullcontext(), recomputing()
 
 
 class DiT(nn.Module):
@@ -213,7 +221,7 @@ class DiT(nn.Module):
         checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks if blocks is None else blocks:
             if checkpointing:
-                tokens, block_aux = checkpoint(block, tokens, c, use_reentrant=False)
+                tokens, block_aux = checkpoint(block, tokens, c, use_reentrant=False, context_fn=_recompute_contexts)
             else:
                 tokens, block_aux = block(tokens, c)
             add_aux(aux, block_aux)

@@ -7,13 +7,22 @@ Counts are matmul FLOPs (2 per multiply-add) of one image's forward pass, compon
     adaln         every adaLN modulation: 2 C (6 C) per block, 2 C (2 C) for the final layer
     attention     qkv + proj: 2 T (4 C^2); scores and values: 2 (2 T^2 C)
     mlp           dense blocks' MLP: 2 T (2 C I)
-    router        2 T C E (fp32 logits)
-    experts       routed experts at top-k: 2 T k (3 C I) for SwiGLU, 2 T k (2 C I) for GELU
-    shared        the shared SwiGLU expert of width I_s = n_shared_experts C: 2 T (3 C I_s)
+    router        2 T C E (fp32 logits); in training with a z-loss, twice (the loss recomputes them)
+    experts       routed experts: 2 T a (3 C I_e) for SwiGLU, 2 T a (2 C I_e) for GELU
+    shared        the shared SwiGLU expert of width I_s: 2 T (3 C I_s)
     final_layer   2 T C (p^2 out_channels)
 
-with T tokens, C width, I = mlp_ratio C, E experts, k experts per token; MaskDiT's encoder blocks
-see the visible tokens, its decoder bridge and blocks see all T at the decoder width.
+with T tokens, C width, I = mlp_ratio C, E experts, k = num_experts_per_tok. The widths come from the
+built layer (moe.MoEFeedForward): I_e = int(I expert_width_ratio), and I_s = n_shared_experts C
+(DiT-MoE's layout) or num_shared_experts I_e (DeepSeek-MoE's). `a` is the expert copies per token
+the routed experts process (`routed_experts_per_token`):
+    token choice (topk, sigmoid-bias), dropless          a = k
+    token choice with capacity factor cf                 a <= min(1, cf) k (drops depend on the data: an upper bound)
+    expert choice, training, M tokens routed together    a = E min(M, ceil(cf M k / E)) / M  (-> cf k for large M)
+    expert choice, eval (threshold)                      measured: pass `experts_per_token`
+                                                         (moe.ExpertsPerTokenMeter); nominally min(E, cf k)
+MaskDiT's encoder blocks see the visible tokens, its decoder bridge and blocks see all T at the
+decoder width.
 Normalisation, activations, softmax and top-k are elementwise and not counted, as in the MFU
 convention (PaLM, appendix B). Training is 3x the forward (backward: gradients of inputs and of
 weights); a guided sampling step is 2x (one forward over [cond; uncond]).
@@ -21,12 +30,17 @@ weights); a guided sampling step is 2x (one forward over [cond; uncond]).
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
 from .config import DiTConfig, MoEArgs
+from .moe import expert_widths
+
+# Expert copies per token: one number for every MoE layer, or one per MoE layer (in block order).
+ExpertsPerToken = Union[float, Sequence[float], None]
 
 TIMESTEP_FEATURES = 256  # TimestepEmbedder's frequency_embedding_size
 TRAINING_FACTOR = 3
@@ -46,25 +60,59 @@ VENDOR_BF16_DENSE_PEAK = (
 )
 
 
-def block_ffn_flops(hidden: int, intermediate: int, moe: Optional[MoEArgs], tokens: int) -> dict[str, int]:
-    """Feed-forward FLOPs of one block over `tokens` tokens: the dense MLP, or router + routed + shared experts."""
+def routed_experts_per_token(moe: MoEArgs, routed_tokens: Optional[int] = None) -> float:
+    """Expert copies per token the routed experts process (the module docstring's `a`).
+
+    `routed_tokens` (M, the micro-batch's N x T): expert choice in training, whose capacity is
+    taken over the tokens routed together; None gives the large-batch value min(E, cf k).
+    """
+    E, k = moe.num_experts, moe.num_experts_per_tok
+    if moe.router != "expert-choice":
+        return k if moe.capacity_factor is None else min(1.0, moe.capacity_factor) * k
+    cf = 1.0 if moe.capacity_factor is None else moe.capacity_factor
+    if routed_tokens is None:
+        return min(float(E), cf * k)
+    return E * min(routed_tokens, math.ceil(cf * routed_tokens * k / E)) / routed_tokens
+
+
+def block_ffn_flops(
+    hidden: int,
+    intermediate: int,
+    moe: Optional[MoEArgs],
+    tokens: int,
+    experts_per_token: Optional[float] = None,
+    training: bool = False,
+) -> dict[str, int]:
+    """Feed-forward FLOPs of one block over `tokens` tokens: the dense MLP, or router + routed + shared
+    experts, with `experts_per_token` copies per token (default: `routed_experts_per_token(moe)`);
+    `training` counts the z-loss's second router product."""
     if moe is None:
         return {"mlp": 2 * tokens * 2 * hidden * intermediate}
+    routed, shared = expert_widths(hidden, intermediate, moe)
+    a = routed_experts_per_token(moe) if experts_per_token is None else experts_per_token
     projections = 3 if moe.expert_type == "swiglu" else 2
     out = {
-        "router": 2 * tokens * hidden * moe.num_experts,
-        "experts": 2 * tokens * moe.num_experts_per_tok * projections * hidden * intermediate,
+        "router": 2 * tokens * hidden * moe.num_experts * (2 if training and moe.z_loss_coef > 0 else 1),
+        "experts": round(2 * tokens * a * projections * hidden * routed),
     }
-    if moe.n_shared_experts:
-        out["shared"] = 2 * tokens * 3 * hidden * moe.n_shared_experts * hidden
+    if shared:
+        out["shared"] = 2 * tokens * 3 * hidden * shared
     return out
 
 
-def _block_flops(hidden: int, cond: int, intermediate: int, moe: Optional[MoEArgs], tokens: int) -> dict[str, int]:
+def _block_flops(
+    hidden: int,
+    cond: int,
+    intermediate: int,
+    moe: Optional[MoEArgs],
+    tokens: int,
+    experts: Optional[float] = None,
+    training: bool = False,
+) -> dict[str, int]:
     return {
         "adaln": 2 * cond * 6 * hidden,
         "attention": 2 * tokens * 4 * hidden**2 + 2 * 2 * tokens**2 * hidden,
-        **block_ffn_flops(hidden, intermediate, moe, tokens),
+        **block_ffn_flops(hidden, intermediate, moe, tokens, experts, training),
     }
 
 
@@ -73,10 +121,18 @@ def _add(total: dict[str, int], part: dict[str, int]) -> None:
         total[key] = total.get(key, 0) + value
 
 
-def forward_flops(config: DiTConfig, visible_tokens: Optional[int] = None) -> dict[str, int]:
+def forward_flops(
+    config: DiTConfig,
+    visible_tokens: Optional[int] = None,
+    experts_per_token: ExpertsPerToken = None,
+    training: bool = False,
+) -> dict[str, int]:
     """Matmul FLOPs of one image's forward pass by component (see the module docstring).
 
     `visible_tokens`: tokens the encoder blocks see under MaskDiT masking (default: all of them).
+    `experts_per_token`: expert copies per token, one number or one per MoE layer (default:
+    `routed_experts_per_token`; for expert choice pass the training value over the micro-batch or
+    the one measured at sampling). `training`: the training forward's (a z-loss recomputes the router logits).
     """
     C, p = config.hidden_size, config.patch_size
     T = (config.input_size // p) ** 2
@@ -86,8 +142,12 @@ def forward_flops(config: DiTConfig, visible_tokens: Optional[int] = None) -> di
         "patch_embed": 2 * T * C * config.in_channels * p * p,
         "embedders": 2 * (TIMESTEP_FEATURES * C + C * C),
     }
+    moe_blocks = [index for index in range(config.depth) if config.is_moe_block(index)]
+    per_layer = _per_moe_layer(experts_per_token, len(moe_blocks))
     for index in range(config.depth):
-        _add(total, _block_flops(C, C, I, config.moe if config.is_moe_block(index) else None, T_enc))
+        moe = config.moe if index in moe_blocks else None
+        experts = per_layer[moe_blocks.index(index)] if moe is not None else None
+        _add(total, _block_flops(C, C, I, moe, T_enc, experts, training))
     width = C
     if config.decoder_depth:
         width = D = config.decoder_hidden_size
@@ -98,14 +158,28 @@ def forward_flops(config: DiTConfig, visible_tokens: Optional[int] = None) -> di
     return total
 
 
-def training_flops(config: DiTConfig, visible_tokens: Optional[int] = None) -> int:
-    """FLOPs of one image's training step (forward + backward)."""
-    return TRAINING_FACTOR * sum(forward_flops(config, visible_tokens).values())
+def _per_moe_layer(experts_per_token: ExpertsPerToken, layers: int) -> list[Optional[float]]:
+    if experts_per_token is None or isinstance(experts_per_token, (int, float)):
+        return [experts_per_token] * layers
+    if len(experts_per_token) != layers:
+        raise ValueError(f"experts_per_token has {len(experts_per_token)} values for {layers} MoE layers.")
+    return list(experts_per_token)
 
 
-def guided_step_flops(config: DiTConfig) -> int:
-    """FLOPs of one guided sampling step of one image (the conditional and the unconditional forward)."""
-    return GUIDED_FACTOR * sum(forward_flops(config).values())
+def training_flops(config: DiTConfig, visible_tokens: Optional[int] = None, micro_batch: Optional[int] = None) -> int:
+    """FLOPs of one image's training step (forward + backward); `micro_batch` (images per rank's
+    forward) sets expert choice's capacity, None its large-batch value."""
+    experts = None
+    if config.moe is not None and micro_batch is not None:
+        tokens = micro_batch * (visible_tokens or (config.input_size // config.patch_size) ** 2)
+        experts = routed_experts_per_token(config.moe, tokens)
+    return TRAINING_FACTOR * sum(forward_flops(config, visible_tokens, experts, training=True).values())
+
+
+def guided_step_flops(config: DiTConfig, experts_per_token: ExpertsPerToken = None) -> int:
+    """FLOPs of one guided sampling step of one image (the conditional and the unconditional forward);
+    `experts_per_token` as in `forward_flops` (expert choice: measured at sampling)."""
+    return GUIDED_FACTOR * sum(forward_flops(config, experts_per_token=experts_per_token).values())
 
 
 def vendor_peak(device_name: str) -> Optional[float]:

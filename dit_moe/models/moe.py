@@ -42,6 +42,16 @@ def build_router(hidden_size: int, args: MoEArgs) -> LinearGate:
     return TopKRouter(hidden_size, E, k, args.norm_topk_prob)
 
 
+def expert_widths(hidden_size: int, intermediate_size: int, args: MoEArgs) -> tuple[int, int]:
+    """(routed expert width, shared SwiGLU width; 0: no shared experts) of a layer whose dense MLP is
+    `intermediate_size` wide: DiT-MoE's shared width is `n_shared_experts * hidden`, DeepSeek-MoE's
+    `num_shared_experts` routed-expert widths."""
+    routed = max(1, int(intermediate_size * args.expert_width_ratio))
+    if args.num_shared_experts is not None:
+        return routed, args.num_shared_experts * routed
+    return routed, args.n_shared_experts * hidden_size
+
+
 @dataclass
 class DispatchMeta:
     """How the dispatched buffer maps back to tokens.
@@ -119,28 +129,25 @@ class MoEFeedForward(nn.Module):
     experts is one SwiGLU of their concatenated width).
     forward(x [N, T, C]) -> (y [N, T, C], aux losses already multiplied by their coefficients:
     "moe_aux_loss" and "moe_z_loss", present only in training mode with a coefficient > 0).
-    `tokens_per_expert` [E] holds the routed token copies per expert of the last forward.
+    `tokens_per_expert` [E] holds the routed token copies per expert of the last forward, over
+    `routed_tokens` tokens (M); `processed_copies` (a 0-d tensor) the copies the experts computed,
+    fewer than routed where a capacity dropped some.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, args: MoEArgs) -> None:
         super().__init__()
         self.args = args
         self.gate = build_router(hidden_size, args)
-        expert_width = max(1, int(intermediate_size * args.expert_width_ratio))
+        expert_width, shared_width = expert_widths(hidden_size, intermediate_size, args)
         self.experts = GroupedExperts(args.num_experts, hidden_size, expert_width, args.expert_type, args.grouped_gemm)
-        if args.num_shared_experts is not None:
-            shared_width = args.num_shared_experts * expert_width
-        else:
-            shared_width = args.n_shared_experts * hidden_size
-        if shared_width > 0:
-            self.shared_experts = SwiGLUMLP(hidden_size, shared_width)
-        else:
-            self.shared_experts = None
+        self.shared_experts = SwiGLUMLP(hidden_size, shared_width) if shared_width > 0 else None
         # Set by expert parallelism (`dit_moe.parallel`): runs this layer's local experts on the
         # copies every rank routes to them. None: all experts are here.
         self.expert_parallel = None
         # int64 so that casting the model to half precision cannot round the counts.
         self.register_buffer("tokens_per_expert", torch.zeros(args.num_experts, dtype=torch.int64), persistent=False)
+        self.routed_tokens = 0
+        self.processed_copies: Optional[Tensor] = None
 
     def capacity(self, num_tokens: int) -> Optional[int]:
         """Buffer rows per expert, ceil(cf * k * M / E), or None when dropless (and for expert
@@ -159,6 +166,8 @@ class MoEFeedForward(nn.Module):
         )
         with torch.no_grad():
             self.tokens_per_expert.copy_(meta.routed_counts)
+        self.routed_tokens = N * T
+        self.processed_copies = meta.counts.detach().sum()
         if self.expert_parallel is None:
             expert_out = self.experts(buffer, meta.counts)
         else:
@@ -191,3 +200,42 @@ def moe_load_stats(model: nn.Module) -> dict[str, dict[str, Tensor]]:
             cv = counts.std(unbiased=False) / counts.mean().clamp_min(1e-9)
             stats[name] = {"tokens_per_expert": counts, "cv": cv}
     return stats
+
+
+class ExpertsPerTokenMeter:
+    """Expert copies per token each MoE layer of `model` computed over the forwards run inside
+    `with meter:` (forward hooks, removed on exit; counts summed on device, no host sync until
+    `per_layer`). Token choice gives k (dropless) or what its capacity kept; expert choice at
+    sampling what its thresholds let through; `dit_moe.models.flops` turns either into FLOPs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+        self.copies: list[Optional[Tensor]] = [None] * len(self.layers)
+        self.tokens = [0] * len(self.layers)
+        self._handles: list = []
+
+    def __enter__(self) -> "ExpertsPerTokenMeter":
+        for index, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_hook(self._counter(index)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _counter(self, index: int):
+        def hook(layer: MoEFeedForward, inputs, output) -> None:
+            copies = layer.processed_copies
+            self.copies[index] = copies if self.copies[index] is None else self.copies[index] + copies
+            self.tokens[index] += layer.routed_tokens
+
+        return hook
+
+    def per_layer(self) -> list[float]:
+        """Copies per token of every MoE layer, in block order (a host sync)."""
+        return [0.0 if c is None else c.item() / max(1, t) for c, t in zip(self.copies, self.tokens)]
+
+    def mean(self) -> float:
+        values = self.per_layer()
+        return sum(values) / max(1, len(values))

@@ -18,15 +18,35 @@ Every router (this one, `router_expert_choice.ExpertChoiceRouter`,
 `expert_ids` are [M, slots] (`slots` = k for token choice); a slot whose id is E is empty
 (weight 0, routed nowhere), which only routers with `empty_slots = True` produce.
 `load_balancing_loss` exists where `has_balancing_loss` is True.
+
+Training side effects (the sigmoid-bias load count, expert choice's threshold calibration) happen
+once per forward that the optimizer step sees: `records_side_effects` is False inside
+`recomputing()`, which gradient checkpointing enters for the forward it repeats in backward.
 """
 
 from __future__ import annotations
 
+import contextvars
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+_RECOMPUTING = contextvars.ContextVar("dit_moe_recomputing", default=False)
+
+
+@contextmanager
+def recomputing() -> Iterator[None]:
+    """Inside: a forward that repeats one already run (gradient checkpointing's recomputation in
+    backward), so routers leave their training state alone."""
+    token = _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
 
 
 class LinearGate(nn.Module):
@@ -59,6 +79,11 @@ class LinearGate(nn.Module):
         for name in self.state_buffers + self.fp32_buffers:
             setattr(self, name, getattr(self, name).float())
         return self
+
+    @property
+    def records_side_effects(self) -> bool:
+        """Whether this forward updates router state: training mode, and not a checkpointed recomputation."""
+        return self.training and not _RECOMPUTING.get()
 
     def reset_parameters(self) -> None:
         # DiT-MoE's MoEGate init (nn.Linear's default); DiT's xavier init only touches nn.Linear.

@@ -20,7 +20,10 @@ accepted) and folds it into a debiased exponential moving average (momentum 0.99
 tau = threshold / threshold_norm with threshold_norm = 1 - 0.99^n after n forwards. Both are
 persistent fp32 buffers, so checkpoints and exports carry them. An expert then takes, in expectation,
 the share C / M of tokens it took in training. A router never calibrated (threshold_norm = 0,
-also a file written for another router) falls back to the training rule over its batch.
+also a file written for another router) refuses eval mode (`UncalibratedRouter`): routing over the
+batch would make a sample depend on the others. The trainer recalibrates the thresholds for the
+EMA weights before it exports them (dit_moe.train.routers); `calibrated` tracks, without a
+host sync per forward, whether the buffers hold a calibration.
 
 The forward returns the dense slot layout [M, E]: slot e of token t holds expert e (id e,
 weight s_{t,e}) when e took t, else the empty id E with weight 0; the MoE layer's dispatch drops
@@ -33,11 +36,23 @@ import math
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..utils.errors import UserError
 from .router import LinearGate
 
 THRESHOLD_MOMENTUM = 0.99
+
+
+UNCALIBRATED = (
+    "This expert-choice model has no calibrated inference thresholds (a file written before they were saved, "
+    "or a model never trained), so its routing would depend on the batch; sample from an export of this "
+    "version's trainer (--export-only True --resume RUN_DIR writes one from a checkpoint)."
+)
+
+
+class UncalibratedRouter(UserError):
+    """An expert-choice model asked to route in eval mode without inference thresholds."""
 
 
 class ExpertChoiceRouter(LinearGate):
@@ -51,6 +66,8 @@ class ExpertChoiceRouter(LinearGate):
         self.capacity_factor = 1.0 if capacity_factor is None else capacity_factor
         self.register_buffer("threshold", torch.zeros(num_experts))
         self.register_buffer("threshold_norm", torch.zeros(()))
+        self.calibrated = False
+        self.register_load_state_dict_post_hook(_note_calibration)
 
     def capacity(self, num_tokens: int) -> int:
         """C = ceil(cf * M * k / E), at most M."""
@@ -59,14 +76,15 @@ class ExpertChoiceRouter(LinearGate):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Route x [..., C]: returns fp32 weights [M, E], int64 expert_ids [M, E] (E: empty), fp32 scores [M, E]."""
         scores = self.logits(x).softmax(dim=-1)  # [M, E]
-        top_scores, top_tokens = torch.topk(scores, k=self.capacity(scores.shape[0]), dim=0)  # [C, E] each
-        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(0, top_tokens, True)  # [M, E]
         if self.training:
-            self._calibrate(top_scores[-1])
+            top_scores, top_tokens = torch.topk(scores, k=self.capacity(scores.shape[0]), dim=0)  # [C, E] each
+            chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(0, top_tokens, True)  # [M, E]
+            if self.records_side_effects:
+                self._calibrate(top_scores[-1])
         else:
-            calibrated = self.threshold_norm > 0
-            tau = self.threshold / self.threshold_norm.clamp_min(1e-12)
-            chosen = torch.where(calibrated, scores >= tau, chosen)
+            if not self.calibrated:
+                raise UncalibratedRouter(UNCALIBRATED)
+            chosen = scores >= self.threshold / self.threshold_norm.clamp_min(1e-12)
         experts = torch.arange(self.num_experts, device=scores.device).expand_as(scores)
         expert_ids = torch.where(chosen, experts, self.num_experts)
         return scores * chosen, expert_ids, scores
@@ -76,3 +94,26 @@ class ExpertChoiceRouter(LinearGate):
         """Fold the C-th score of every expert [E] into the debiased EMA of the inference threshold."""
         self.threshold.mul_(THRESHOLD_MOMENTUM).add_(last_accepted, alpha=1 - THRESHOLD_MOMENTUM)
         self.threshold_norm.mul_(THRESHOLD_MOMENTUM).add_(1 - THRESHOLD_MOMENTUM)
+        self.calibrated = True
+
+    @torch.no_grad()
+    def reset_calibration(self) -> None:
+        self.threshold.zero_()
+        self.threshold_norm.zero_()
+        self.calibrated = False
+
+
+def _note_calibration(module: ExpertChoiceRouter, incompatible_keys) -> None:
+    """Load-time post-hook: whether the loaded thresholds are a calibration (one host sync per load)."""
+    module.calibrated = bool(module.threshold_norm > 0)
+
+
+def expert_choice_routers(model: nn.Module) -> dict[str, ExpertChoiceRouter]:
+    """The expert-choice routers of `model` by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ExpertChoiceRouter)}
+
+
+def check_calibrated(model: nn.Module) -> None:
+    """Raise `UncalibratedRouter` (one sentence) when an expert-choice router of `model` has no thresholds."""
+    if not all(router.calibrated for router in expert_choice_routers(model).values()):
+        raise UncalibratedRouter(UNCALIBRATED)

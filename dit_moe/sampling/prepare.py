@@ -42,6 +42,9 @@ from ..data.vae import PIXEL_SPACE, check_vae_path, is_pixel_space, load_codec
 from ..diffusion import Objective, ObjectiveConfig
 from ..hub import resolve_checkpoint, resolve_vae
 from ..models import DiT, DiTConfig, preset_name
+from ..models.flops import routed_experts_per_token
+from ..models.moe import ExpertsPerTokenMeter
+from ..models.router_expert_choice import check_calibrated
 from ..utils.errors import UserError
 from ..utils.host_memory import keep_freed_memory
 from ..utils.launch import LaunchEnv
@@ -127,7 +130,20 @@ class PreparedSampler:
         progress: bool = False,
         callback: Optional[Callable[[dict], None]] = None,
     ) -> torch.Tensor:
-        """Images (N, C, H, W) float32 in [-1, 1] on the CPU, one per (label, seed) (see images.sample_images)."""
+        """Images (N, C, H, W) float32 in [-1, 1] on the CPU, one per (label, seed) (see images.sample_images).
+        Expert choice logs the experts per token its thresholds let through (a host sync per call)."""
+        with ExpertsPerTokenMeter(self.model) as meter:
+            images = self._sample(labels, seeds, progress, callback)
+        moe = self.config.moe
+        if moe is not None and moe.router == "expert-choice":
+            log.info(
+                "Expert choice routed %.3f experts per token at sampling (mean over layers and steps; training: %g).",
+                meter.mean(),
+                routed_experts_per_token(moe),
+            )
+        return images
+
+    def _sample(self, labels, seeds, progress, callback) -> torch.Tensor:
         return sample_images(
             self.model,
             self.codec,
@@ -167,6 +183,7 @@ def prepare_sampling(request: SamplingRequest) -> PreparedSampler:
     loaded = load_checkpoint_model(resolve_checkpoint(request.ckpt), request.num_experts_per_tok, device=device)
     config = loaded.model.config
     check_architecture(config, request.model_name, request.num_classes)
+    check_calibrated(loaded.model)
     resolved = resolve_objective(loaded, request)
     check_sampler(resolved, request, loaded.config_stored)
     codec = resolve_codec(request.vae_path, config).to(device)

@@ -1,18 +1,21 @@
 """What a run trains, built from its TrainConfig: the model config (from --init-from's file or the
-preset and flags) and the model with its starting weights."""
+preset and flags), the model with its starting weights, and the optimizer-step hooks of its routers."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from ..checkpoint import CheckpointContents, RecordedRun, infer_config
 from ..diffusion import ObjectiveConfig
 from ..models import DiT, DiTConfig
 from ..models.compile import compile_model
 from ..models.config import TRAINING_ONLY_FIELDS
+from ..models.router_sigmoid import register_expert_bias_update
 from .sections import ARCHITECTURE_FIELDS, TrainConfig
 
 
@@ -35,6 +38,9 @@ def settle_with_record(
     return dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, **model), objective=dataclasses.replace(cfg.objective, **objective)
     )
+
+
+log = logging.getLogger("dit_moe.train")
 
 
 def build_model_config(
@@ -62,3 +68,23 @@ def build_training_model(cfg: TrainConfig, config: DiTConfig, init: Optional[Che
     if init is not None:
         model.load_state_dict(init.state_dict)
     return compile_model(model, cfg.run.compile)
+
+
+def register_router_updates(engine) -> None:
+    """Hang the routers' per-step state updates on the engine's optimizer (torchtitan's
+    `build_optimizers_with_moe_load_balancing`): the sigmoid-bias routers' aux-loss-free bias update,
+    with the step's loads summed over ranks. A step DeepSpeed skips (fp16 overflow) never reaches the
+    optimizer, so it updates nothing. Says at start-up how the sigmoid-bias routers balance."""
+    module = engine.module
+    if register_expert_bias_update(engine.basic_optimizer, module, dist.all_reduce) is None:
+        return
+    moe = module.config.moe
+    log.info(
+        "sigmoid-bias routers: auxiliary-loss-free balancing, bias += %g x sign(mean load - load) after every "
+        "optimizer step; load-balancing loss coefficient %g%s.",
+        moe.bias_update_rate,
+        moe.aux_loss_coef,
+        " (DeepSeek-V3 uses 1e-4 per sample: --aux-loss-coef 1e-4 --aux-loss-per-sample True)"
+        if moe.aux_loss_coef == 0
+        else "",
+    )

@@ -3,11 +3,15 @@ every `ckpt_every` steps `save`) -> `finish`, driven by `train`.
 
 One optimizer step = `grad_accum` micro-batches, each: draw randomness -> (VAE) -> objective
 loss -> `engine.backward` -> `engine.step` (DeepSpeed applies the update on the accumulation
-boundary), then the sigmoid-bias routers' balancing update and the EMA.
+boundary; the routers' state updates hang on the optimizer step, `build.register_router_updates`),
+then the EMA.
 
 Randomness (timesteps, noise, label dropout, patch masks) is drawn by the objective for the whole
 global micro-batch from a seed of (seed, step, micro-step), and each rank takes its slice; so a run
 gives the same losses on any number of processes, and a resumed run continues exactly where it stopped.
+Except with expert choice (--router expert-choice): each expert picks its tokens among its rank's
+micro-batch, so its losses change with the per-rank micro-batch (processes x micro-batch x
+accumulation is not enough); a resume that changes it is warned about (`routers`).
 """
 
 from __future__ import annotations
@@ -33,15 +37,15 @@ from ..checkpoint import (
 from ..data import TrainLoader, build_codec, build_train_loader
 from ..diffusion import Draws, DrawSpec, Objective, ObjectiveConfig, build_objective
 from ..models import DiTConfig
-from ..models.router_sigmoid import update_expert_bias
 from ..parallel import ExpertParallel
 from ..utils.errors import UserError
 from . import engine as engine_lib
 from .batch import BatchPlan
-from .build import build_model_config, build_training_model, settle_with_record
+from .build import build_model_config, build_training_model, register_router_updates, settle_with_record
 from .disk import CheckpointSpace
 from .distributed import RankSlice, StopRequest
 from .metrics import LoadTracker, MetricsWriter, Window, expert_parallel_record, plot_loss_curve
+from .routers import ema_router_state, warn_if_routing_batch_changes
 from .sections import TrainConfig
 
 log = logging.getLogger("dit_moe.train")
@@ -114,6 +118,7 @@ def setup(cfg: TrainConfig) -> Run:
         loader.check_resumable_on(resumed.world_size)
     codec = build_codec(cfg.data).to(device) if loader.needs_encoding else None
     model_config = build_model_config(cfg, loader.input_channels, loader.input_size, loader.num_classes, init)
+    warn_if_routing_batch_changes(model_config, resumed, plan)
     model = build_training_model(cfg, model_config, init)
     del init
     ep = engine_lib.setup_expert_parallel(model, cfg.run.ep_size)
@@ -123,6 +128,7 @@ def setup(cfg: TrainConfig) -> Run:
         objective_config.objective, gather=ranks.gather, **objective_config.build_options(model_config.learn_sigma)
     )
     engine = engine_lib.initialize(model, ds_config, ep)
+    register_router_updates(engine)
     ema = engine_lib.EMA(engine.module, cfg.run.ema_decay, ep)
     draw_spec = DrawSpec(
         (loader.input_channels, loader.input_size, loader.input_size),
@@ -312,9 +318,6 @@ def train_step(run: Run, window: Window) -> None:
         loss, aux = micro_step(run.engine, run.objective, x, y, draws, run.model_dtype, run.cfg.model.mae_loss_coef)
         run.engine.step()  # the update on the accumulation boundary; DeepSpeed may sync there (overflow, clipping)
         window.add({"loss": loss, **aux})
-    # Aux-loss-free balancing: the step's expert loads summed over ranks (a collective, no host sync),
-    # so every rank applies the same bias update. Nothing is communicated for other routers.
-    update_expert_bias(run.engine.module, dist.all_reduce)
     run.ema.update()
     run.step += 1
     window.steps += 1
@@ -378,9 +381,11 @@ def save(run: Run) -> None:
 
 
 def export(run: Run) -> Optional[Path]:
-    """Gather the full weights and EMA (a collective) and write the export on rank 0."""
+    """Gather the full weights and EMA (a collective) and write the export on rank 0; router state in
+    the EMA's is calibrated for the EMA's weights (`routers.ema_router_state`)."""
+    router_state = ema_router_state(run)
     model_state = engine_lib.full_model_state_dict(run.engine, run.ep)
-    ema_state = run.ema.full_state_dict()
+    ema_state = run.ema.full_state_dict() | router_state
     if not run.is_main:
         return None
     return save_export(
