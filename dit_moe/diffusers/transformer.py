@@ -43,6 +43,19 @@ class DiTMoETransformer2DModel(ModelMixin, ConfigMixin):
         wrapper.dit = model
         return wrapper
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """diffusers' from_pretrained, then every weight copied into its own allocation.
+
+        diffusers keeps the tensors where the safetensors buffer put them (8-byte aligned offsets);
+        CPU BLAS kernels round differently on such addresses than on the allocator's 64-byte aligned
+        ones, so without the copy the MoE experts' outputs differ from `load_model`'s in the last bit.
+        """
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._apply(lambda tensor: tensor.clone())
+        return loaded
+
     @property
     def dit_config(self) -> DiTConfig:
         return self.dit.config

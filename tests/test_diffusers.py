@@ -1,0 +1,247 @@
+"""dit_moe.diffusers: any checkpoint as a diffusers pipeline folder that loads offline and samples as sample.py does.
+
+Round trips for a dense DiT, a top-k DiT-MoE, an expert-choice and a fine-grained model (narrow
+experts + shared experts), under IDDPM and rectified flow: the folder's transformer computes
+load_model's forward exactly, and the pipeline's images are sample.py's for the same solver,
+steps, guidance and seeds (to 1/255), each pipeline step restated by the diffusers scheduler that
+computes it (FlowMatchEulerDiscreteScheduler for Euler, DDPMScheduler for DDPM, DDIMScheduler for DDIM).
+"""
+
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
+
+from dit_moe.checkpoint import load_model, save_export
+from dit_moe.diffusers import (
+    DiTMoEPipeline,
+    DiTMoETransformer2DModel,
+    ExportRequest,
+    export_pipeline,
+    load_pipeline,
+    scheduler_for,
+)
+from dit_moe.diffusers.__main__ import main as export_main
+from dit_moe.diffusers.pipeline import iddpm_respaced_timesteps
+from dit_moe.diffusion import ObjectiveConfig, create_diffusion, space_timesteps
+from dit_moe.evaluation.npz import to_uint8_nhwc
+from dit_moe.sampling import SamplingOptions, SamplingRequest, prepare_sampling
+
+from tiny_dit import tiny_model
+
+# name: (DiT overrides, objective); pixel-space 1-channel 8x8 models with 10 classes, like the digits.
+MODELS = {
+    "dense-iddpm": (dict(num_experts=0), ObjectiveConfig(objective="iddpm", diffusion_steps=100)),
+    "topk-flow": (dict(num_experts=4, num_experts_per_tok=2), ObjectiveConfig(objective="flow", flow_t_scale=1000.0)),
+    "expert-choice-iddpm": (
+        dict(num_experts=4, num_experts_per_tok=2, router="expert-choice"),
+        ObjectiveConfig(objective="iddpm", diffusion_steps=100, noise_schedule="cosine"),
+    ),
+    "fine-grained-flow": (
+        dict(num_experts=8, num_experts_per_tok=2, expert_width_ratio=0.25, num_shared_experts=2),
+        ObjectiveConfig(objective="flow"),
+    ),
+}
+SEEDS = [0, 1, 2]
+LABELS = [3, 7, 3]
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """The hub offline, and any socket connection an error: loading must need neither."""
+    import huggingface_hub.constants
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access during an offline test")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def exported(request, tmp_path_factory):
+    """(name, checkpoint, pipeline folder) for each model of MODELS: a random-weight export, exported again."""
+    overrides, objective = MODELS[request.param]
+    torch.manual_seed(0)
+    model = tiny_model(in_channels=1, **overrides)
+    folder = tmp_path_factory.mktemp(request.param)
+    ckpt = save_export(folder / "model.safetensors", model.config, model.state_dict(), objective=objective)
+    return request.param, ckpt, export_pipeline(ExportRequest(ckpt, folder / "pipeline"))
+
+
+def offline_pipeline(folder) -> DiffusionPipeline:
+    return DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True)
+
+
+def generators(seeds):
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+def sample_py_images(ckpt, sampler, steps, cfg_scale) -> np.ndarray:
+    """sample.py's images (uint8 NHWC) for LABELS and SEEDS: the prepare step and sample_images."""
+    options = SamplingOptions(sampler=sampler, num_steps=steps, cfg_scale=cfg_scale)
+    prepared = prepare_sampling(SamplingRequest(ckpt, vae_path="none", options=options, device="cpu"))
+    return to_uint8_nhwc(prepared.sample(LABELS, SEEDS))
+
+
+def pipeline_images(pipe, steps, cfg_scale) -> np.ndarray:
+    """The pipeline's images as uint8 NHWC, mapped from [0, 1] as sample.py maps [-1, 1]."""
+    images = pipe(
+        LABELS, num_inference_steps=steps, guidance_scale=cfg_scale, generator=generators(SEEDS), output_type="pt"
+    )
+    return to_uint8_nhwc(images.images * 2 - 1)
+
+
+def assert_within_one_level(ours, reference):
+    difference = np.abs(ours.astype(np.int16) - reference.astype(np.int16))
+    assert difference.max() <= 1, f"{int((difference > 1).sum())} pixels differ by more than 1/255"
+    assert reference.std() > 10, "the reference images are flat; the comparison would say nothing"
+
+
+def test_transformer_output_equals_load_model_forward(exported, no_network):
+    name, ckpt, folder = exported
+    pipe = offline_pipeline(folder)
+    reference = load_model(ckpt)
+    assert type(pipe).__name__ == "DiTMoEPipeline" and type(pipe.transformer).__name__ == "DiTMoETransformer2DModel"
+    assert pipe.transformer.dit_config.to_dict() == reference.config.to_dict()
+    x = torch.randn(4, 1, 8, 8)
+    t = torch.tensor([999, 500, 3, 0]) if name.endswith("iddpm") else torch.tensor([1000.0, 731.5, 20.0, 0.0])
+    y = torch.tensor([0, 9, 10, 4])  # 10: the null class guidance uses
+    with torch.no_grad():
+        assert torch.equal(pipe.transformer(x, t, y).sample, reference(x, t, y))
+
+
+def test_pipeline_images_equal_sample_py(exported, no_network):
+    """Flow: Euler (FlowMatchEulerDiscreteScheduler); IDDPM: DDPM with learned sigma (DDPMScheduler,
+    per-sample noise at every step from the same generators); both guided at 1.5."""
+    name, ckpt, folder = exported
+    pipe = offline_pipeline(folder)
+    sampler, steps = ("euler", 6) if name.endswith("flow") else ("ddpm", 12)
+    expected = FlowMatchEulerDiscreteScheduler if sampler == "euler" else DDPMScheduler
+    assert type(pipe.scheduler) is expected
+    assert_within_one_level(pipeline_images(pipe, steps, 1.5), sample_py_images(ckpt, sampler, steps, 1.5))
+
+
+def test_ddim_swapped_in_from_config_equals_sample_py_ddim(exported, no_network):
+    """`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)` is sample.py's DDIM where the two
+    walk the same timesteps: every training step (diffusers' DDIM steps to t - T/N, IDDPM's respacing
+    rounds a T-1 / (N-1) stride, so for N < T they differ; docs/diffusers.md)."""
+    name, ckpt, folder = exported
+    if not name.endswith("iddpm"):
+        pytest.skip("DDIM samples IDDPM models")
+    pipe = offline_pipeline(folder)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    steps = pipe.scheduler.config.num_train_timesteps
+    assert_within_one_level(pipeline_images(pipe, steps, 1.5), sample_py_images(ckpt, "ddim", steps, 1.5))
+
+
+def test_unguided_and_three_channel_guidance_follow_sample_py(exported, no_network):
+    """guidance_scale 1 is one conditional forward per step; guidance_channels is SamplingOptions.cfg_channels."""
+    name, ckpt, folder = exported
+    if name != "topk-flow":
+        pytest.skip("one model suffices")
+    pipe = offline_pipeline(folder)
+    assert_within_one_level(pipeline_images(pipe, 4, 1.0), sample_py_images(ckpt, "euler", 4, 1.0))
+    calls = []
+    pipe.transformer.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    pipe(LABELS, num_inference_steps=4, guidance_scale=1.0, generator=generators(SEEDS), output_type="np")
+    assert calls == [len(LABELS)] * 4
+
+
+@pytest.mark.parametrize(("total", "steps"), [(1000, 250), (1000, 50), (1000, 7), (100, 12), (100, 100), (4000, 333)])
+def test_respaced_timesteps_are_iddpms(total, steps):
+    assert iddpm_respaced_timesteps(total, steps) == sorted(space_timesteps(total, str(steps)), reverse=True)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("total", [1000, 100])
+def test_ddpm_scheduler_has_the_training_schedule(schedule, total):
+    scheduler = scheduler_for(ObjectiveConfig(noise_schedule=schedule, diffusion_steps=total), learn_sigma=True)
+    ours = create_diffusion(timestep_respacing="", noise_schedule=schedule, diffusion_steps=total, learn_sigma=True)
+    np.testing.assert_allclose(scheduler.alphas_cumprod.double().numpy(), ours.alphas_cumprod, rtol=2e-5, atol=1e-7)
+    assert scheduler.config.variance_type == "learned_range" and not scheduler.config.clip_sample
+
+
+def test_folder_layout_and_shipped_code(tmp_path, no_network):
+    """diffusers' folder layout; the shipped modules import no dit_moe; weights sharded above the limit."""
+    torch.manual_seed(0)
+    model = tiny_model(in_channels=1, num_experts=4, num_experts_per_tok=2)
+    ckpt = save_export(tmp_path / "m.safetensors", model.config, model.state_dict(), objective=ObjectiveConfig("flow"))
+    folder = export_pipeline(ExportRequest(ckpt, tmp_path / "pipe", max_shard_size="2MB"))
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_dit_moe", "DiTMoEPipeline"]
+    assert index["transformer"] == ["modeling_dit_moe", "DiTMoETransformer2DModel"]
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    assert index["vae"] == [None, None] and index["objective"] == "flow"
+    assert index["id2label"]["7"] == "7, seven"
+    for code in (folder / "pipeline_dit_moe.py", folder / "transformer" / "modeling_dit_moe.py"):
+        text = code.read_text()
+        assert "import dit_moe" not in text and "from dit_moe" not in text and "\nfrom ." not in text
+    shards = sorted((folder / "transformer").glob("diffusion_pytorch_model-*.safetensors"))
+    weight_map = json.loads((folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(shards) > 1 and set(weight_map["weight_map"].values()) == {p.name for p in shards}
+    pipe = offline_pipeline(folder)
+    assert pipe.get_label_ids(["seven", "0"]) == [7, 0]
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 0.1]), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(pipe.transformer(x, t, y).sample, load_model(ckpt)(x, t, y))
+
+
+def test_installed_classes_load_the_folder_without_remote_code(exported, no_network, monkeypatch):
+    """load_pipeline builds the same pipeline from dit_moe's classes; diffusers' remote code stays off."""
+    name, ckpt, folder = exported
+    if name != "dense-iddpm":
+        pytest.skip("one model suffices")
+    monkeypatch.setattr("diffusers.utils.dynamic_modules_utils.get_class_from_dynamic_module", None)
+    pipe = load_pipeline(folder)
+    assert type(pipe) is DiTMoEPipeline and type(pipe.transformer) is DiTMoETransformer2DModel
+    assert_within_one_level(pipeline_images(pipe, 12, 1.5), sample_py_images(ckpt, "ddpm", 12, 1.5))
+
+
+def test_other_schedulers_swap_in_and_sample(exported, no_network):
+    """A scheduler taken from the exported config samples: DPMSolver++ for IDDPM (eps only), flow's Euler with shift."""
+    name, ckpt, folder = exported
+    if name not in ("dense-iddpm", "topk-flow"):
+        pytest.skip("one model per objective suffices")
+    pipe = offline_pipeline(folder)
+    if name == "dense-iddpm":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, variance_type=None)
+    else:
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=3.0)
+    images = pipe(
+        LABELS, num_inference_steps=5, guidance_scale=1.5, generator=generators(SEEDS), output_type="np"
+    ).images
+    assert images.shape == (3, 8, 8, 1) and np.isfinite(images).all()
+
+
+def test_cli_exports_and_stops_on_bad_input_with_one_line(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = tiny_model(in_channels=1, num_experts=4, num_experts_per_tok=2)
+    # records no objective, and a DiT-MoE layout does not show one
+    ckpt = save_export(tmp_path / "m.safetensors", model.config, model.state_dict())
+    out = tmp_path / "pipe"
+    with pytest.raises(SystemExit) as stop:
+        export_main(["export", "--ckpt", str(ckpt), "--out", str(out)])
+    error = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "--objective" in error and "\n" not in error and not out.exists()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit):
+        export_main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "busy"), "--objective", "iddpm"])
+    assert "non-empty folder" in capsys.readouterr().err
+    assert export_main(["export", "--ckpt", str(ckpt), "--out", str(out), "--objective", "iddpm"]) == 0
+    assert "trust_remote_code=True" in capsys.readouterr().out
+    assert json.loads((out / "model_index.json").read_text())["objective"] == "iddpm"
+    assert export_main(["export", "--ckpt", str(ckpt), "--out", str(out), "--objective", "flow"]) == 0  # replaces it
+    assert json.loads((out / "model_index.json").read_text())["objective"] == "flow"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
