@@ -20,6 +20,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
+from diffusers.hooks import TaylorSeerCacheConfig
 
 from dit_moe.checkpoint import load_model, save_export
 from dit_moe.diffusers import (
@@ -33,10 +34,12 @@ from dit_moe.diffusers import (
 from dit_moe.diffusers.__main__ import main as export_main
 from dit_moe.diffusers.pipeline import iddpm_respaced_timesteps
 from dit_moe.diffusion import ObjectiveConfig, create_diffusion, space_timesteps
+from dit_moe.evaluation import DigitsScorer
 from dit_moe.evaluation.npz import to_uint8_nhwc
 from dit_moe.sampling import SamplingOptions, SamplingRequest, prepare_sampling
 
 from tiny_dit import tiny_model
+from trainer_runs import run_train
 
 # name: (DiT overrides, objective); pixel-space 1-channel 8x8 models with 10 classes, like the digits.
 MODELS = {
@@ -52,6 +55,8 @@ MODELS = {
     ),
 }
 SEEDS = [0, 1, 2]
+QUICKSTART_STEPS = 400  # the classifier recognises about half the samples (chance: 0.1)
+DIGITS_SAMPLES = 100
 LABELS = [3, 7, 3]
 
 
@@ -245,3 +250,70 @@ def test_cli_exports_and_stops_on_bad_input_with_one_line(tmp_path, capsys):
     assert export_main(["export", "--ckpt", str(ckpt), "--out", str(out), "--objective", "flow"]) == 0  # replaces it
     assert json.loads((out / "model_index.json").read_text())["objective"] == "flow"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def quickstart_export(tmp_path_factory):
+    """The quickstart's recipe (config/quickstart.yaml: DiT-T/2 4E2A, rectified flow, digits), trained briefly."""
+    results = tmp_path_factory.mktemp("quickstart")
+    args = ["--config", "config/quickstart.yaml", "--max-steps", str(QUICKSTART_STEPS), "--ckpt-every", "1000"]
+    run_train(results, *args)
+    return results / "export.safetensors"
+
+
+@pytest.mark.slow
+def test_quickstart_pipeline_scores_digits_as_sample_py(quickstart_export, tmp_path, no_network):
+    """Exported with the command line, loaded offline: the digits classifier recognises the pipeline's
+    samples as often as sample.py's (Euler, 25 steps, guidance 1.5, the same seeds)."""
+    folder = tmp_path / "pipeline"
+    assert export_main(["export", "--ckpt", str(quickstart_export), "--out", str(folder)]) == 0
+    pipe = offline_pipeline(folder)
+    labels = [i % 10 for i in range(DIGITS_SAMPLES)]
+    seeds = list(range(DIGITS_SAMPLES))
+    images = pipe(labels, num_inference_steps=25, guidance_scale=1.5, generator=generators(seeds), output_type="pt")
+    options = SamplingOptions(sampler="euler", num_steps=25, cfg_scale=1.5)
+    prepared = prepare_sampling(SamplingRequest(quickstart_export, vae_path="none", options=options, device="cpu"))
+    reference = prepared.sample(labels, seeds)
+    scorer = DigitsScorer.fit(seed=0, cache_dir=tmp_path)
+    ours, theirs = scorer.score(images.images * 2 - 1, labels), scorer.score(reference, labels)
+    assert theirs["label_accuracy"] > 0.3, "the short training did not learn digits; the comparison would say nothing"
+    assert abs(ours["label_accuracy"] - theirs["label_accuracy"]) <= 0.01
+
+
+def test_taylorseer_cache_skips_attention_and_removes_cleanly(exported, no_network):
+    """diffusers' TaylorSeer cache on the attention layers (the MoE feed-forward is recomputed every step):
+    attention runs on fewer steps, images stay near the uncached ones, and disable_cache restores them exactly."""
+    name, ckpt, folder = exported
+    if name != "topk-flow":
+        pytest.skip("one model suffices")
+    pipe = offline_pipeline(folder)
+    steps = 12
+    uncached = pipeline_images(pipe, steps, 1.5)
+    attention_calls = []
+    for block in pipe.transformer.dit.blocks:
+        block.attn.qkv.register_forward_hook(lambda module, args, output: attention_calls.append(1))
+    config = TaylorSeerCacheConfig(
+        cache_interval=3,
+        disable_cache_before_step=3,
+        cache_identifiers=[r"dit\.blocks\.\d+\.attn"],
+        taylor_factors_dtype=torch.float32,
+    )
+    pipe.transformer.enable_cache(config)
+    cached = pipeline_images(pipe, steps, 1.5)
+    depth = len(pipe.transformer.dit.blocks)
+    assert depth * 3 <= len(attention_calls) <= depth * steps // 2  # 3 warm-up steps, then every third
+    assert np.abs(cached.astype(float) - uncached).mean() < 8
+    pipe.transformer.disable_cache()
+    assert np.array_equal(pipeline_images(pipe, steps, 1.5), uncached)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="model CPU offload moves weights to an accelerator")
+def test_model_cpu_offload_gives_the_same_images(exported, no_network):
+    pytest.importorskip("accelerate", reason="diffusers' enable_model_cpu_offload needs accelerate")
+    name, ckpt, folder = exported
+    pipe = offline_pipeline(folder).to("cuda")
+    on_gpu = pipeline_images(pipe, 4, 1.5)
+    pipe = offline_pipeline(folder)
+    pipe.enable_model_cpu_offload()
+    assert np.abs(pipeline_images(pipe, 4, 1.5).astype(int) - on_gpu).max() <= 1
+    assert pipe.transformer.device.type == "cpu"

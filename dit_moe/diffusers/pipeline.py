@@ -122,7 +122,8 @@ class DiTMoEPipeline(DiffusionPipeline):
         num_classes = self.transformer.dit_config.num_classes
 
         def model_fn(x, t, y):
-            return self.transformer(x, t, y).sample
+            with self.transformer.cache_context("cond_uncond"):  # where enable_cache's hooks keep their state
+                return self.transformer(x, t, y).sample
 
         return guided(model_fn, guidance_scale, null_label=num_classes, cfg_channels=guidance_channels)
 

@@ -16,6 +16,7 @@ with its experts on one device under a device map).
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
@@ -23,8 +24,15 @@ from ..models.config import DiTConfig
 from ..models.dit import DiT
 
 
-class DiTMoETransformer2DModel(ModelMixin, ConfigMixin):
-    """A DiT / DiT-MoE with diffusers' loading, saving, offloading and hooks; `dit` is the model itself."""
+class DiTMoETransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
+    r"""A DiT / DiT-MoE with diffusers' loading, saving, offloading and caches; `dit` is the model itself.
+
+    Caches (`enable_cache`): those that hook modules by name and cache tensor outputs fit the
+    attention layers, e.g. `TaylorSeerCacheConfig(cache_identifiers=[r"dit\.blocks\.\d+\.attn"])`.
+    Block-level caches (FirstBlockCache, MagCache) expect blocks registered with diffusers that take
+    `hidden_states` and return it; a DiT block takes (x, c) and returns (x, MoE aux losses), and an
+    MoE layer's routing depends on each step's tokens, so it is recomputed at every step.
+    """
 
     _no_split_modules = ["DiTBlock"]
     # Layerwise casting leaves these in the compute dtype: embeddings and the routers' gates (fp32 logits).
