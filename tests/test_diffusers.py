@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
     DiffusionPipeline,
@@ -23,6 +24,7 @@ from diffusers import (
 from diffusers.hooks import TaylorSeerCacheConfig
 
 from dit_moe.checkpoint import load_model, save_export
+from dit_moe.data.vae import SD_VAE_SCALE_FACTOR
 from dit_moe.diffusers import (
     DiTMoEPipeline,
     DiTMoETransformer2DModel,
@@ -317,3 +319,31 @@ def test_model_cpu_offload_gives_the_same_images(exported, no_network):
     pipe.enable_model_cpu_offload()
     assert np.abs(pipeline_images(pipe, 4, 1.5).astype(int) - on_gpu).max() <= 1
     assert pipe.transformer.device.type == "cpu"
+
+
+def test_latent_model_ships_its_vae_and_dit_three_channel_guidance(tmp_path, no_network):
+    """A 4-channel latent IDDPM model exported with its AutoencoderKL and DiT's 3-channel guidance:
+    the folder holds the VAE at dit-moe's latent scale, and the images are sample.py's with the
+    same VAE and --cfg-channels 3."""
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 32),
+        latent_channels=4,
+        layers_per_block=1,
+        sample_size=16,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    torch.manual_seed(0)
+    model = tiny_model(in_channels=4, num_experts=4, num_experts_per_tok=2)
+    objective = ObjectiveConfig(objective="iddpm", diffusion_steps=100)
+    ckpt = save_export(tmp_path / "m.safetensors", model.config, model.state_dict(), objective=objective)
+    request = ExportRequest(ckpt, tmp_path / "pipe", vae_path=str(tmp_path / "vae"), guidance_channels=3)
+    pipe = offline_pipeline(export_pipeline(request))
+    assert type(pipe.vae) is AutoencoderKL and pipe.vae.config.scaling_factor == SD_VAE_SCALE_FACTOR
+    images = pipe(LABELS, num_inference_steps=10, guidance_scale=4.0, generator=generators(SEEDS), output_type="pt")
+    assert images.images.shape == (3, 3, 16, 16)
+    options = SamplingOptions(sampler="ddpm", num_steps=10, cfg_scale=4.0, cfg_channels=3)
+    sampling = SamplingRequest(ckpt, vae_path=str(tmp_path / "vae"), options=options, device="cpu")
+    reference = to_uint8_nhwc(prepare_sampling(sampling).sample(LABELS, SEEDS))
+    assert_within_one_level(to_uint8_nhwc(images.images * 2 - 1), reference)
