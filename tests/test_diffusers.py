@@ -39,6 +39,7 @@ from dit_moe.diffusion import ObjectiveConfig, create_diffusion, space_timesteps
 from dit_moe.evaluation import DigitsScorer
 from dit_moe.evaluation.npz import to_uint8_nhwc
 from dit_moe.sampling import SamplingOptions, SamplingRequest, prepare_sampling
+from dit_moe.utils.errors import UserError
 
 from tiny_dit import tiny_model
 from trainer_runs import run_train
@@ -347,3 +348,26 @@ def test_latent_model_ships_its_vae_and_dit_three_channel_guidance(tmp_path, no_
     sampling = SamplingRequest(ckpt, vae_path=str(tmp_path / "vae"), options=options, device="cpu")
     reference = to_uint8_nhwc(prepare_sampling(sampling).sample(LABELS, SEEDS))
     assert_within_one_level(to_uint8_nhwc(images.images * 2 - 1), reference)
+
+
+def test_class_names_by_class_count_and_from_a_file(tmp_path, monkeypatch):
+    """Digits' names for 10 classes; ImageNet's from diffusers' DiT release (its model_index.json), and
+    none with a warning when it cannot be had; a JSON file for anything else, checked against the classes."""
+    from dit_moe.diffusers import labels
+
+    release = tmp_path / "model_index.json"
+    release.write_text(json.dumps({"id2label": {str(i): f"class {i}" for i in range(1000)}}))
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda repo, name: str(release))
+    assert labels.class_names(None, 1000)[999] == "class 999"
+    assert labels.class_names(None, 10)[9] == "9, nine" and labels.class_names("none", 10) is None
+
+    def offline(repo, name):
+        raise OSError("no network")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", offline)
+    assert labels.class_names(None, 1000) is None and labels.class_names(None, 7) is None
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(["cat", "dog"]))
+    assert labels.class_names(str(names), 2) == {0: "cat", 1: "dog"}
+    with pytest.raises(UserError, match="outside the model's 0..0"):
+        labels.class_names(str(names), 1)
