@@ -260,7 +260,7 @@ def quickstart_export(tmp_path_factory):
     """The quickstart's recipe (config/quickstart.yaml: DiT-T/2 4E2A, rectified flow, digits), trained briefly."""
     results = tmp_path_factory.mktemp("quickstart")
     args = ["--config", "config/quickstart.yaml", "--max-steps", str(QUICKSTART_STEPS), "--ckpt-every", "1000"]
-    run_train(results, *args)
+    run_train(results, *args, timeout=1800)  # about 2 min on a quiet 2-core CPU
     return results / "export.safetensors"
 
 
