@@ -249,6 +249,11 @@ def test_cli_exports_and_stops_on_bad_input_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "busy"), "--objective", "iddpm"])
     assert "non-empty folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export_main(
+            ["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "busy" / "notes.txt"), "--objective", "flow"]
+        )
+    assert "is a file" in capsys.readouterr().err
     assert export_main(["export", "--ckpt", str(ckpt), "--out", str(out), "--objective", "iddpm"]) == 0
     assert "trust_remote_code=True" in capsys.readouterr().out
     assert json.loads((out / "model_index.json").read_text())["objective"] == "iddpm"

@@ -97,6 +97,8 @@ def export_pipeline(request: ExportRequest) -> Path:
     if request.guidance_channels is not None and request.guidance_channels < 1:
         raise UserError(f"--guidance-channels must be at least 1, got {request.guidance_channels}.")
     out = Path(request.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the pipeline.")
     if out.exists() and not (out / "model_index.json").is_file() and any(out.iterdir()):
         raise UserError(f"--out {out} is a non-empty folder that holds no pipeline; pass a new or empty folder.")
     pipe = build_pipeline(request)
