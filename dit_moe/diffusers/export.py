@@ -60,7 +60,9 @@ class ExportRequest:
 def build_pipeline(request: ExportRequest) -> DiTMoEPipeline:
     """The pipeline for `request.ckpt`, in memory: the loaded DiT wrapped (not copied), its scheduler,
     VAE and class names; bad input raises one sentence."""
-    loaded = load_checkpoint_model(resolve_checkpoint(request.ckpt), request.num_experts_per_tok)
+    # SDPA attention and no recomputation: a folder that loads wherever torch runs, flash-attn or not.
+    portable = dict(attn_backend="sdpa", grad_checkpointing=False)
+    loaded = load_checkpoint_model(resolve_checkpoint(request.ckpt), request.num_experts_per_tok, **portable)
     config = loaded.model.config
     sampling = SamplingRequest(request.ckpt, vae_path=resolve_vae(request.vae_path), objective=request.objective)
     resolved = resolve_objective(loaded, sampling)
