@@ -78,15 +78,28 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
-def exported(request, tmp_path_factory):
-    """(name, checkpoint, pipeline folder) for each model of MODELS: a random-weight export, exported again."""
-    overrides, objective = MODELS[request.param]
-    torch.manual_seed(0)
-    model = tiny_model(in_channels=1, **overrides)
-    folder = tmp_path_factory.mktemp(request.param)
-    ckpt = save_export(folder / "model.safetensors", model.config, model.state_dict(), objective=objective)
-    return request.param, ckpt, export_pipeline(ExportRequest(ckpt, folder / "pipeline"))
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """get(name) -> (name, checkpoint, pipeline folder) for a model of MODELS: a random-weight export,
+    exported again as a pipeline; made once per module."""
+    made = {}
+
+    def get(name):
+        if name not in made:
+            overrides, objective = MODELS[name]
+            torch.manual_seed(0)
+            model = tiny_model(in_channels=1, **overrides)
+            folder = tmp_path_factory.mktemp(name)
+            ckpt = save_export(folder / "model.safetensors", model.config, model.state_dict(), objective=objective)
+            made[name] = name, ckpt, export_pipeline(ExportRequest(ckpt, folder / "pipeline"))
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(params=list(MODELS))
+def exported(request, exports):
+    return exports(request.param)
 
 
 def offline_pipeline(folder) -> DiffusionPipeline:
@@ -142,24 +155,21 @@ def test_pipeline_images_equal_sample_py(exported, no_network):
     assert_within_one_level(pipeline_images(pipe, steps, 1.5), sample_py_images(ckpt, sampler, steps, 1.5))
 
 
-def test_ddim_swapped_in_from_config_equals_sample_py_ddim(exported, no_network):
+@pytest.mark.parametrize("name", [name for name in MODELS if name.endswith("iddpm")])
+def test_ddim_swapped_in_from_config_equals_sample_py_ddim(name, exports, no_network):
     """`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)` is sample.py's DDIM where the two
     walk the same timesteps: every training step (diffusers' DDIM steps to t - T/N, IDDPM's respacing
     rounds a T-1 / (N-1) stride, so for N < T they differ; docs/diffusers.md)."""
-    name, ckpt, folder = exported
-    if not name.endswith("iddpm"):
-        pytest.skip("DDIM samples IDDPM models")
+    name, ckpt, folder = exports(name)
     pipe = offline_pipeline(folder)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     steps = pipe.scheduler.config.num_train_timesteps
     assert_within_one_level(pipeline_images(pipe, steps, 1.5), sample_py_images(ckpt, "ddim", steps, 1.5))
 
 
-def test_unguided_and_three_channel_guidance_follow_sample_py(exported, no_network):
+def test_unguided_and_three_channel_guidance_follow_sample_py(exports, no_network):
     """guidance_scale 1 is one conditional forward per step; guidance_channels is SamplingOptions.cfg_channels."""
-    name, ckpt, folder = exported
-    if name != "topk-flow":
-        pytest.skip("one model suffices")
+    name, ckpt, folder = exports("topk-flow")
     pipe = offline_pipeline(folder)
     assert_within_one_level(pipeline_images(pipe, 4, 1.0), sample_py_images(ckpt, "euler", 4, 1.0))
     calls = []
@@ -207,22 +217,19 @@ def test_folder_layout_and_shipped_code(tmp_path, no_network):
         assert torch.equal(pipe.transformer(x, t, y).sample, load_model(ckpt)(x, t, y))
 
 
-def test_installed_classes_load_the_folder_without_remote_code(exported, no_network, monkeypatch):
+def test_installed_classes_load_the_folder_without_remote_code(exports, no_network, monkeypatch):
     """load_pipeline builds the same pipeline from dit_moe's classes; diffusers' remote code stays off."""
-    name, ckpt, folder = exported
-    if name != "dense-iddpm":
-        pytest.skip("one model suffices")
+    name, ckpt, folder = exports("dense-iddpm")
     monkeypatch.setattr("diffusers.utils.dynamic_modules_utils.get_class_from_dynamic_module", None)
     pipe = load_pipeline(folder)
     assert type(pipe) is DiTMoEPipeline and type(pipe.transformer) is DiTMoETransformer2DModel
     assert_within_one_level(pipeline_images(pipe, 12, 1.5), sample_py_images(ckpt, "ddpm", 12, 1.5))
 
 
-def test_other_schedulers_swap_in_and_sample(exported, no_network):
+@pytest.mark.parametrize("name", ["dense-iddpm", "topk-flow"])
+def test_other_schedulers_swap_in_and_sample(name, exports, no_network):
     """A scheduler taken from the exported config samples: DPMSolver++ for IDDPM (eps only), flow's Euler with shift."""
-    name, ckpt, folder = exported
-    if name not in ("dense-iddpm", "topk-flow"):
-        pytest.skip("one model per objective suffices")
+    name, ckpt, folder = exports(name)
     pipe = offline_pipeline(folder)
     if name == "dense-iddpm":
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, variance_type=None)
@@ -290,12 +297,10 @@ def test_quickstart_pipeline_scores_digits_as_sample_py(quickstart_export, tmp_p
     assert abs(ours["label_accuracy"] - theirs["label_accuracy"]) <= 0.01
 
 
-def test_taylorseer_cache_skips_attention_and_removes_cleanly(exported, no_network):
+def test_taylorseer_cache_skips_attention_and_removes_cleanly(exports, no_network):
     """diffusers' TaylorSeer cache on the attention layers (the MoE feed-forward is recomputed every step):
     attention runs on fewer steps, images stay near the uncached ones, and disable_cache restores them exactly."""
-    name, ckpt, folder = exported
-    if name != "topk-flow":
-        pytest.skip("one model suffices")
+    name, ckpt, folder = exports("topk-flow")
     pipe = offline_pipeline(folder)
     steps = 12
     uncached = pipeline_images(pipe, steps, 1.5)
@@ -318,9 +323,9 @@ def test_taylorseer_cache_skips_attention_and_removes_cleanly(exported, no_netwo
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="model CPU offload moves weights to an accelerator")
-def test_model_cpu_offload_gives_the_same_images(exported, no_network):
+def test_model_cpu_offload_gives_the_same_images(exports, no_network):
     pytest.importorskip("accelerate", reason="diffusers' enable_model_cpu_offload needs accelerate")
-    name, ckpt, folder = exported
+    name, ckpt, folder = exports("topk-flow")
     pipe = offline_pipeline(folder).to("cuda")
     on_gpu = pipeline_images(pipe, 4, 1.5)
     pipe = offline_pipeline(folder)
