@@ -428,3 +428,13 @@ def test_every_checkpoint_format_exports_and_round_trips(fmt, tmp_path, no_netwo
     y = torch.tensor([0, config.num_classes])
     with torch.no_grad():
         assert torch.equal(pipe.transformer(x, t, y).sample, reference(x, t, y))
+
+
+def test_half_precision_transformer_samples_near_fp32(exports, no_network):
+    """torch_dtype=bfloat16 runs the transformer in bf16 while the scheduler steps in fp32."""
+    name, ckpt, folder = exports("topk-flow")
+    full = pipeline_images(offline_pipeline(folder), 6, 1.5)
+    half_pipe = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True, torch_dtype=torch.bfloat16)
+    assert half_pipe.transformer.dtype == torch.bfloat16
+    half = pipeline_images(half_pipe, 6, 1.5)
+    assert np.abs(half.astype(float) - full).mean() < 8

@@ -122,8 +122,9 @@ class DiTMoEPipeline(DiffusionPipeline):
         num_classes = self.transformer.dit_config.num_classes
 
         def model_fn(x, t, y):
+            # The transformer runs in its dtype (torch_dtype=...); the scheduler's arithmetic stays fp32.
             with self.transformer.cache_context("cond_uncond"):  # where enable_cache's hooks keep their state
-                return self.transformer(x, t, y).sample
+                return self.transformer(x.to(self.transformer.dtype), t, y).sample.float()
 
         return guided(model_fn, guidance_scale, null_label=num_classes, cfg_channels=guidance_channels)
 
