@@ -100,6 +100,58 @@ def test_pt_refused_by_safe_loading_is_one_sentence(tmp_path):
     assert "Please file an issue" not in proc.stderr and not (tmp_path / "grid.png").exists()
 
 
+class _Planted:
+    """A pickle that creates `path` when unpickled by a loader that runs what a file names."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def _stranger_tag(root: Path, payload) -> Path:
+    """A complete DeepSpeed tag without an EMA file whose model-states file holds `payload`."""
+    from dit_moe.checkpoint import layout
+
+    checkpoints = root / layout.CHECKPOINTS_DIR
+    tag = checkpoints / layout.tag_for_step(1)
+    tag.mkdir(parents=True)
+    torch.save(payload, tag / "mp_rank_00_model_states.pt")
+    layout.mark_complete(checkpoints, tag.name, 1)
+    return tag
+
+
+def test_a_strangers_deepspeed_tag_runs_no_code_when_loaded(tmp_path):
+    planted = tmp_path / "planted"
+    model = DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=10, num_experts=4)
+    _stranger_tag(tmp_path / "run", {"module": model.state_dict(), "client": _Planted(planted)})
+    for ckpt in (tmp_path / "run", tmp_path / "run" / "checkpoints"):
+        proc = run_in_repo(
+            [sys.executable, "sample.py", "--ckpt", str(ckpt), "--device", "cpu", "--out", str(tmp_path / "grid.png")],
+            timeout=120,
+        )
+        line = _one_error_line(proc, "sample.py")
+        assert "safe loading" in line and "mp_rank_00_model_states.pt" in line, line
+        assert not planted.exists() and not (tmp_path / "grid.png").exists()
+
+
+def test_deepspeed_objects_beside_the_weights_load_as_inert_stand_ins(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    model = DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=10, num_experts=4)
+    extras = {
+        "scaler": DynamicLossScaler(2.0**16, 1000, 1.0, 2, False),
+        "stage": ZeroStageEnum(2),
+        "frozen": {"w": fragment_address(4, 0)},
+    }
+    _stranger_tag(tmp_path / "run", {"module": model.state_dict(), **extras})
+    loaded = read_checkpoint_file(tmp_path / "run", prefer_ema=False).state_dict
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
 _WRITER = """
 import sys, torch
 from dit_moe.checkpoint import save_export
