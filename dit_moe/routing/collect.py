@@ -55,7 +55,9 @@ def collect_routing(
     """Sample `samples_per_class` images of each class from `ckpt` and write the routing of every token to `out`.
 
     `classes` defaults to `default_classes(num_classes)`; `num_steps` and `sampler` default to
-    the objective's (IDDPM: ddpm, 250; flow: euler, 50). Returns the routing file's path.
+    the objective's (IDDPM: ddpm, 250; flow: euler, 50). Returns the routing file's path. Malloc is left
+    as it is; a caller that owns its process can pass `record_routing` a request with
+    `keep_freed_host_memory=True` for the CPU setting the command line uses (see dit_moe.sampling.prepare).
     """
     options = SamplingOptions(sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale)
     request = SamplingRequest(ckpt, vae_path=vae_path, options=options, dtype=dtype, device=device)
