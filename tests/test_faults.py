@@ -73,6 +73,28 @@ def test_fresh_run_into_a_results_dir_holding_a_run_is_refused(tmp_path):
     assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
 
 
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (("--global-batch-size", "7", "--micro-batch-size", "2"), "Global batch 7 is not divisible by micro batch 2"),
+        (("--global-batch-size", "8", "--dataset", "folder"), "--data-path"),
+        (("--global-batch-size", "8", "--deepspeed_config", "BAD_JSON"), "is not valid JSON"),
+        (("--global-batch-size", "8", "--ep-size", "3"), "--ep-size 3 must divide the number of processes (1)"),
+    ],
+)
+def test_a_bad_input_in_an_earlier_runs_folder_is_named_before_the_folder_is_claimed(tmp_path, args, expected):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    bad_json = tmp_path / "zero2.json"
+    bad_json.write_text('{"zero_optimization": {"stage": 2},}')
+    args = [str(bad_json) if arg == "BAD_JSON" else arg for arg in args]
+    proc = run_train(out, "--max-steps", "1", *args, check=False, timeout=180)
+    line = _one_error_line(proc, "train_deepspeed.py")
+    assert expected in line and "already holds a run" not in line, line
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+
+
 @pytest.mark.slow
 def test_overwrite_replaces_the_earlier_run(tmp_path):
     out = tmp_path / "run"

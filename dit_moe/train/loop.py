@@ -28,12 +28,15 @@ from ..diffusion import Draws, DrawSpec, Objective, ObjectiveConfig, build_objec
 from ..models import DiTConfig
 from ..models.router_sigmoid import update_expert_bias
 from ..parallel import ExpertParallel
+from ..utils.launch import LaunchEnv
 from . import engine as engine_lib
 from .build import build_model, build_model_config
 from .config import BatchPlan, TrainConfig
 from .disk import CheckpointSpace
 from .distributed import RankSlice, StopRequest
 from .metrics import LoadTracker, MetricsWriter, Window, expert_parallel_record, plot_loss_curve
+from .preflight import check_inputs
+from .results import claim_results_dir
 
 log = logging.getLogger("dit_moe.train")
 
@@ -88,8 +91,11 @@ def _setup_logging(results_dir: Path, rank: int) -> None:
 
 def setup(cfg: TrainConfig) -> Run:
     """Process group, DeepSpeed config, data, model, objective, engine and EMA, in the order that
-    lets bad input fail before anything slow starts."""
-    cfg.data.check()  # paths first: a missing folder or VAE should not wait for process-group start-up
+    lets bad input fail before anything slow starts, and before the results folder is claimed."""
+    launch = LaunchEnv.from_environ()
+    check_inputs(cfg, launch.world_size)  # paths, data, DeepSpeed JSON, batch split: no process group yet
+    fresh = cfg.run.resume is None and not cfg.run.export_only
+    claim_results_dir(Path(cfg.run.results_dir), fresh, cfg.run.overwrite, launch.rank)
     rank, _local_rank, world_size, device = engine_lib.init_distributed()
     _setup_logging(Path(cfg.run.results_dir), rank)
     resume_from = resume_tag(cfg)
