@@ -291,11 +291,9 @@ def test_disk_full_on_one_rank_stops_every_rank_and_removes_the_partial_checkpoi
     cmd[script:script] = ["tests/full_disk.py", "enospc=step0000004/zero_pp_rank_1_"]  # rank 1's file only
     proc = run_in_repo(cmd, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
-    errors = {
-        line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("train_deepspeed.py: error:")
-    }
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "train_deepspeed.py: error:" in line]
     checkpoints = out / "checkpoints"
-    assert len(errors) == 1 and f"writing checkpoint {checkpoints / 'step0000004'} (removed;" in errors.pop()
+    assert len(errors) == 1 and f"writing checkpoint {checkpoints / 'step0000004'} (removed;" in errors[0], errors
     assert not (checkpoints / "step0000004").exists() and (checkpoints / "latest").read_text() == "step0000002"
 
 
@@ -369,15 +367,77 @@ def test_sigterm_to_launch_sh_waits_until_every_rank_has_checkpointed(tmp_path):
     assert layout.latest_complete_tag(out / "checkpoints") == layout.tag_for_step(stopped)
 
 
+def _shm_buffers(cmd) -> list[Path]:
+    """The /dev/shm buffers DeepSpeed's CPU all-reduce op creates for the two ranks `cmd` launches."""
+    port = cmd[cmd.index("--master_port") + 1]
+    return [Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}" for rank in (0, 1)]
+
+
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_a_cpu_run_leaves_no_shared_memory_behind(tmp_path):
     """DeepSpeed's CPU all-reduce op never unlinks its ~69 MB /dev/shm buffer per rank; the trainer does."""
     cmd = train_cmd(tmp_path / "run", "--max-steps", "1", "--global-batch-size", "8", launcher="deepspeed")
-    port = cmd[cmd.index("--master_port") + 1]
-    buffers = [
-        Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}" for rank in (0, 1)
-    ]
-    proc = run_in_repo(cmd, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    buffers, seen = _shm_buffers(cmd), set()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None:  # positive control: the names are right, and the run did create them
+        seen.update(buffer for buffer in buffers if buffer.exists())
+        time.sleep(0.05)
+    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+    assert seen == set(buffers) and not any(buffer.exists() for buffer in buffers)
+
+
+def _hold_mapped(path: Path) -> subprocess.Popen:
+    """A process that maps `path` (as a live rank maps its buffer) until killed."""
+    code = "import mmap, sys, time; f = open(sys.argv[1], 'r+b'); m = mmap.mmap(f.fileno(), 0); f.close(); "
+    code += "print('mapped', flush=True); time.sleep(300)"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "mapped"
+    return proc
+
+
+def test_stale_shm_buffers_are_removed_only_when_no_process_maps_them_and_they_are_old(tmp_path):
+    from dit_moe.train.distributed import SHM_BUFFER_PREFIX, STALE_AFTER_S, remove_stale_run_files
+
+    names = ("dead", "live", "starting", "other")
+    paths = {name: tmp_path / f"{SHM_BUFFER_PREFIX}{os.getuid()}_127.0.0.1_{name}_0" for name in names}
+    paths["other"] = tmp_path / f"{SHM_BUFFER_PREFIX}{os.getuid() + 1}_127.0.0.1_1_0"  # another user's
+    for path in paths.values():
+        path.write_bytes(b"\0" * 4096)
+    old = time.time() - 2 * STALE_AFTER_S
+    for name in ("dead", "live", "other"):
+        os.utime(paths[name], (old, old))
+    holder = _hold_mapped(paths["live"])
+    try:
+        assert remove_stale_run_files(tmp_path) == [paths["dead"]]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [name for name in names if paths[name].exists()] == ["live", "starting", "other"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_a_killed_runs_shm_is_removed_at_the_next_start_which_names_its_mistake_once(tmp_path):
+    import psutil
+
+    from dit_moe.train.distributed import STALE_AFTER_S
+
+    out = tmp_path / "run"
+    cmd = train_cmd(out, "--max-steps", "500", "--global-batch-size", "8", launcher="deepspeed")
+    buffers = _shm_buffers(cmd)
+    killed = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_first_step(out, killed)
+    for proc in [*psutil.Process(killed.pid).children(recursive=True), psutil.Process(killed.pid)]:
+        proc.kill()  # kill -9 of every process: no exit handler runs
+    killed.wait()
+    time.sleep(1)
+    assert all(buffer.exists() for buffer in buffers)  # positive control: SIGKILL leaks them
+    old = time.time() - 2 * STALE_AFTER_S
+    for buffer in buffers:
+        os.utime(buffer, (old, old))
+    proc = run_in_repo(train_cmd(out, "--max-steps", "1", "--global-batch-size", "7", launcher="deepspeed"), 300)
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "train_deepspeed.py: error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Global batch 7 is not divisible" in errors[0] and "Traceback" not in proc.stderr
     assert not any(buffer.exists() for buffer in buffers)
