@@ -3,7 +3,9 @@ dir that holds another run, files safe loading refuses, a kill during an export 
 before or during a checkpoint, and SIGTERM to the `deepspeed` launcher (preemption)."""
 
 import errno
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -194,7 +196,8 @@ def test_kill_during_export_write_leaves_the_earlier_export_whole(tmp_path):
     ema = {k: v.clone() for k, v in model.state_dict().items()}
     path = save_export(tmp_path / "export.safetensors", model.config, model.state_dict(), ema)
     before = read_checkpoint_file(path).state_dict
-    for delay in (0.05, 0.3, 0.8):
+    inside_a_write = 0
+    for delay in (0.05, 0.3, 0.8, 1.3):
         proc = subprocess.Popen(
             [sys.executable, "-c", _WRITER, str(path)], cwd=REPO, env=env(), stdout=subprocess.PIPE, text=True
         )
@@ -202,6 +205,8 @@ def test_kill_during_export_write_leaves_the_earlier_export_whole(tmp_path):
         time.sleep(delay)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        temp_files = {p.name for p in tmp_path.iterdir() if p.name.startswith(".")}
+        inside_a_write += any(f".{proc.pid}." in name for name in temp_files)  # this writer's temporary file is left
         after = read_checkpoint_file(path).state_dict  # whole: it parses
         if "pad" in after:  # the new export landed in full
             assert torch.equal(after["x_embedder.proj.weight"], before["x_embedder.proj.weight"] + 1.0)
@@ -209,6 +214,82 @@ def test_kill_during_export_write_leaves_the_earlier_export_whole(tmp_path):
             assert all(torch.equal(after[k], v) for k, v in before.items())
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "export.safetensors"]
     assert all(name.startswith(".") for name in leftovers), leftovers  # only killed writers' hidden temp files
+    assert inside_a_write >= 1  # positive control: at least one kill landed inside a write
+
+
+def _on_a_small_disk(disk: Path, size: int, cmd: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
+    """Run `cmd` with a real `size`-byte file system (tmpfs) mounted at `disk`, in a private user and mount
+    namespace: nothing outside the command sees the mount, and it goes away with the command."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux's unshare for a private small file system")
+    disk.mkdir(exist_ok=True)
+    script = 'mount -t tmpfs -o size="$1" tmpfs "$2" || exit 99; shift 2; exec "$@"'
+    proc = run_in_repo(["unshare", "-rm", "sh", "-c", script, "sh", str(size), str(disk), *cmd], timeout)
+    if proc.returncode == 99 or "unshare failed" in proc.stderr:
+        pytest.skip(f"this machine does not allow a private tmpfs mount: {proc.stderr.strip()[-200:]}")
+    return proc
+
+
+# Each writer the package uses, on a disk too small for its 8 MB of data, over an earlier file of that name.
+_FULL_DISK_WRITES = """
+import json, sys
+from pathlib import Path
+import numpy as np, torch
+from PIL import Image
+from safetensors.torch import save_file
+from dit_moe.checkpoint import save_export
+from dit_moe.models import DiT_models
+from dit_moe.utils.atomic import atomic_path
+
+disk, big = Path(sys.argv[1]), torch.randn(2_000_000)
+model = DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=10, num_experts=4)
+writes = {
+    "weights.safetensors": lambda tmp: save_file({"w": big}, str(tmp)),
+    "state.pt": lambda tmp: torch.save({"w": big}, tmp),
+    "samples.npz": lambda tmp: np.savez(open(tmp, "wb"), arr_0=big.numpy()),
+    "grid.png": lambda tmp: Image.fromarray(np.random.randint(0, 255, (2000, 2000, 3), np.uint8)).save(tmp),
+}
+report = {}
+for name, write in [*writes.items(), ("export.safetensors", None)]:
+    path = disk / name
+    path.write_bytes(b"previous")
+    try:
+        if write is None:
+            save_export(path, model.config, {"pad": big, **model.state_dict()})
+        else:
+            with atomic_path(path) as tmp:
+                write(tmp)
+        error = None
+    except Exception as err:
+        error = [type(err).__name__, str(err)]
+    report[name] = [error, path.read_bytes() == b"previous", sorted(p.name for p in disk.iterdir())]
+    path.unlink()
+print(json.dumps(report))
+"""
+
+
+def test_a_full_disk_during_any_write_is_one_sentence_and_the_previous_file_is_intact(tmp_path):
+    disk = tmp_path / "disk"
+    proc = _on_a_small_disk(disk, 4 * 2**20, [sys.executable, "-c", _FULL_DISK_WRITES, str(disk)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, (error, previous_intact, files) in report.items():
+        assert error is not None and error[0] == "DiskFull", (name, error)
+        message = error[1]
+        assert str(disk / name) in message and "\n" not in message, message
+        assert f"the previous {name} there is unchanged" in message, message
+        assert previous_intact and files == [name], (name, files)  # no temporary file left behind
+    assert "Not enough disk space to write" in report["export.safetensors"][0][1]  # checked before writing
+    assert "disk is full" in report["state.pt"][0][1]  # torch's "unexpected pos" recognised
+
+
+def test_sample_py_on_a_full_disk_says_so_in_one_line(tmp_path, tiny_export):
+    disk = tmp_path / "disk"
+    fill = f'cat /dev/zero > {disk}/filler 2>/dev/null; printf previous > {disk}/grid.png; exec "$@"'
+    cmd = ["sh", "-c", fill, "sh", sys.executable, "sample.py", "--ckpt", str(tiny_export), "--device", "cpu"]
+    proc = _on_a_small_disk(disk, 2**20, [*cmd, "--num-sampling-steps", "2", "--out", str(disk / "grid.png")])
+    line = _one_error_line(proc, "sample.py")
+    assert f"Writing {disk / 'grid.png'} failed because the disk is full" in line, line
 
 
 def test_out_of_space_errors_are_recognised(tmp_path, monkeypatch):
@@ -228,8 +309,10 @@ def test_out_of_space_errors_are_recognised(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
     assert space.failure.startswith(f"{tmp_path / 'a.pt'}: ")
     monkeypatch.setattr(disk, "free_bytes", lambda path: 10**12)
+    space.failure = None
     with space.guard(tmp_path / "ema.safetensors"):  # what save_file raises on a full tmpfs
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert space.failure.startswith(f"{tmp_path / 'ema.safetensors'}: ") and "os error 28" in space.failure
 
 
 def test_expected_checkpoint_size_is_the_previous_tag_or_the_parameter_estimate(tmp_path):
