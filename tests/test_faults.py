@@ -197,12 +197,17 @@ def test_kill_during_export_write_leaves_the_earlier_export_whole(tmp_path):
     path = save_export(tmp_path / "export.safetensors", model.config, model.state_dict(), ema)
     before = read_checkpoint_file(path).state_dict
     inside_a_write = 0
-    for delay in (0.05, 0.3, 0.8, 1.3):
+    for delay in (0.05, 0.3, 0.8, "at the write"):
         proc = subprocess.Popen(
             [sys.executable, "-c", _WRITER, str(path)], cwd=REPO, env=env(), stdout=subprocess.PIPE, text=True
         )
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(delay)
+        if delay == "at the write":  # as soon as its temporary file appears: the kill lands inside a write
+            deadline = time.monotonic() + 60
+            while not path.with_name(f".export.{proc.pid}.tmp.safetensors").exists():
+                assert time.monotonic() < deadline, "the writer never started a write"
+        else:
+            time.sleep(delay)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         temp_files = {p.name for p in tmp_path.iterdir() if p.name.startswith(".")}
