@@ -350,6 +350,27 @@ def test_too_little_free_space_stops_before_writing_a_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("part", ["step0000004/.ema", "step0000004/.rng_rank0", "step0000004/.full_state"])
+def test_disk_full_at_any_checkpoint_file_removes_the_tag_and_keeps_the_previous(tmp_path, part):
+    out = tmp_path / "run"
+    proc = run_in_repo(_full_disk_cmd(f"enospc={part}", out, "--max-steps", "4", *_DISK_ARGS), timeout=300)
+    line = _one_error_line(proc, "train_deepspeed.py")
+    checkpoints = out / "checkpoints"
+    assert f"writing checkpoint {checkpoints / 'step0000004'} (removed; the previous checkpoint" in line, line
+    assert not (checkpoints / "step0000004").exists() and (checkpoints / "latest").read_text() == "step0000002"
+    assert read_checkpoint_file(checkpoints).state_dict
+
+
+@pytest.mark.slow
+def test_export_on_a_full_disk_is_one_sentence_after_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = run_in_repo(_full_disk_cmd("enospc=.export.", out, "--max-steps", "2", *_DISK_ARGS), timeout=300)
+    line = _one_error_line(proc, "train_deepspeed.py")
+    assert f"Writing {out / 'export.safetensors'} failed because the disk is full" in line, line
+    assert (out / "checkpoints" / "latest").read_text() == "step0000002" and not (out / "export.safetensors").exists()
+
+
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_removes_it_and_resume_continues_exactly(tmp_path):
     from dit_moe.checkpoint import load_model
     from dit_moe.train import disk
