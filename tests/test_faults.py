@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -506,7 +507,7 @@ def _hold_mapped(path: Path) -> subprocess.Popen:
 
 
 def test_stale_shm_buffers_are_removed_only_when_no_process_maps_them_and_they_are_old(tmp_path):
-    from dit_moe.train.distributed import SHM_BUFFER_PREFIX, STALE_AFTER_S, remove_stale_run_files
+    from dit_moe.train.distributed import ERROR_MARK_PREFIX, SHM_BUFFER_PREFIX, STALE_AFTER_S, remove_stale_run_files
 
     names = ("dead", "live", "starting", "other")
     paths = {name: tmp_path / f"{SHM_BUFFER_PREFIX}{os.getuid()}_127.0.0.1_{name}_0" for name in names}
@@ -517,12 +518,21 @@ def test_stale_shm_buffers_are_removed_only_when_no_process_maps_them_and_they_a
     for name in ("dead", "live", "other"):
         os.utime(paths[name], (old, old))
     holder = _hold_mapped(paths["live"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    marks = [
+        Path(tempfile.gettempdir(), f"{ERROR_MARK_PREFIX}{os.getuid()}_{pid}_29500") for pid in (gone.pid, os.getpid())
+    ]
+    for mark in marks:
+        mark.touch()
     try:
         assert remove_stale_run_files(tmp_path) == [paths["dead"]]
     finally:
         holder.kill()
         holder.wait()
     assert [name for name in names if paths[name].exists()] == ["live", "starting", "other"]
+    assert [mark.exists() for mark in marks] == [False, True]  # the mark of a launcher that is gone is removed
+    marks[1].unlink()
 
 
 @pytest.mark.slow
@@ -550,3 +560,19 @@ def test_a_killed_runs_shm_is_removed_at_the_next_start_which_names_its_mistake_
     assert proc.returncode == 2 and len(errors) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Global batch 7 is not divisible" in errors[0] and "Traceback" not in proc.stderr
     assert not any(buffer.exists() for buffer in buffers)
+
+
+def test_only_the_first_failing_rank_of_a_launch_reports(monkeypatch):
+    from dit_moe.train.distributed import ERROR_MARK_PREFIX, first_to_report
+    from dit_moe.utils.launch import free_port
+
+    port = str(free_port())
+    monkeypatch.setenv("MASTER_PORT", port)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    mark = Path(tempfile.gettempdir(), f"{ERROR_MARK_PREFIX}{os.getuid()}_{os.getppid()}_{port}")
+    try:
+        assert [first_to_report(), first_to_report()] == [True, False]  # two ranks of one launch: one speaks
+    finally:
+        mark.unlink(missing_ok=True)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert first_to_report() and first_to_report() and not mark.exists()  # a single process always speaks

@@ -152,8 +152,8 @@ def remove_stale_run_files(shm_dir: Path = SHM_DIR) -> list[Path]:
     user's processes, only when such buffers exist; nothing on GPU runs, which create none."""
     uid = os.getuid()
     for mark in Path(tempfile.gettempdir()).glob(f"{ERROR_MARK_PREFIX}{uid}_*"):
-        launcher_pid = int(mark.name.split("_")[3])
-        if not psutil.pid_exists(launcher_pid):
+        launcher_pid = mark.name.removeprefix(f"{ERROR_MARK_PREFIX}{uid}_").split("_")[0]
+        if launcher_pid.isdigit() and not psutil.pid_exists(int(launcher_pid)):
             mark.unlink(missing_ok=True)
     buffers = sorted(shm_dir.glob(f"{SHM_BUFFER_PREFIX}{uid}_*"))
     if not buffers:
