@@ -3,6 +3,7 @@
     python bench/step_profile.py                      # DiT-MoE-S/2 8E2A, 16x16x4 latents, batch 8, 1 thread, fp32
     python bench/step_profile.py --input-size 32 --threads 2 --json results/profile.json
     python bench/step_profile.py --gemm-shapes 8   # also the training step's costliest GEMM shapes
+    python bench/step_profile.py --host-memory glibc-defaults   # as a plain torch loop gets it: no malloc setting
 
 Both models (ours, and bench/reference.py's restatement of feizc/DiT-MoE's MoE layer with the same
 weights) run the same step under torch's profiler, after warm-up:
@@ -22,6 +23,9 @@ measured in the same run. Step times are medians of alternated, unprofiled runs:
 measure. Class times are not: under the profiler the process page-faults again (its own event
 buffers move the heap; on a 2-core EPYC ~150,000-280,000 faults per profiled S/2 step against ~0
 unprofiled), so memory-bound ops look slower than they are, and unevenly between the two models.
+Page faults per unprofiled step (the median over the timed runs) are printed beside the step times;
+`--host-memory kept` (the default) applies dit_moe.utils.host_memory's setting, as the trainer and the
+sampling tools do on a CPU; `glibc-defaults` leaves malloc as a user's own torch loop has it.
 (Not named bench/profile.py: bench/ is on every benchmark's import path, and that name would
 shadow the standard library's `profile`, which torch._dynamo imports through cProfile.)
 """
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import resource
 import statistics
 import time
 
@@ -76,6 +81,12 @@ def parse(argv=None):
     p.add_argument("--gemm-size", type=int, default=None, help="side of the square GEMM (default 2048 on CPU)")
     p.add_argument(
         "--gemm-shapes", type=int, default=0, help="also list the training step's K costliest GEMM shapes per model"
+    )
+    p.add_argument(
+        "--host-memory",
+        choices=("kept", "glibc-defaults"),
+        default="kept",
+        help="kept: keep_freed_memory() as our CPU tools do; glibc-defaults: malloc as a plain torch loop has it",
     )
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p.parse_args(argv)
@@ -204,10 +215,11 @@ def measure(steps: dict, repeats: int, record_shapes: bool = False) -> dict[str,
     returns), the steps taking turns after one warm-up each, then its classes per step from
     `PROFILED_STEPS` profiled runs (and, with `record_shapes`, its GEMMs by shape)."""
 
-    def timed(step) -> tuple[float, float]:
-        start = time.perf_counter()
+    def timed(step) -> tuple[float, float, int]:
+        faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         compute_s = step()
-        return time.perf_counter() - start, compute_s
+        elapsed = time.perf_counter() - start
+        return elapsed, compute_s, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
     for step in steps.values():
         step()
@@ -226,15 +238,17 @@ def measure(steps: dict, repeats: int, record_shapes: bool = False) -> dict[str,
         for value in shapes.values():
             for key in ("seconds", "flops", "calls"):
                 value[key] /= PROFILED_STEPS
-        seconds, compute_seconds = zip(*timings[name])
-        out[name] = (statistics.median(seconds), statistics.median(compute_seconds), classes, shapes)
+        seconds, compute_seconds, faults = zip(*timings[name])
+        medians = (statistics.median(values) for values in (seconds, compute_seconds, faults))
+        out[name] = (*medians, classes, shapes)
     return out
 
 
 def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as the trainer and the sampler do on a CPU
+    if args.host_memory == "kept":
+        keep_freed_memory()  # as the trainer and the sampling tools do on a CPU
     config = model_config(args)
     torch.manual_seed(0)
     ours = DiT(config)
@@ -269,13 +283,15 @@ def main() -> None:
         "device": flops.device_name(device, args.threads),
         "config": f"{args.model} {args.num_experts}E{args.num_experts_per_tok}A, {shape[1:]} latents, batch {args.batch_size}",
         "gemm_gflops": gemm_rate / 1e9,
+        "host_memory": args.host_memory,
         "rows": {},
     }
     for kind, results in measured.items():
-        for name, (seconds, compute_s, classes, shapes) in results.items():
+        for name, (seconds, compute_s, faults, classes, shapes) in results.items():
             report["rows"][f"{name} {kind}"] = {
                 "seconds": seconds,
                 "compute_seconds": compute_s,
+                "page_faults": faults,
                 "gflops": step_flops[kind] / seconds / 1e9,
                 "gemm_fraction": step_flops[kind] / seconds / gemm_rate,
                 "compute_gemm_fraction": step_flops[kind] / compute_s / gemm_rate,
@@ -313,7 +329,10 @@ def summarise_shapes(shapes: dict[str, dict[str, float]], top: int) -> dict:
 
 
 def print_report(report: dict) -> None:
-    print(f"{report['config']} on {report['device']}; square GEMM {report['gemm_gflops']:.1f} GFLOP/s")
+    print(
+        f"{report['config']} on {report['device']}; square GEMM {report['gemm_gflops']:.1f} GFLOP/s;"
+        f" host memory: {report['host_memory']}"
+    )
     header = f"{'':18}{'step ms':>9}{'GFLOP/s':>9}{'of GEMM':>9}{'fwd+bwd':>9}" + "".join(f"{c:>13}" for c in CLASSES)
     print(header + "   (class: profiled ms [GFLOP/s])")
     for name, row in report["rows"].items():
@@ -343,8 +362,11 @@ def print_report(report: dict) -> None:
                 f"  {entry['seconds'] * 1e3:8.1f} ms {entry['gflops'] or 0:6.1f} GFLOP/s {entry['calls']:5.0f} calls  {entry['shape']}"
             )
     for kind in ("train", "sample"):
-        ratio = rows[f"ours {kind}"]["seconds"] / rows[f"reference {kind}"]["seconds"]
-        print(f"ours / reference, {kind} step time: {ratio:.2f}x")
+        ours, ref = rows[f"ours {kind}"], rows[f"reference {kind}"]
+        print(
+            f"ours / reference, {kind} step time: {ours['seconds'] / ref['seconds']:.2f}x"
+            f" (page faults per unprofiled step: {ours['page_faults']:,.0f} / {ref['page_faults']:,.0f})"
+        )
     ours_opt, ref_opt = (
         rows[f"{m} train"]["seconds"] - rows[f"{m} train"]["compute_seconds"] for m in ("ours", "reference")
     )

@@ -14,11 +14,14 @@ An existing local path always wins over a name. Names:
   The download shows a progress bar, is written under `NAME.partial` (resumed with an HTTP
   Range request when a run is interrupted, under a file lock so concurrent ranks share one
   download) and is renamed to `NAME` only after its SHA-256 was checked. DiT publishes no
-  digests and none could be obtained where this was written, so `DIT_CHECKPOINTS` holds
-  None for both files: the digest of the first download is recorded beside it as
-  `NAME.sha256` (sha256sum's format, so `sha256sum -c` re-checks the file) and every later
-  download of that name must match it. A file found in the cache is not re-hashed on each
-  use: it was checked before it got its name.
+  digests and none could be computed where this was written (no network), so `DIT_CHECKPOINTS`
+  holds None for both files until someone online fills it in (`sha256sum` of the official
+  files): until then the check is trust on first use. The digest of the first complete download
+  is recorded beside it as `NAME.sha256` (sha256sum's format, so `sha256sum -c` re-checks the
+  file) and every later download of that name must match it. Complete means the server said the
+  length and every byte arrived: a download without a length is never recorded as the truth
+  (it is kept only if it is a whole zip archive, torch's format, and a later one records it).
+  A file found in the cache is not re-hashed on each use: it was checked before it got its name.
 - DiT-MoE's released files (`DIT_MOE_CHECKPOINTS`, the names in its README) and VAEs (DiT's
   `--vae ema|mse`, which mean `stabilityai/sd-vae-ft-ema|mse`, or any hub id `owner/name`)
   are fetched with huggingface_hub's `hf_hub_download` into the Hugging Face cache
@@ -35,10 +38,12 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import logging
 import os
 import re
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -65,6 +70,7 @@ DIT_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-ms
 VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CHUNK = 1 << 20
+log = logging.getLogger("dit_moe.hub")
 
 
 def offline() -> bool:
@@ -179,14 +185,17 @@ def download_dit_checkpoint(name: str) -> Path:
                     f"DiT's checkpoint {name} is not in {cache} and HF_HUB_OFFLINE=1 is set; download {url} "
                     f"where there is network and pass --ckpt FILE (or put it in {cache})."
                 )
-            _download(url, partial)
-            _check_digest(name, partial, target)
+            length_known = _download(url, partial)
+            if not length_known:
+                _check_whole_archive(name, url, partial)
+            _check_digest(name, partial, target, record_first=length_known)
             os.replace(partial, target)
     return target
 
 
-def _download(url: str, partial: Path) -> None:
-    """Fetch `url` into `partial` with a progress bar, continuing a partial file with an HTTP Range request."""
+def _download(url: str, partial: Path) -> bool:
+    """Fetch `url` into `partial` with a progress bar, continuing a partial file with an HTTP Range request.
+    Returns whether the server said the length (every byte of which then arrived)."""
     from tqdm import tqdm
 
     offset = partial.stat().st_size if partial.exists() else 0
@@ -216,6 +225,21 @@ def _download(url: str, partial: Path) -> None:
             else f"download it where there is network and pass --ckpt FILE (or put it in {partial.parent})"
         )
         raise UserError(f"Downloading DiT's checkpoint {name} from {url} failed ({reason}); {fix}.") from None
+    return bool(total)
+
+
+def _check_whole_archive(name: str, url: str, partial: Path) -> None:
+    """A download whose length the server did not say: keep it only if it is a whole zip archive (torch's
+    format ends with the archive's directory, which a cut-off download lacks); else delete it and stop."""
+    if zipfile.is_zipfile(partial):
+        return
+    size = partial.stat().st_size
+    partial.unlink()
+    raise UserError(
+        f"The download of DiT's checkpoint {name} from {url} came without a length and its {size} bytes are not "
+        "a whole checkpoint (the connection was probably cut), so it was deleted; run the command again, or "
+        "download it yourself and pass --ckpt FILE."
+    )
 
 
 def _open(url: str, offset: int):
@@ -229,14 +253,21 @@ def _open(url: str, offset: int):
         return urllib.request.urlopen(url, timeout=60)
 
 
-def _check_digest(name: str, partial: Path, target: Path) -> None:
+def _check_digest(name: str, partial: Path, target: Path, record_first: bool) -> None:
     """Compare the download's SHA-256 with the known one, else with the one recorded by a first download
-    (recording it when there is none); a mismatch deletes the download and stops."""
+    (recording it when there is none and `record_first`: the download is known complete); a mismatch
+    deletes the download and stops."""
     record = target.with_name(f"{name}.sha256")
     expected = DIT_CHECKPOINTS[name] or (record.read_text().split()[0] if record.is_file() else None)
     digest = sha256_of(partial)
-    if expected is None:
+    if expected is None and record_first:
         write_text(record, f"{digest}  {name}\n")
+    elif expected is None:
+        log.warning(
+            "DiT's server sent %s without its length: its SHA-256 %s is not recorded as the one to expect.",
+            name,
+            digest,
+        )
     elif digest != expected:
         partial.unlink()
         raise UserError(

@@ -2,8 +2,9 @@
 product has no such switch).
 
     python tests/full_disk.py free=BYTES train_deepspeed.py ARGS...   # every disk reports BYTES free
-    python tests/full_disk.py enospc=PART train_deepspeed.py ARGS...  # DeepSpeed's optimizer files whose
-                                                                     # path holds PART fail half-written
+    python tests/full_disk.py enospc=PART train_deepspeed.py ARGS...  # every file written by torch.save or
+                                                                     # safetensors' save_file whose path
+                                                                     # holds PART fails half-written
 
 As the deepspeed launcher's user script it passes each rank's `--local_rank=N` on to the script.
 """
@@ -28,24 +29,38 @@ def report_free(free: int) -> None:
     shutil.disk_usage = disk_usage
 
 
-def fail_optimizer_write(part: str) -> None:
-    """`torch.save` of an optimizer file whose path holds `part` writes a few bytes, then fails as a full disk does."""
-    real = torch.save
+def fail_writes(part: str) -> None:
+    """`torch.save` and safetensors' `save_file` of a file whose path holds `part` write a few bytes, then fail
+    as a full disk does: ENOSPC from torch.save, safetensors' own SafetensorError ("os error 28")."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real_save, real_save_file = torch.save, safetensors.torch.save_file
+
+    def hit(f) -> bool:
+        if isinstance(f, (str, os.PathLike)) and part in str(f):
+            Path(f).write_bytes(b"partial")
+            return True
+        return False
 
     def save(obj, f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)) and part in str(f) and "optim_states" in os.path.basename(f):
-            Path(f).write_bytes(b"partial")
+        if hit(f):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
-        return real(obj, f, *args, **kwargs)
+        return real_save(obj, f, *args, **kwargs)
 
-    torch.save = save
+    def save_file(tensors, filename, *args, **kwargs):
+        if hit(filename):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    torch.save, safetensors.torch.save_file = save, save_file
 
 
 def main() -> None:
     local_rank = [arg for arg in sys.argv[1:] if arg.startswith("--local_rank")]
     setting, script, *args = [arg for arg in sys.argv[1:] if arg not in local_rank]
     mode, value = setting.split("=", 1)
-    {"free": lambda: report_free(int(value)), "enospc": lambda: fail_optimizer_write(value)}[mode]()
+    {"free": lambda: report_free(int(value)), "enospc": lambda: fail_writes(value)}[mode]()
     sys.argv = [script, *local_rank, *args]
     sys.path.insert(0, str(Path(script).resolve().parent))
     runpy.run_path(script, run_name="__main__")

@@ -3,10 +3,13 @@ dir that holds another run, files safe loading refuses, a kill during an export 
 before or during a checkpoint, and SIGTERM to the `deepspeed` launcher (preemption)."""
 
 import errno
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,6 +76,28 @@ def test_fresh_run_into_a_results_dir_holding_a_run_is_refused(tmp_path):
     assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
 
 
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (("--global-batch-size", "7", "--micro-batch-size", "2"), "Global batch 7 is not divisible by micro batch 2"),
+        (("--global-batch-size", "8", "--dataset", "folder"), "--data-path"),
+        (("--global-batch-size", "8", "--deepspeed_config", "BAD_JSON"), "is not valid JSON"),
+        (("--global-batch-size", "8", "--ep-size", "3"), "--ep-size 3 must divide the number of processes (1)"),
+    ],
+)
+def test_a_bad_input_in_an_earlier_runs_folder_is_named_before_the_folder_is_claimed(tmp_path, args, expected):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    bad_json = tmp_path / "zero2.json"
+    bad_json.write_text('{"zero_optimization": {"stage": 2},}')
+    args = [str(bad_json) if arg == "BAD_JSON" else arg for arg in args]
+    proc = run_train(out, "--max-steps", "1", *args, check=False, timeout=180)
+    line = _one_error_line(proc, "train_deepspeed.py")
+    assert expected in line and "already holds a run" not in line, line
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+
+
 @pytest.mark.slow
 def test_overwrite_replaces_the_earlier_run(tmp_path):
     out = tmp_path / "run"
@@ -100,6 +125,58 @@ def test_pt_refused_by_safe_loading_is_one_sentence(tmp_path):
     assert "Please file an issue" not in proc.stderr and not (tmp_path / "grid.png").exists()
 
 
+class _Planted:
+    """A pickle that creates `path` when unpickled by a loader that runs what a file names."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def _stranger_tag(root: Path, payload) -> Path:
+    """A complete DeepSpeed tag without an EMA file whose model-states file holds `payload`."""
+    from dit_moe.checkpoint import layout
+
+    checkpoints = root / layout.CHECKPOINTS_DIR
+    tag = checkpoints / layout.tag_for_step(1)
+    tag.mkdir(parents=True)
+    torch.save(payload, tag / "mp_rank_00_model_states.pt")
+    layout.mark_complete(checkpoints, tag.name, 1)
+    return tag
+
+
+def test_a_strangers_deepspeed_tag_runs_no_code_when_loaded(tmp_path):
+    planted = tmp_path / "planted"
+    model = DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=10, num_experts=4)
+    _stranger_tag(tmp_path / "run", {"module": model.state_dict(), "client": _Planted(planted)})
+    for ckpt in (tmp_path / "run", tmp_path / "run" / "checkpoints"):
+        proc = run_in_repo(
+            [sys.executable, "sample.py", "--ckpt", str(ckpt), "--device", "cpu", "--out", str(tmp_path / "grid.png")],
+            timeout=120,
+        )
+        line = _one_error_line(proc, "sample.py")
+        assert "safe loading" in line and "mp_rank_00_model_states.pt" in line, line
+        assert not planted.exists() and not (tmp_path / "grid.png").exists()
+
+
+def test_deepspeed_objects_beside_the_weights_load_as_inert_stand_ins(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    model = DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=10, num_experts=4)
+    extras = {
+        "scaler": DynamicLossScaler(2.0**16, 1000, 1.0, 2, False),
+        "stage": ZeroStageEnum(2),
+        "frozen": {"w": fragment_address(4, 0)},
+    }
+    _stranger_tag(tmp_path / "run", {"module": model.state_dict(), **extras})
+    loaded = read_checkpoint_file(tmp_path / "run", prefer_ema=False).state_dict
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
 _WRITER = """
 import sys, torch
 from dit_moe.checkpoint import save_export
@@ -120,14 +197,22 @@ def test_kill_during_export_write_leaves_the_earlier_export_whole(tmp_path):
     ema = {k: v.clone() for k, v in model.state_dict().items()}
     path = save_export(tmp_path / "export.safetensors", model.config, model.state_dict(), ema)
     before = read_checkpoint_file(path).state_dict
-    for delay in (0.05, 0.3, 0.8):
+    inside_a_write = 0
+    for delay in (0.05, 0.3, 0.8, "at the write"):
         proc = subprocess.Popen(
             [sys.executable, "-c", _WRITER, str(path)], cwd=REPO, env=env(), stdout=subprocess.PIPE, text=True
         )
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(delay)
+        if delay == "at the write":  # as soon as its temporary file appears: the kill lands inside a write
+            deadline = time.monotonic() + 60
+            while not path.with_name(f".export.{proc.pid}.tmp.safetensors").exists():
+                assert time.monotonic() < deadline, "the writer never started a write"
+        else:
+            time.sleep(delay)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        temp_files = {p.name for p in tmp_path.iterdir() if p.name.startswith(".")}
+        inside_a_write += any(f".{proc.pid}." in name for name in temp_files)  # this writer's temporary file is left
         after = read_checkpoint_file(path).state_dict  # whole: it parses
         if "pad" in after:  # the new export landed in full
             assert torch.equal(after["x_embedder.proj.weight"], before["x_embedder.proj.weight"] + 1.0)
@@ -135,6 +220,82 @@ def test_kill_during_export_write_leaves_the_earlier_export_whole(tmp_path):
             assert all(torch.equal(after[k], v) for k, v in before.items())
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "export.safetensors"]
     assert all(name.startswith(".") for name in leftovers), leftovers  # only killed writers' hidden temp files
+    assert inside_a_write >= 1  # positive control: at least one kill landed inside a write
+
+
+def _on_a_small_disk(disk: Path, size: int, cmd: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
+    """Run `cmd` with a real `size`-byte file system (tmpfs) mounted at `disk`, in a private user and mount
+    namespace: nothing outside the command sees the mount, and it goes away with the command."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux's unshare for a private small file system")
+    disk.mkdir(exist_ok=True)
+    script = 'mount -t tmpfs -o size="$1" tmpfs "$2" || exit 99; shift 2; exec "$@"'
+    proc = run_in_repo(["unshare", "-rm", "sh", "-c", script, "sh", str(size), str(disk), *cmd], timeout)
+    if proc.returncode == 99 or "unshare failed" in proc.stderr:
+        pytest.skip(f"this machine does not allow a private tmpfs mount: {proc.stderr.strip()[-200:]}")
+    return proc
+
+
+# Each writer the package uses, on a disk too small for its 8 MB of data, over an earlier file of that name.
+_FULL_DISK_WRITES = """
+import json, sys
+from pathlib import Path
+import numpy as np, torch
+from PIL import Image
+from safetensors.torch import save_file
+from dit_moe.checkpoint import save_export
+from dit_moe.models import DiT_models
+from dit_moe.utils.atomic import atomic_path
+
+disk, big = Path(sys.argv[1]), torch.randn(2_000_000)
+model = DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=10, num_experts=4)
+writes = {
+    "weights.safetensors": lambda tmp: save_file({"w": big}, str(tmp)),
+    "state.pt": lambda tmp: torch.save({"w": big}, tmp),
+    "samples.npz": lambda tmp: np.savez(open(tmp, "wb"), arr_0=big.numpy()),
+    "grid.png": lambda tmp: Image.fromarray(np.random.randint(0, 255, (2000, 2000, 3), np.uint8)).save(tmp),
+}
+report = {}
+for name, write in [*writes.items(), ("export.safetensors", None)]:
+    path = disk / name
+    path.write_bytes(b"previous")
+    try:
+        if write is None:
+            save_export(path, model.config, {"pad": big, **model.state_dict()})
+        else:
+            with atomic_path(path) as tmp:
+                write(tmp)
+        error = None
+    except Exception as err:
+        error = [type(err).__name__, str(err)]
+    report[name] = [error, path.read_bytes() == b"previous", sorted(p.name for p in disk.iterdir())]
+    path.unlink()
+print(json.dumps(report))
+"""
+
+
+def test_a_full_disk_during_any_write_is_one_sentence_and_the_previous_file_is_intact(tmp_path):
+    disk = tmp_path / "disk"
+    proc = _on_a_small_disk(disk, 4 * 2**20, [sys.executable, "-c", _FULL_DISK_WRITES, str(disk)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, (error, previous_intact, files) in report.items():
+        assert error is not None and error[0] == "DiskFull", (name, error)
+        message = error[1]
+        assert str(disk / name) in message and "\n" not in message, message
+        assert f"the previous {name} there is unchanged" in message, message
+        assert previous_intact and files == [name], (name, files)  # no temporary file left behind
+    assert "Not enough disk space to write" in report["export.safetensors"][0][1]  # checked before writing
+    assert "disk is full" in report["state.pt"][0][1]  # torch's "unexpected pos" recognised
+
+
+def test_sample_py_on_a_full_disk_says_so_in_one_line(tmp_path, tiny_export):
+    disk = tmp_path / "disk"
+    fill = f'cat /dev/zero > {disk}/filler 2>/dev/null; printf previous > {disk}/grid.png; exec "$@"'
+    cmd = ["sh", "-c", fill, "sh", sys.executable, "sample.py", "--ckpt", str(tiny_export), "--device", "cpu"]
+    proc = _on_a_small_disk(disk, 2**20, [*cmd, "--num-sampling-steps", "2", "--out", str(disk / "grid.png")])
+    line = _one_error_line(proc, "sample.py")
+    assert f"Writing {disk / 'grid.png'} failed because the disk is full" in line, line
 
 
 def test_out_of_space_errors_are_recognised(tmp_path, monkeypatch):
@@ -154,8 +315,10 @@ def test_out_of_space_errors_are_recognised(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
     assert space.failure.startswith(f"{tmp_path / 'a.pt'}: ")
     monkeypatch.setattr(disk, "free_bytes", lambda path: 10**12)
+    space.failure = None
     with space.guard(tmp_path / "ema.safetensors"):  # what save_file raises on a full tmpfs
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert space.failure.startswith(f"{tmp_path / 'ema.safetensors'}: ") and "os error 28" in space.failure
 
 
 def test_expected_checkpoint_size_is_the_previous_tag_or_the_parameter_estimate(tmp_path):
@@ -188,6 +351,27 @@ def test_too_little_free_space_stops_before_writing_a_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("part", ["step0000004/.ema", "step0000004/.rng_rank0", "step0000004/.full_state"])
+def test_disk_full_at_any_checkpoint_file_removes_the_tag_and_keeps_the_previous(tmp_path, part):
+    out = tmp_path / "run"
+    proc = run_in_repo(_full_disk_cmd(f"enospc={part}", out, "--max-steps", "4", *_DISK_ARGS), timeout=300)
+    line = _one_error_line(proc, "train_deepspeed.py")
+    checkpoints = out / "checkpoints"
+    assert f"writing checkpoint {checkpoints / 'step0000004'} (removed; the previous checkpoint" in line, line
+    assert not (checkpoints / "step0000004").exists() and (checkpoints / "latest").read_text() == "step0000002"
+    assert read_checkpoint_file(checkpoints).state_dict
+
+
+@pytest.mark.slow
+def test_export_on_a_full_disk_is_one_sentence_after_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = run_in_repo(_full_disk_cmd("enospc=.export.", out, "--max-steps", "2", *_DISK_ARGS), timeout=300)
+    line = _one_error_line(proc, "train_deepspeed.py")
+    assert f"Writing {out / 'export.safetensors'} failed because the disk is full" in line, line
+    assert (out / "checkpoints" / "latest").read_text() == "step0000002" and not (out / "export.safetensors").exists()
+
+
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_removes_it_and_resume_continues_exactly(tmp_path):
     from dit_moe.checkpoint import load_model
     from dit_moe.train import disk
@@ -217,11 +401,9 @@ def test_disk_full_on_one_rank_stops_every_rank_and_removes_the_partial_checkpoi
     cmd[script:script] = ["tests/full_disk.py", "enospc=step0000004/zero_pp_rank_1_"]  # rank 1's file only
     proc = run_in_repo(cmd, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
-    errors = {
-        line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("train_deepspeed.py: error:")
-    }
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "train_deepspeed.py: error:" in line]
     checkpoints = out / "checkpoints"
-    assert len(errors) == 1 and f"writing checkpoint {checkpoints / 'step0000004'} (removed;" in errors.pop()
+    assert len(errors) == 1 and f"writing checkpoint {checkpoints / 'step0000004'} (removed;" in errors[0], errors
     assert not (checkpoints / "step0000004").exists() and (checkpoints / "latest").read_text() == "step0000002"
 
 
@@ -295,15 +477,102 @@ def test_sigterm_to_launch_sh_waits_until_every_rank_has_checkpointed(tmp_path):
     assert layout.latest_complete_tag(out / "checkpoints") == layout.tag_for_step(stopped)
 
 
+def _shm_buffers(cmd) -> list[Path]:
+    """The /dev/shm buffers DeepSpeed's CPU all-reduce op creates for the two ranks `cmd` launches."""
+    port = cmd[cmd.index("--master_port") + 1]
+    return [Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}" for rank in (0, 1)]
+
+
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_a_cpu_run_leaves_no_shared_memory_behind(tmp_path):
     """DeepSpeed's CPU all-reduce op never unlinks its ~69 MB /dev/shm buffer per rank; the trainer does."""
     cmd = train_cmd(tmp_path / "run", "--max-steps", "1", "--global-batch-size", "8", launcher="deepspeed")
-    port = cmd[cmd.index("--master_port") + 1]
-    buffers = [
-        Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}" for rank in (0, 1)
+    buffers, seen = _shm_buffers(cmd), set()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None:  # positive control: the names are right, and the run did create them
+        seen.update(buffer for buffer in buffers if buffer.exists())
+        time.sleep(0.05)
+    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+    assert seen == set(buffers) and not any(buffer.exists() for buffer in buffers)
+
+
+def _hold_mapped(path: Path) -> subprocess.Popen:
+    """A process that maps `path` (as a live rank maps its buffer) until killed."""
+    code = "import mmap, sys, time; f = open(sys.argv[1], 'r+b'); m = mmap.mmap(f.fileno(), 0); f.close(); "
+    code += "print('mapped', flush=True); time.sleep(300)"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "mapped"
+    return proc
+
+
+def test_stale_shm_buffers_are_removed_only_when_no_process_maps_them_and_they_are_old(tmp_path):
+    from dit_moe.train.distributed import ERROR_MARK_PREFIX, SHM_BUFFER_PREFIX, STALE_AFTER_S, remove_stale_run_files
+
+    names = ("dead", "live", "starting", "other")
+    paths = {name: tmp_path / f"{SHM_BUFFER_PREFIX}{os.getuid()}_127.0.0.1_{name}_0" for name in names}
+    paths["other"] = tmp_path / f"{SHM_BUFFER_PREFIX}{os.getuid() + 1}_127.0.0.1_1_0"  # another user's
+    for path in paths.values():
+        path.write_bytes(b"\0" * 4096)
+    old = time.time() - 2 * STALE_AFTER_S
+    for name in ("dead", "live", "other"):
+        os.utime(paths[name], (old, old))
+    holder = _hold_mapped(paths["live"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    marks = [
+        Path(tempfile.gettempdir(), f"{ERROR_MARK_PREFIX}{os.getuid()}_{pid}_29500") for pid in (gone.pid, os.getpid())
     ]
-    proc = run_in_repo(cmd, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    for mark in marks:
+        mark.touch()
+    try:
+        assert remove_stale_run_files(tmp_path) == [paths["dead"]]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [name for name in names if paths[name].exists()] == ["live", "starting", "other"]
+    assert [mark.exists() for mark in marks] == [False, True]  # the mark of a launcher that is gone is removed
+    marks[1].unlink()
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_a_killed_runs_shm_is_removed_at_the_next_start_which_names_its_mistake_once(tmp_path):
+    import psutil
+
+    from dit_moe.train.distributed import STALE_AFTER_S
+
+    out = tmp_path / "run"
+    cmd = train_cmd(out, "--max-steps", "500", "--global-batch-size", "8", launcher="deepspeed")
+    buffers = _shm_buffers(cmd)
+    killed = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_first_step(out, killed)
+    for proc in [*psutil.Process(killed.pid).children(recursive=True), psutil.Process(killed.pid)]:
+        proc.kill()  # kill -9 of every process: no exit handler runs
+    killed.wait()
+    time.sleep(1)
+    assert all(buffer.exists() for buffer in buffers)  # positive control: SIGKILL leaks them
+    old = time.time() - 2 * STALE_AFTER_S
+    for buffer in buffers:
+        os.utime(buffer, (old, old))
+    proc = run_in_repo(train_cmd(out, "--max-steps", "1", "--global-batch-size", "7", launcher="deepspeed"), 300)
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "train_deepspeed.py: error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Global batch 7 is not divisible" in errors[0] and "Traceback" not in proc.stderr
     assert not any(buffer.exists() for buffer in buffers)
+
+
+def test_only_the_first_failing_rank_of_a_launch_reports(monkeypatch):
+    from dit_moe.train.distributed import ERROR_MARK_PREFIX, first_to_report
+    from dit_moe.utils.launch import free_port
+
+    port = str(free_port())
+    monkeypatch.setenv("MASTER_PORT", port)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    mark = Path(tempfile.gettempdir(), f"{ERROR_MARK_PREFIX}{os.getuid()}_{os.getppid()}_{port}")
+    try:
+        assert [first_to_report(), first_to_report()] == [True, False]  # two ranks of one launch: one speaks
+    finally:
+        mark.unlink(missing_ok=True)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert first_to_report() and first_to_report() and not mark.exists()  # a single process always speaks

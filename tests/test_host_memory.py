@@ -1,5 +1,6 @@
 """keep_freed_memory: blocks of any size come from the heap (no fresh mapping per step) once it is set."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -24,6 +25,11 @@ elif sys.argv[1] == "trainer":  # as a training process sets itself up on a CPU
     from dit_moe.train.engine import init_distributed
     init_distributed()
     applied = None
+elif sys.argv[1] in ("sampling", "sampling-own-process"):  # a library caller, then an entry point
+    from dit_moe.sampling import SamplingRequest, prepare_sampling
+    own = sys.argv[1] == "sampling-own-process"
+    prepare_sampling(SamplingRequest(sys.argv[2], device="cpu", keep_freed_host_memory=own))
+    applied = None
 else:
     applied = False
 mapped = []
@@ -44,10 +50,10 @@ print(applied, *mapped, kept)
 """
 
 
-def probe(mode: str, **env) -> list[str]:
+def probe(mode: str, *args: str, **env) -> list[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env={**environ, **env}
+        [sys.executable, "-c", PROBE, mode, *args], capture_output=True, text=True, check=True, env={**environ, **env}
     )
     return out.stdout.splitlines()[-1].split()  # DeepSpeed may print before
 
@@ -61,3 +67,20 @@ def test_large_blocks_are_mapped_by_default_and_served_from_the_heap_once_set():
     # a user's own malloc setting wins
     assert probe("keep", MALLOC_MMAP_MAX_="65536") == ["False", "True", "True", "False"]
     assert probe("keep", MALLOC_TRIM_THRESHOLD_="131072") == ["False", "True", "True", "False"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_prepare_sampling_leaves_malloc_alone_unless_the_process_is_the_callers_own(tiny_export):
+    # [applied, 16 MiB block mapped, 256 MiB block mapped]: fresh mappings are glibc's default behaviour
+    assert probe("sampling", str(tiny_export))[:3] == ["None", "True", "True"]
+    assert probe("sampling-own-process", str(tiny_export))[:3] == ["None", "False", "False"]
+
+
+def test_command_line_requests_own_their_process_and_library_requests_do_not():
+    from dit_moe.sampling import SamplingRequest
+    from dit_moe.sampling.flags import add_sampling_flags, request_from_args
+
+    parser = argparse.ArgumentParser()
+    add_sampling_flags(parser)
+    assert request_from_args(parser.parse_args(["--ckpt", "x.pt"])).keep_freed_host_memory
+    assert not SamplingRequest("x.pt").keep_freed_host_memory

@@ -35,11 +35,12 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 class FileServer(ThreadingHTTPServer):
     """Serves `files` by name with HTTP Range support; records each request and counts body bytes sent.
-    `cut_next` bytes: the next response sends only that much of its body, then drops the connection."""
+    `cut_next` bytes: the next response sends only that much of its body, then drops the connection.
+    `no_length`: responses say no Content-Length (HTTP/1.0: the body ends where the connection closes)."""
 
     def __init__(self, files: dict[str, bytes]):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.files, self.requests, self.sent, self.cut_next = files, [], 0, None
+        self.files, self.requests, self.sent, self.cut_next, self.no_length = files, [], 0, None, False
 
     @property
     def url(self) -> str:
@@ -60,7 +61,8 @@ class _Handler(BaseHTTPRequestHandler):
         start = int(ranged.removeprefix("bytes=").rstrip("-")) if ranged else 0
         body = data[start:]
         self.send_response(206 if ranged else 200)
-        self.send_header("Content-Length", str(len(body)))
+        if not server.no_length:
+            self.send_header("Content-Length", str(len(body)))
         if ranged:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.end_headers()
@@ -122,6 +124,26 @@ def test_a_later_download_must_match_the_digest_recorded_by_the_first(dit_server
     with pytest.raises(UserError, match="has SHA-256 .* not the expected .* was deleted"):
         hub.resolve_checkpoint(NAME)
     assert not first.exists() and _cache_files() == [f"{NAME}.sha256"]
+
+
+def _checkpoint_bytes(tmp_path) -> bytes:
+    """A real torch checkpoint (a zip archive, as DiT's files are) of about 3 MB."""
+    torch.save({"pos_embed": torch.randn(768 * 1024)}, tmp_path / "served.pt")
+    return (tmp_path / "served.pt").read_bytes()
+
+
+def test_a_download_without_a_length_is_never_pinned_as_the_truth(dit_server, tmp_path):
+    data = _checkpoint_bytes(tmp_path)
+    dit_server.files[NAME], dit_server.no_length, dit_server.cut_next = data, True, len(data) // 2
+    with pytest.raises(UserError, match="came without a length and its .* bytes are not a whole checkpoint"):
+        hub.resolve_checkpoint(NAME)  # cut off, and nothing said how long it should be
+    assert _cache_files() == []  # neither kept under the name nor recorded
+    path = Path(hub.resolve_checkpoint(NAME))  # whole: used, but its digest is not made the one to expect
+    assert path.read_bytes() == data and _cache_files() == [NAME]
+    path.unlink()
+    dit_server.no_length = False
+    assert Path(hub.resolve_checkpoint(NAME)).read_bytes() == data  # a later download with its length is recorded
+    assert _cache_files() == [NAME, f"{NAME}.sha256"]
 
 
 def test_interrupted_download_leaves_no_file_under_the_name_and_resumes(dit_server):

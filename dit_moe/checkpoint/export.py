@@ -14,7 +14,7 @@ from ..diffusion import ObjectiveConfig
 from ..models import DiTConfig
 from ..models.attention import flash_layout_keys
 from ..models.experts import unstack_expert_state_dict
-from ..utils.atomic import atomic_path
+from ..utils.atomic import atomic_path, require_free_space
 
 EXPORT_FORMAT = "dit-moe-export"
 
@@ -37,6 +37,7 @@ def save_export(
     weights, the EMA, the model config and the objective config (when known: an upcycled
     official DiT file records none)."""
     path = Path(path)
+    require_free_space(path, _stored_bytes(model_state) + _stored_bytes(ema_state or {}))
     configs = {"config": config.to_dict()}
     if objective is not None:
         configs["objective"] = objective.to_dict()
@@ -57,3 +58,8 @@ def save_export(
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def _stored_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes the tensors of `state` take in an export (headers are small beside them)."""
+    return sum(v.numel() * v.element_size() for v in state.values())

@@ -38,6 +38,29 @@ _STRIP_PREFIXES = ("module.", "_orig_mod.")
 torch.serialization.add_safe_globals([argparse.Namespace])
 
 
+class _DeepSpeedObject:
+    """Stands in for the few DeepSpeed objects a `mp_rank_*_model_states.pt` may hold beside the weights (loss
+    scalers, the ZeRO stage enum, frozen-parameter fragment addresses): safe loading builds this inert object
+    in their place, so reading a stranger's tag neither imports DeepSpeed nor runs any code the file names."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+DEEPSPEED_GLOBALS = [
+    (_DeepSpeedObject, f"deepspeed.{name}")
+    for name in (
+        "runtime.fp16.loss_scaler.LossScaler",
+        "runtime.fp16.loss_scaler.DynamicLossScaler",
+        "runtime.zero.config.ZeroStageEnum",
+        "utils.tensor_fragment.fragment_address",
+    )
+]
+
+
 @dataclass
 class CheckpointContents:
     """What one read of a checkpoint gives: weights and whatever configs the file records."""
@@ -76,7 +99,8 @@ def _clean_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _torch_load(path: Path) -> Any:
     """torch.load with weights_only=True: tensors and plain containers, never arbitrary objects."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(DEEPSPEED_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         if refused is None:  # not a pickle at all, or a damaged one
@@ -132,7 +156,7 @@ def _read_deepspeed_weights(tag_dir: Path, prefer_ema: bool) -> dict[str, torch.
         return _read_safetensors(ema_file)[0]
     if not states:
         raise CheckpointError(f"{tag_dir} holds no model weights (no {layout.EMA_FILE} or mp_rank_*_model_states.pt).")
-    blob = torch.load(states[0], map_location="cpu", weights_only=False)
+    blob = _torch_load(states[0])  # safe loading: a stranger's tag can hold any pickle
     module = blob.get("module") if isinstance(blob, dict) else None
     if not module:
         raise CheckpointError(

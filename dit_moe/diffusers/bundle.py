@@ -19,6 +19,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # dit_moe/
 
 # In dependency order: each module only uses names of those before it.
 TRANSFORMER_SOURCES = (
+    "utils/errors.py",
     "models/config.py",
     "models/layers.py",
     "models/attention.py",

@@ -66,7 +66,9 @@ class RoutingRequest:
 
 def collect_routing(request: RoutingRequest, out: str | os.PathLike) -> Path:
     """Sample `samples_per_class` images of each class and write the routing of every token to `out`
-    (what `python -m dit_moe.routing collect` does); returns the routing file's path."""
+    (what `python -m dit_moe.routing collect` does); returns the routing file's path. Malloc is left as
+    it is: a caller that owns its process may set `keep_freed_host_memory=True` on the SamplingRequest
+    for the CPU setting the command line uses (see dit_moe.sampling.prepare)."""
     prepared = prepare_sampling(request.sampling)
     if not prepared.model.moe_blocks:
         raise UserError(f"{request.sampling.ckpt} is a dense DiT (no MoE layers), so it has no routing to analyse.")

@@ -166,4 +166,5 @@ def request_from_args(args: argparse.Namespace) -> SamplingRequest:
         image_size=args.image_size,
         dtype=args.dtype,
         device=args.device,
+        keep_freed_host_memory=True,  # parsed flags: the process is a command-line tool's own
     )

@@ -23,6 +23,11 @@ Choices this step makes for all of them:
   without it stops with an error rather than guessing a VAE.
 - `--dtype bf16|fp16` runs the model under CUDA autocast; on the CPU it stops with an
   error (use fp32) instead of silently changing precision.
+- Nothing process-wide changes unless the request says the process is the caller's own: the
+  command-line tools set `keep_freed_host_memory=True`, which on the CPU switches glibc's malloc to
+  keep freed memory for reuse (dit_moe.utils.host_memory: fewer page faults per step, but the
+  process's resident memory stays at its peak until it exits). A notebook or library caller gets
+  glibc's defaults unless it asks the same.
 """
 
 from __future__ import annotations
@@ -79,6 +84,9 @@ class SamplingRequest:
     image_size: Optional[int] = None  # --image-size: must be what model and codec produce when given
     dtype: str = "fp32"  # a key of dit_moe.cli.DTYPES; bf16/fp16 only on CUDA
     device: Optional[str] = None  # None: this process's GPU when there is one, else the CPU
+    # The process is the caller's own (an entry point): on the CPU, apply keep_freed_memory, a process-wide
+    # malloc setting with no undo; False (library callers) leaves malloc as it is.
+    keep_freed_host_memory: bool = False
 
 
 @dataclass
@@ -172,9 +180,11 @@ class ResolvedObjective(NamedTuple):
 
 
 def prepare_sampling(request: SamplingRequest) -> PreparedSampler:
-    """Load `request.ckpt` once and check the whole request against it; bad input raises one sentence."""
+    """Load `request.ckpt` once and check the whole request against it; bad input raises one sentence.
+
+    Process-wide settings are left alone unless `request.keep_freed_host_memory` (see the module's docs)."""
     device, dtype = _check_request(request)
-    if device.type == "cpu":
+    if device.type == "cpu" and request.keep_freed_host_memory:
         keep_freed_memory()
     request = replace(request, vae_path=resolve_vae(request.vae_path))  # names (mse, hub ids): cached folders
     vae_path = PIXEL_SPACE if request.vae_path is None else request.vae_path

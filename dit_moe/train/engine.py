@@ -298,6 +298,14 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def _load_rng_state(path: Path) -> dict[str, Any]:
+    """A rank's saved RNG state, read safely (weights_only): numpy's generator state is the one non-tensor."""
+    array = np.zeros(1, dtype=np.uint32)
+    numpy_globals = [array.__reduce__()[0], np.ndarray, np.dtype, type(array.dtype)]
+    with torch.serialization.safe_globals(numpy_globals):
+        return torch.load(path, weights_only=True)
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
@@ -456,7 +464,7 @@ def load_checkpoint(
     else:
         client_state = reshard.load_full_state(engine, layout.full_state_file(tag_dir), ep)
     ema.load_full_state_dict(load_file(str(tag_dir / layout.EMA_FILE)))
-    _set_rng_state(torch.load(layout.rng_file(tag_dir, dist.get_rank() % saved.world_size), weights_only=False))
+    _set_rng_state(_load_rng_state(layout.rng_file(tag_dir, dist.get_rank() % saved.world_size)))
     return client_state
 
 

@@ -39,12 +39,15 @@ from ..diffusion import Draws, DrawSpec, Objective, ObjectiveConfig, build_objec
 from ..models import DiTConfig
 from ..parallel import ExpertParallel
 from ..utils.errors import UserError
+from ..utils.launch import LaunchEnv
 from . import engine as engine_lib
 from .batch import BatchPlan
 from .build import build_model_config, build_training_model, register_router_updates, settle_with_record
 from .disk import CheckpointSpace
 from .distributed import RankSlice, StopRequest
 from .metrics import LoadTracker, MetricsWriter, Window, expert_parallel_record, plot_loss_curve
+from .preflight import check_inputs
+from .results import claim_results_dir
 from .routers import ema_router_state, warn_if_routing_batch_changes
 from .sections import TrainConfig
 
@@ -101,13 +104,16 @@ def _setup_logging(results_dir: Path, rank: int) -> None:
 
 def setup(cfg: TrainConfig) -> Run:
     """Process group, DeepSpeed config, data, model, objective, engine and EMA, in the order that
-    lets bad input fail before anything slow starts."""
-    cfg.data.check()  # paths first: a missing folder or VAE should not wait for process-group start-up
-    rank, _local_rank, world_size, device = engine_lib.init_distributed()
-    _setup_logging(Path(cfg.run.results_dir), rank)
+    lets bad input fail before anything slow starts, and before the results folder is claimed."""
+    launch = LaunchEnv.from_environ()
+    check_inputs(cfg, launch.world_size)  # paths, data, DeepSpeed JSON, batch split: no process group yet
+    fresh = cfg.run.resume is None and not cfg.run.export_only
     resume_from = resume_tag(cfg)
     init = read_checkpoint_file(cfg.model.init_from) if cfg.model.init_from and resume_from is None else None
-    cfg = settled_config(cfg, resume_from, init)
+    cfg = settled_config(cfg, resume_from, init)  # what the checkpoint records, before anything is claimed
+    claim_results_dir(Path(cfg.run.results_dir), fresh, cfg.run.overwrite, launch.rank)
+    rank, _local_rank, world_size, device = engine_lib.init_distributed()
+    _setup_logging(Path(cfg.run.results_dir), rank)
     resumed = layout.read_shape(resume_from) if resume_from is not None else None
     ds_config, plan, precision = engine_lib.prepare_deepspeed_config(cfg.run, world_size, device, resumed)
     if resumed is not None and resumed.micro_batch is not None:

@@ -17,6 +17,10 @@ The process's resident memory then stays at its peak instead of shrinking betwee
 THP_MEM_ALLOC_ENABLE, huge pages for blocks of 2 MiB and more, was measured too: it cut the
 faults but slowed the forward and backward.) A user's own MALLOC_MMAP_MAX_, MALLOC_MMAP_THRESHOLD_ or
 MALLOC_TRIM_THRESHOLD_ (or a non-glibc allocator) is left alone.
+
+Being process-wide and without undo, it is applied only where the process is ours: the CPU trainer
+(`init_distributed`) and the sampling command lines (`SamplingRequest.keep_freed_host_memory`, set by
+their flag parser); library calls such as `prepare_sampling` and `collect_routing` leave malloc alone.
 """
 
 from __future__ import annotations
