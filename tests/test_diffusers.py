@@ -78,6 +78,15 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
+def calibrate(model) -> None:
+    """Expert choice's inference thresholds from a few training-mode forwards (as training sets them)."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(8, 1, 8, 8), torch.randint(0, 100, (8,)), torch.randint(0, 10, (8,)))
+    model.eval()
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """get(name) -> (name, checkpoint, pipeline folder) for a model of MODELS: a random-weight export,
@@ -89,6 +98,8 @@ def exports(tmp_path_factory):
             overrides, objective = MODELS[name]
             torch.manual_seed(0)
             model = tiny_model(in_channels=1, **overrides)
+            if overrides.get("router") == "expert-choice":
+                calibrate(model)
             folder = tmp_path_factory.mktemp(name)
             ckpt = save_export(folder / "model.safetensors", model.config, model.state_dict(), objective=objective)
             made[name] = name, ckpt, export_pipeline(ExportRequest(ckpt, folder / "pipeline"))

@@ -90,7 +90,9 @@ def test_a_bad_input_in_an_earlier_runs_folder_is_named_before_the_folder_is_cla
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
     bad_json = tmp_path / "zero2.json"
-    bad_json.write_text('{"zero_optimization": {"stage": 2},}')
+    bad_json.write_text(
+        '{"zero_optimization": {"stage": 2}'
+    )  # unclosed: DeepSpeed refuses it too (a trailing comma it accepts)
     args = [str(bad_json) if arg == "BAD_JSON" else arg for arg in args]
     proc = run_train(out, "--max-steps", "1", *args, check=False, timeout=180)
     line = _one_error_line(proc, "train_deepspeed.py")

@@ -22,6 +22,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from ..models.config import DiTConfig
 from ..models.dit import DiT
+from ..models.router_expert_choice import expert_choice_routers
 
 
 class DiTMoETransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
@@ -62,6 +63,8 @@ class DiTMoETransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model._apply(lambda tensor: tensor.clone())
+        for router in expert_choice_routers(model.dit).values():  # diffusers loads without load_state_dict's hooks
+            router.note_loaded_thresholds()
         return loaded
 
     @property

@@ -97,6 +97,10 @@ class ExpertChoiceRouter(LinearGate):
         self.calibrated = True
 
     @torch.no_grad()
+    def note_loaded_thresholds(self) -> None:
+        """Whether thresholds put in place by a load are a calibration (one host sync)."""
+        self.calibrated = bool(self.threshold_norm > 0)
+
     def reset_calibration(self) -> None:
         self.threshold.zero_()
         self.threshold_norm.zero_()
@@ -104,8 +108,8 @@ class ExpertChoiceRouter(LinearGate):
 
 
 def _note_calibration(module: ExpertChoiceRouter, incompatible_keys) -> None:
-    """Load-time post-hook: whether the loaded thresholds are a calibration (one host sync per load)."""
-    module.calibrated = bool(module.threshold_norm > 0)
+    """Load-time post-hook of `load_state_dict`."""
+    module.note_loaded_thresholds()
 
 
 def expert_choice_routers(model: nn.Module) -> dict[str, ExpertChoiceRouter]:
