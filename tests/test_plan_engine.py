@@ -4,7 +4,8 @@ One launch per world size runs every (ZeRO stage, --ep-size) the trainer allows 
 each rank builds the tiny MoE DiT, wraps it as the trainer does (`setup_expert_parallel`, `initialize`),
 runs one micro-batch and, at the moment the second optimizer step runs (the peak: fp32 gradient copy, reduced
 gradients, buckets and optimizer state all alive), adds up the bytes of every distinct tensor storage the
-engine holds. Rank 0 writes the figures; the test compares them with `dit_moe.plan.memory`.
+engine holds. Rank 0 writes the figures; the test compares them with `dit_moe.plan.memory`, less the buffers
+that live during the forward and backward only (reduce buckets, ZeRO-3's gathered layer), freed by then.
 The file is also the worker (the deepspeed launcher runs it).
 """
 
@@ -113,7 +114,7 @@ def _worker(out: str) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_model_state_bytes_match_real_engines(world, tmp_path):
     from dit_moe.plan.cluster import ZERO_DEFAULTS, ClusterSpec
-    from dit_moe.plan.memory import model_state_bytes
+    from dit_moe.plan.memory import in_flight_buffer_bytes, model_state_bytes
     from dit_moe.plan.params import count_parameters
 
     out = tmp_path / "measured.json"
@@ -131,9 +132,10 @@ def test_model_state_bytes_match_real_engines(world, tmp_path):
             nodes=1, gpus_per_node=world, zero=stage, ep_size=ep, precision="fp32", ema=False, zero_settings=settings
         )
         planned = model_state_bytes(counts, cluster)
+        at_step = sum(planned.values()) - in_flight_buffer_bytes(cluster, counts)  # freed before the step runs
         got = measured[f"{stage},{ep}"]
-        if abs(sum(planned.values()) - got) > 0.05 * got:
-            wrong[f"ZeRO-{stage} ep {ep}"] = (got, sum(planned.values()), planned)
+        if abs(at_step - got) > 0.05 * got:
+            wrong[f"ZeRO-{stage} ep {ep}"] = (got, at_step, planned)
     assert not wrong, f"measured, planned, planned parts: {wrong}"
 
 

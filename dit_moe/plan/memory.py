@@ -81,16 +81,20 @@ def ema_bytes_per_rank(counts: ParamCounts, cluster: ClusterSpec) -> float:
     return FP32 * local_elements(counts, cluster)
 
 
-def buffer_bytes(counts: ParamCounts, cluster: ClusterSpec) -> float:
+def in_flight_buffer_bytes(cluster: ClusterSpec, counts: ParamCounts) -> float:
+    """Buffers alive during the forward and backward only: ZeRO-1/2's reduce buckets, ZeRO-3's gathered layer."""
     b = cluster.param_bytes
-    frozen = b * counts.frozen
     if cluster.zero == 3:
-        gathered = counts.largest_moe_layer + cluster.setting("stage3_prefetch_bucket_size")
-        return frozen + b * gathered
+        return b * (counts.largest_moe_layer + cluster.setting("stage3_prefetch_bucket_size"))
     if cluster.zero_settings.get("contiguous_gradients", True):
         buckets = 2 if cluster.zero_settings.get("overlap_comm", True) else 1
-        return frozen + buckets * b * cluster.setting("reduce_bucket_size")
-    return frozen
+        return buckets * b * cluster.setting("reduce_bucket_size")
+    return 0.0
+
+
+def buffer_bytes(counts: ParamCounts, cluster: ClusterSpec) -> float:
+    """Frozen parameters (in the module at b bytes each) and the in-flight buffers."""
+    return cluster.param_bytes * counts.frozen + in_flight_buffer_bytes(cluster, counts)
 
 
 def model_state_bytes(counts: ParamCounts, cluster: ClusterSpec) -> dict[str, float]:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..checkpoint import layout, read_checkpoint_file, save_export
 from ..data import TrainLoader, build_codec, build_train_loader
+from ..data.check import check_features
 from ..diffusion import Draws, DrawSpec, Objective, ObjectiveConfig, build_objective
 from ..models import DiTConfig
 from ..models.router_sigmoid import update_expert_bias
@@ -89,8 +90,9 @@ def _setup_logging(results_dir: Path, rank: int) -> None:
 def setup(cfg: TrainConfig) -> Run:
     """Process group, DeepSpeed config, data, model, objective, engine and EMA, in the order that
     lets bad input fail before anything slow starts."""
-    cfg.data.check()  # paths first: a missing folder or VAE should not wait for process-group start-up
+    cfg.data.check_paths()  # paths first: a missing folder or VAE should not wait for process-group start-up
     rank, _local_rank, world_size, device = engine_lib.init_distributed()
+    check_features(cfg.data, rank, world_size)  # each rank its share of the files; a bad one stops every rank
     _setup_logging(Path(cfg.run.results_dir), rank)
     resume_from = resume_tag(cfg)
     resumed = layout.read_shape(resume_from) if resume_from is not None else None
