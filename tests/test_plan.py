@@ -110,6 +110,15 @@ def test_checkpointing_and_masking_lower_the_activations(capsys):
     assert _run(capsys, "--mask-ratio", "0.5")[1]["per_gpu_gib"]["activations"] < 0.6 * plain
 
 
+def test_sweep_lists_every_runnable_stage_and_ep_size_at_its_largest_micro_batch(capsys):
+    assert main([*TINY, "--sweep", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    shapes = [(row["cluster"]["zero"], row["cluster"]["ep_size"]) for row in rows]
+    assert shapes == [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1)]
+    assert all(row["cluster"]["micro_batch"] == row["max_micro_batch"] and row["fits"] for row in rows)
+    assert main([*TINY, "--sweep"]) == 0 and capsys.readouterr().out.count("\n| ") == len(rows) + 1
+
+
 @pytest.mark.parametrize(
     "args, words",
     [

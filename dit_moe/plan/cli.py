@@ -10,7 +10,7 @@ from ..cli import run_main
 from ..train.config import ModelSection, add_section_flags
 from ..utils.errors import UserError
 from .cluster import PRECISION_BYTES, ClusterSpec, zero_settings_from_file
-from .report import Plan, make_plan
+from .report import Plan, make_plan, sweep
 
 LATENT_CHANNELS, SD_VAE_DOWNSAMPLE = 4, 8  # SD-VAE latents: 4 channels at --image-size / 8
 
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--peak-tflops", "--peak_tflops", type=float, default=989.4, help="dense bf16 peak (H100)")
     cluster.add_argument("--deepspeed-config", "--deepspeed_config", help="read bucket sizes from this JSON")
     cluster.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    cluster.add_argument(
+        "--sweep", action="store_true", help="a Markdown table over every ZeRO stage and --ep-size that can run"
+    )
     return parser
 
 
@@ -102,10 +105,39 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_sweep(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of `sweep`'s rows, one per (ZeRO stage, --ep-size)."""
+    first = rows[0]
+    lines = [
+        f"{first['model']['name']} {first['model']['shape']} at {first['model']['image_size']} px, "
+        f"{first['cluster']['world_size']} GPUs of {first['cluster']['gpu_memory_gib']:g} GiB, "
+        f"{first['cluster']['precision']}, gradient checkpointing {'on' if first['cluster']['grad_checkpointing'] else 'off'}",
+        "",
+        "| ZeRO | --ep-size | largest micro-batch | model states GiB/GPU | activations GiB/GPU | checkpoint GiB "
+        "rank 0 / all | all-to-all GiB/GPU/step | step s at 40% MFU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        memory, cluster = row["per_gpu_gib"], row["cluster"]
+        states = memory["total"] - memory["activations"]
+        largest = row["max_micro_batch"] or "does not fit"
+        lines.append(
+            f"| {cluster['zero']} | {cluster['ep_size']} | {largest} | {states:.1f} | {memory['activations']:.1f} | "
+            f"{row['checkpoint_gib']['per_rank']:.0f} / {row['checkpoint_gib']['total']:.0f} | "
+            f"{row['all_to_all_bytes_per_step'] / 2**30:.2f} | {row['step_time_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     def work() -> None:
         args = build_parser().parse_args(argv)
-        result = make_plan(plan_from_args(args))
+        plan = plan_from_args(args)
+        if args.sweep:
+            rows = sweep(plan)
+            print(json.dumps(rows, indent=2) if args.json else format_sweep(rows))
+            return
+        result = make_plan(plan)
         print(json.dumps(result, indent=2) if args.json else format_table(result))
 
     return run_main(work, prog="python -m dit_moe.plan")

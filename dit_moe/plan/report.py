@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from ..models import DiTConfig
 from ..models.flops import TRAINING_FACTOR, forward_flops
@@ -57,10 +57,12 @@ def max_micro_batch(plan: Plan, counts: ParamCounts) -> int:
     return low
 
 
-def make_plan(plan: Plan) -> dict[str, Any]:
-    """Everything the planner reports, as a JSON-ready dict (bytes as GiB where the key says so)."""
+def make_plan(plan: Plan, counts: Optional[ParamCounts] = None) -> dict[str, Any]:
+    """Everything the planner reports, as a JSON-ready dict (bytes as GiB where the key says so).
+
+    `counts`: the model's `count_parameters`, when the caller has them (a sweep builds the model once)."""
     cluster = plan.cluster
-    counts = count_parameters(plan.config, cluster.setting("stage3_param_persistence_threshold"))
+    counts = counts or count_parameters(plan.config, cluster.setting("stage3_param_persistence_threshold"))
     memory = per_gpu_bytes(plan, counts, cluster.micro_batch)
     forward = sum(forward_flops(plan.config, visible_tokens(plan.config, plan.mask_ratio)).values())
     step_flops = TRAINING_FACTOR * forward * cluster.micro_batch
@@ -85,3 +87,19 @@ def make_plan(plan: Plan) -> dict[str, Any]:
         "step_time_s": step_flops / (cluster.mfu * cluster.peak_tflops * 1e12),
         "step_time_at_mfu": cluster.mfu,
     }
+
+
+def sweep(plan: Plan) -> list[dict[str, Any]]:
+    """`make_plan` for every ZeRO stage and --ep-size the trainer can run on this cluster and model, each at its
+    largest micro-batch (the plan's own micro-batch where nothing fits)."""
+    counts = count_parameters(plan.config, plan.cluster.setting("stage3_param_persistence_threshold"))
+    experts = plan.config.num_experts
+    sizes = [ep for ep in range(1, plan.cluster.world_size + 1) if plan.cluster.world_size % ep == 0]
+    sizes = [ep for ep in sizes if ep == 1 or (experts and experts % ep == 0)]
+    rows = []
+    for zero, ep in [(1, ep) for ep in sizes] + [(2, ep) for ep in sizes] + [(3, 1)]:
+        shaped = dataclasses.replace(plan, cluster=dataclasses.replace(plan.cluster, zero=zero, ep_size=ep))
+        largest = max_micro_batch(shaped, counts)
+        at = dataclasses.replace(shaped.cluster, micro_batch=largest or plan.cluster.micro_batch)
+        rows.append(make_plan(dataclasses.replace(shaped, cluster=at), counts))
+    return rows
