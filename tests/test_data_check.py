@@ -15,6 +15,8 @@ from dit_moe.data.integrity import DataIntegrityError
 from dit_moe.data.shards import Manifest, shard_name
 from dit_moe.train.config import load_config
 
+from trainer_runs import run_train
+
 
 def _count_shard_reads(monkeypatch) -> list:
     """The shard indices `Manifest.check_shard` reads from now on (it still checks them)."""
@@ -158,3 +160,17 @@ def test_the_cache_lives_beside_the_data_and_a_read_only_folder_gets_none(tmp_pa
 
 def _read_only(path, text):
     raise PermissionError(13, "Read-only file system", str(path))
+
+
+@pytest.mark.multiproc
+def test_two_rank_trainer_stops_on_both_ranks_when_one_share_holds_a_damaged_shard(tmp_path):
+    features = tmp_path / "features"
+    features.mkdir()
+    _synthetic_shards(features, [5] * 4)
+    _cut_inside_a_member(features / shard_name(3))  # rank 1's share
+    args = ["--dataset", "latents", "--features-path", str(features), "--image-size", "16", "--max-steps", "1"]
+    proc = run_train(tmp_path / "out", *args, "--global-batch-size", "2", launcher="deepspeed", check=False)
+    sentence = [line for line in proc.stderr.splitlines() if "train_deepspeed.py: error: " in line]
+    assert proc.returncode != 0 and len(sentence) == 2 and shard_name(3) in sentence[0], proc.stderr[-3000:]
+    assert sentence[0].split("error: ")[1] == sentence[1].split("error: ")[1]
+    assert not (tmp_path / "out").exists()
