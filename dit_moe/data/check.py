@@ -71,9 +71,10 @@ def _check_shards(features_path: str, share: _Share, rank: int, world_size: int)
 
 
 def _check_npy(dataset: NpyFeatureDataset, share: _Share, rank: int, world_size: int) -> None:
+    folders = [os.path.basename(dataset.features_dir), os.path.basename(dataset.labels_dir)]  # names relative
     for index in range(rank, len(dataset), world_size):
         paths = list(dataset.paths(index))
-        names = [os.path.relpath(path, share.cache.root) for path in paths]
+        names = [f"{folder}/{os.path.basename(path)}" for folder, path in zip(folders, paths)]
         if share.needs_check(names, paths):
             dataset.check_item(index)
 
