@@ -46,6 +46,9 @@ class DataConfig:
     num_workers: int = 4  # DataLoader workers (digits are in memory and use none)
     shuffle_buffer: int = 1000  # latent shards: samples held for shuffling per worker
     sample_latents: bool = True  # latent shards: draw from N(mean, std) rather than use the mean
+    # Start-up check of extracted features, each rank its share: "full" reads every header, "cached" skips
+    # files unchanged (size, mtime) since they passed, "off" none (the readers still stop on a bad file).
+    check_data: str = "cached"  # full | cached | off
 
     def __post_init__(self):
         if self.dataset == "auto":
@@ -81,6 +84,8 @@ class DataConfig:
             raise ValueError(
                 f"num_workers and shuffle_buffer must be >= 0, got {self.num_workers} and {self.shuffle_buffer}."
             )
+        if self.check_data not in ("full", "cached", "off"):
+            raise ValueError(f"--check-data must be full, cached or off, got {self.check_data!r}.")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {self.num_classes}.")
 
@@ -94,20 +99,25 @@ class DataConfig:
         return self.dataset in ("digits", "folder") and not self.pixel_space
 
     def check(self) -> None:
-        """Check the paths this config names (call once at trainer start-up); raises one clear sentence.
+        """Check the paths this config names and every file of its extracted features (one process);
+        raises one clear sentence. The trainer runs the two halves itself: `check_paths` before the process
+        group starts, `dit_moe.data.check.check_features` after, each rank on its share of the files."""
+        from dit_moe.data.check import check_features
 
-        Extracted features are checked file by file, headers and sizes only (see `dit_moe.data.integrity`
-        for the policy): a damaged shard or `.npy` file stops the run here, before the process group starts.
-        """
+        self.check_paths()
+        check_features(self)
+
+    def check_paths(self) -> None:
+        """Check the folders, manifest and VAE this config names, without reading the data files (cheap)."""
         from dit_moe.data.folder import find_classes
-        from dit_moe.data.npy_features import NpyFeatureDataset
+        from dit_moe.data.npy_features import find_feature_dirs
         from dit_moe.data.shards import Manifest
 
         if self.dataset == "folder":
             find_classes(self.data_path)
         if self.dataset == "latents":
-            Manifest.load(self.features_path).check_shards(self.features_path)
+            Manifest.load(self.features_path)
         if self.dataset == "npy":
-            NpyFeatureDataset(self.features_path).check()
+            find_feature_dirs(self.features_path)
         if not self.pixel_space:
             check_vae_path(self.vae_path)

@@ -68,6 +68,7 @@ class NpyFeatureDataset(Dataset):
         if not features:
             raise FileNotFoundError(f"{self.features_dir!r} holds no .npy files; run the feature extraction first.")
         self.stems = features
+        self._reference_shape: Optional[Tuple[int, ...]] = None
 
     @property
     def latent_shape(self) -> Tuple[int, ...]:
@@ -84,11 +85,20 @@ class NpyFeatureDataset(Dataset):
         Headers and sizes only: every feature a float (1, C, H, W) or (C, H, W) array of the first one's
         shape, every label one integer, each file exactly as long as its header says.
         """
-        first = _check_feature(*self.paths(0), like=None)
         for index in range(len(self)):
-            feature, label = self.paths(index)
-            _check_feature(feature, label, like=(self.paths(0)[0], first))
-            _check_label(label, feature)
+            self.check_item(index)
+
+    def reference_shape(self) -> Tuple[int, ...]:
+        """The shape of the first feature, which every feature must share (its header, checked)."""
+        if self._reference_shape is None:
+            self._reference_shape = _check_feature(*self.paths(0), like=None)
+        return self._reference_shape
+
+    def check_item(self, index: int) -> None:
+        """Raise `DataIntegrityError` unless item `index`'s feature and label files are what `check` requires."""
+        feature, label = self.paths(index)
+        _check_feature(feature, label, like=(self.paths(0)[0], self.reference_shape()))
+        _check_label(label, feature)
 
     def __len__(self) -> int:
         return len(self.stems)

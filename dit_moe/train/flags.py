@@ -85,22 +85,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="experiment YAML (sections model/data/objective/run); flags override it")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
-    for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(section)
-        hints = typing.get_type_hints(cls)
-        comments = _section_help(section)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            group.add_argument(
-                *flag(f.name),
-                dest=f"{section}.{f.name}",
-                type=_field_parser(hints[f.name]),
-                default=argparse.SUPPRESS,
-                metavar=f.name.upper(),
-                help=_flag_help(comments.get(f.name, ""), default, FIELD_CHOICES.get(f.name)),
-            )
+    for section in SECTIONS:
+        add_section_flags(parser.add_argument_group(section), section)
     _add_aliases(parser.add_argument_group("DiT-MoE spellings"))
     return parser
+
+
+def add_section_flags(group: argparse._ArgumentGroup, section: str, only: Optional[tuple[str, ...]] = None) -> None:
+    """The trainer's flags of one config section (or of its fields `only`), each stored as `<section>.<field>`:
+    every tool that takes the trainer's flags (`python -m dit_moe.plan`) parses them exactly as it does."""
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    comments = _section_help(section)
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        group.add_argument(
+            *flag(f.name),
+            dest=f"{section}.{f.name}",
+            type=_field_parser(hints[f.name]),
+            default=argparse.SUPPRESS,
+            metavar=f.name.upper(),
+            help=_flag_help(comments.get(f.name, ""), default, FIELD_CHOICES.get(f.name)),
+        )
 
 
 def _flag_help(comment: str, default: Any, choices: Optional[tuple[str, ...]]) -> str:

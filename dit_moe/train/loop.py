@@ -35,6 +35,7 @@ from ..checkpoint import (
     save_export,
 )
 from ..data import TrainLoader, build_codec, build_train_loader
+from ..data.check import check_features
 from ..diffusion import Draws, DrawSpec, Objective, ObjectiveConfig, build_objective
 from ..models import DiTConfig
 from ..parallel import ExpertParallel
@@ -106,13 +107,15 @@ def setup(cfg: TrainConfig) -> Run:
     """Process group, DeepSpeed config, data, model, objective, engine and EMA, in the order that
     lets bad input fail before anything slow starts, and before the results folder is claimed."""
     launch = LaunchEnv.from_environ()
-    check_inputs(cfg, launch.world_size)  # paths, data, DeepSpeed JSON, batch split: no process group yet
+    check_inputs(cfg, launch.world_size)  # paths, DeepSpeed JSON, batch split: no process group yet
     fresh = cfg.run.resume is None and not cfg.run.export_only
     resume_from = resume_tag(cfg)
     init = read_checkpoint_file(cfg.model.init_from) if cfg.model.init_from and resume_from is None else None
     cfg = settled_config(cfg, resume_from, init)  # what the checkpoint records, before anything is claimed
-    claim_results_dir(Path(cfg.run.results_dir), fresh, cfg.run.overwrite, launch.rank)
     rank, _local_rank, world_size, device = engine_lib.init_distributed()
+    check_features(cfg.data, rank, world_size)  # each rank its share of the files; a bad one stops every rank
+    claim_results_dir(Path(cfg.run.results_dir), fresh, cfg.run.overwrite, launch.rank)
+    dist.barrier()  # every rank has judged the folder before rank 0 writes its log there
     _setup_logging(Path(cfg.run.results_dir), rank)
     resumed = layout.read_shape(resume_from) if resume_from is not None else None
     ds_config, plan, precision = engine_lib.prepare_deepspeed_config(cfg.run, world_size, device, resumed)

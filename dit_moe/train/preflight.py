@@ -20,7 +20,7 @@ def check_inputs(cfg: TrainConfig, world_size: int) -> None:
     JSON, --ep-size and the batch split (the split only for a fresh run: a resume keeps its checkpoint's)."""
     from . import engine  # imports DeepSpeed, as the run is about to
 
-    cfg.data.check()
+    cfg.data.check_paths()  # the files themselves: each rank its share, once the process group is up
     _check_paths(cfg)
     ds_config = engine.load_deepspeed_config(cfg.run.deepspeed_config)
     engine.check_expert_parallel(cfg.run.ep_size, ds_config, world_size)
