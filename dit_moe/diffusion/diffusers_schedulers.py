@@ -136,7 +136,9 @@ def solve(sampler: str, process, model_fn: Callable[..., Tensor], noise: Tensor,
         flow_t = float(scheduler.sigmas[step])
         label = flow_t if _is_flow(process) else int(timestep)
         loop.notify(step, len(scheduler.timesteps), label, x)
-        time = torch.full((x.shape[0],), label, device=x.device, dtype=torch.float32 if _is_flow(process) else torch.long)
+        time = torch.full(
+            (x.shape[0],), label, device=x.device, dtype=torch.float32 if _is_flow(process) else torch.long
+        )
         prediction = _prediction(process, model_fn, x, time, loop.model_kwargs)
         x = scheduler.step(prediction.float(), timestep, x.float()).prev_sample.to(noise.dtype)
     return x

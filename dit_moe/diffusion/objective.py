@@ -36,9 +36,9 @@ import torch
 from torch import Tensor
 
 from ..models.masking import random_mask
+from .diffusers_schedulers import SOLVERS
 from .flow import RectifiedFlow
 from .gaussian import GaussianDiffusion, create_diffusion
-from .diffusers_schedulers import SOLVERS
 from .samplers import SAMPLERS, default_num_steps
 from .timesteps import TimestepSampler, build_continuous_sampler, build_discrete_sampler
 
@@ -54,7 +54,9 @@ class Kind:
 
 KINDS = {
     "iddpm": Kind("an IDDPM model", ("ddpm", "ddim", *SOLVERS), 250),  # DiT's: eps MSE + learned-variance vb term
-    "flow": Kind("a rectified-flow model", ("euler", "heun", *SOLVERS), 50),  # DiT-MoE's: velocity MSE on the straight path
+    "flow": Kind(
+        "a rectified-flow model", ("euler", "heun", *SOLVERS), 50
+    ),  # DiT-MoE's: velocity MSE on the straight path
 }
 
 Gather = Callable[[Tensor], Tensor]

@@ -22,7 +22,7 @@ as a tensor like x, in place of ``torch.randn_like``; per-sample
 generators behind it make a sample independent of the batch it is drawn in. The ODE
 samplers (ddim, euler, heun and the diffusers solvers) take it for the common signature and
 draw no noise. DDIM with eta > 0 and DDPM with clipping are DiT's ``ddim_sample_loop`` and
-``p_sample_loop`` (gaussian.py).
+``p_sample_loop`` (gaussian.py), which run ``gaussian_loop`` with those options.
 """
 
 from collections.abc import Callable, Iterable
@@ -78,16 +78,20 @@ def _respaced(process, num_steps: int | None):
     return process.respaced(str(num_steps))
 
 
-def _gaussian_loop(step_fn: str, process, model_fn, noise, loop: Loop) -> Tensor:
-    """The DDPM/DDIM loop from index T-1 down to 0; ``step_fn`` names the process's one-step method."""
+@torch.no_grad()
+def gaussian_loop(step_fn: str, process, model_fn, noise, loop: Loop, step_options: dict | None = None) -> Tensor:
+    """The DDPM/DDIM loop from index T-1 down to 0; ``step_fn`` names the process's one-step method
+    ("p_sample" | "ddim_sample"), ``step_options`` its options (DiT's clip_denoised, denoised_fn, eta;
+    default: no clipping, eta = 0)."""
     process = _respaced(process, loop.num_steps)
+    options = {"clip_denoised": False, **(step_options or {})}
     x = noise
     for step in loop.steps(process.num_timesteps):
         index = process.num_timesteps - 1 - step
         t = torch.full((x.shape[0],), index, device=x.device, dtype=torch.long)
         loop.notify(step, process.num_timesteps, int(process.timestep_map[index]), x)
         x = getattr(process, step_fn)(
-            model_fn, x, t, model_kwargs=loop.model_kwargs, clip_denoised=False, noise_fn=loop.noise_fn
+            model_fn, x, t, model_kwargs=loop.model_kwargs, noise_fn=loop.noise_fn, **options
         )["sample"]
     return x
 
@@ -105,7 +109,9 @@ def ddpm(
     noise_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Ancestral sampling: Ho et al. 2020 "DDPM", Algorithm 2, with IDDPM's learned variances."""
-    return _gaussian_loop("p_sample", process, model_fn, noise, Loop(model_kwargs, num_steps, progress, callback, noise_fn))
+    return gaussian_loop(
+        "p_sample", process, model_fn, noise, Loop(model_kwargs, num_steps, progress, callback, noise_fn)
+    )
 
 
 @torch.no_grad()
@@ -122,7 +128,7 @@ def ddim(
 ) -> Tensor:
     """DDIM: Song et al. 2021, eq. 12 with eta = 0 (the probability-flow discretisation; deterministic)."""
     loop = Loop(model_kwargs, num_steps, progress, callback, noise_fn)
-    return _gaussian_loop("ddim_sample", process, model_fn, noise, loop)
+    return gaussian_loop("ddim_sample", process, model_fn, noise, loop)
 
 
 def _flow_time(step: int, num_steps: int, like: Tensor) -> Tensor:
@@ -215,9 +221,17 @@ def _solver(name: str) -> Callable[..., Tensor]:
 
 
 SOLVER_SAMPLERS: dict[str, Callable[..., Tensor]] = {name: _solver(name) for name in diffusers_schedulers.SOLVERS}
+
+
 def default_num_steps(objective: str, sampler: str, objective_default: int) -> int:
     """Steps a sampler takes when none are asked for: the solvers' DEFAULT_SOLVER_STEPS, else the objective's."""
     return DEFAULT_SOLVER_STEPS[objective] if sampler in SOLVER_SAMPLERS else objective_default
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm, "ddim": ddim, "euler": euler, "heun": heun, **SOLVER_SAMPLERS}
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": ddpm,
+    "ddim": ddim,
+    "euler": euler,
+    "heun": heun,
+    **SOLVER_SAMPLERS,
+}

@@ -40,12 +40,14 @@ from ..checkpoint import LoadedModel, load_checkpoint_model
 from ..cli import DTYPES, default_device
 from ..data.vae import PIXEL_SPACE, check_vae_path, is_pixel_space, load_codec
 from ..diffusion import Objective, ObjectiveConfig
+from ..diffusion.samplers import default_num_steps
 from ..hub import resolve_checkpoint, resolve_vae
 from ..models import DiT, DiTConfig, preset_name
 from ..utils.errors import UserError
 from ..utils.host_memory import keep_freed_memory
 from ..utils.launch import LaunchEnv
-from .images import SamplingOptions, build_sampling_objective, check_codec, sample_images
+from .images import SampleRun, SamplingOptions, SamplingStats, build_sampling_objective, check_codec, sample_images
+from .step_cache import CacheSpec, check_cache
 
 log = logging.getLogger("dit_moe.sampling")
 
@@ -93,6 +95,7 @@ class PreparedSampler:
     vae_path: str  # the codec's folder, or "none" for pixel space
     device: torch.device
     dtype: torch.dtype
+    stats: SamplingStats = field(default_factory=SamplingStats)  # the cost of every `sample` call so far
 
     @property
     def config(self) -> DiTConfig:
@@ -109,7 +112,9 @@ class PreparedSampler:
 
     @property
     def num_steps(self) -> int:
-        return self.options.num_steps or self.objective.default_num_steps
+        return self.options.num_steps or default_num_steps(
+            self.objective_name, self.sampler, self.objective.default_num_steps
+        )
 
     def check_labels(self, labels: Sequence[int], flag: str = "--class-labels") -> list[int]:
         """`labels` as ints, after checking that there is one and that each is a class of this model."""
@@ -129,17 +134,9 @@ class PreparedSampler:
         callback: Optional[Callable[[dict], None]] = None,
     ) -> torch.Tensor:
         """Images (N, C, H, W) float32 in [-1, 1] on the CPU, one per (label, seed) (see images.sample_images)."""
+        run = SampleRun(self.device, self.dtype, progress, self.stats)
         return sample_images(
-            self.model,
-            self.codec,
-            labels,
-            seeds,
-            self.options,
-            device=self.device,
-            dtype=self.dtype,
-            progress=progress,
-            objective=self.objective,
-            callback=callback,
+            self.model, self.codec, labels, seeds, self.options, objective=self.objective, run=run, callback=callback
         )
 
 
@@ -170,6 +167,7 @@ def prepare_sampling(request: SamplingRequest) -> PreparedSampler:
     check_architecture(config, request.model_name, request.num_classes)
     resolved = resolve_objective(loaded, request)
     check_sampler(resolved, request, loaded.config_source)
+    check_cache(CacheSpec.parse(request.options.cache), config)
     codec = resolve_codec(request.vae_path, config).to(device)
     check_image_size(request.image_size, config, codec)
     options = request.options
@@ -307,7 +305,8 @@ def _check_recorded_schedule(recorded: ObjectiveConfig, schedule: dict) -> None:
 
 
 def check_sampler(resolved: ResolvedObjective, request: SamplingRequest, config_source: str) -> None:
-    """The requested sampler must be one of the objective's (DDPM/DDIM for IDDPM, Euler/Heun for flow)."""
+    """The requested sampler must be one of the objective's (DDPM/DDIM for IDDPM, Euler/Heun for flow,
+    the diffusers solvers for both)."""
     objective, sampler = resolved.objective, request.options.sampler
     if sampler is None or sampler in objective.samplers:
         return
