@@ -126,6 +126,24 @@ def _add_objective_flags(parser: argparse.ArgumentParser) -> None:
         choices=["iddpm", "flow"],
         help="the objective of a file without a config (default iddpm); must agree with one that records it",
     )
+    _add_sampler_flags(parser)
+    parser.add_argument(
+        *flag("noise-schedule"),
+        choices=["linear", "cosine"],
+        default=None,
+        help="IDDPM files that record no objective config: the beta schedule they were trained "
+        "with (default linear); checkpoints that record it are sampled with theirs",
+    )
+    parser.add_argument(
+        *flag("diffusion-steps"),
+        type=int,
+        default=None,
+        help="IDDPM files that record no objective config: training steps (default 1000)",
+    )
+
+
+def _add_sampler_flags(parser: argparse.ArgumentParser) -> None:
+    """The sampler, its steps, guidance (scale, channels, interval) and step caching."""
     parser.add_argument(
         *flag("sampler"),
         choices=SAMPLERS,
@@ -167,19 +185,6 @@ def _add_objective_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="guided prediction channels (default all; 3 = DiT's forward_with_cfg)",
-    )
-    parser.add_argument(
-        *flag("noise-schedule"),
-        choices=["linear", "cosine"],
-        default=None,
-        help="IDDPM files that record no objective config: the beta schedule they were trained "
-        "with (default linear); checkpoints that record it are sampled with theirs",
-    )
-    parser.add_argument(
-        *flag("diffusion-steps"),
-        type=int,
-        default=None,
-        help="IDDPM files that record no objective config: training steps (default 1000)",
     )
 
 

@@ -233,8 +233,7 @@ def resolve_objective(loaded: LoadedModel, request: SamplingRequest) -> Resolved
     """How the checkpoint is sampled, the only place that decides it:
     - a recorded ObjectiveConfig as it is (schedule flags may only repeat it);
     - a file written before the objective config: its objective and time scale, the request's schedule;
-    - a file that records none: the request's --rf / --objective, else what its keys show
-      (checkpoint.objective_evidence, said in one line), else it stops and asks for the flag.
+    - a file that records none: --rf / --objective, else its keys (objective_evidence), else it asks for the flag.
     A request contradicting a recorded objective stops, and so do IDDPM schedule options for flow.
     """
     recorded = loaded.objective if loaded.objective_source in RECORDED_SOURCES else None
