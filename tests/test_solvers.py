@@ -148,3 +148,24 @@ def test_build_scheduler_maps_both_objectives_for_pipeline_export():
     assert model_timestep(iddpm, scheduler, 0) == 499.0
     with pytest.raises(ValueError, match="unknown solver"):
         scheduler_for(process, "dpm++")
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_dit_three_channel_guidance_survives_the_learned_sigma_split(solver):
+    """4-channel latents, 8 output channels: guidance on the first 3 eps channels (DiT's forward_with_cfg);
+    the 4th comes from the conditional branch, the variance channels from nowhere."""
+    from dit_moe.diffusion import guided
+
+    process = build_objective("iddpm").process
+
+    def model(x, t, y):
+        eps = x * 0.1 + y.view(-1, 1, 1, 1).float()  # the class shifts eps: guidance shows
+        return torch.cat([eps, torch.full_like(eps, GARBAGE)], dim=1)
+
+    noise, y = torch.randn(2, 4, 2, 2), torch.tensor([1, 2])
+    run = lambda fn: SAMPLERS[solver](process, fn, noise, num_steps=3, model_kwargs=dict(y=y))  # noqa: E731
+    three = run(guided(model, 4.0, null_label=0, cfg_channels=3))
+    cond, full = run(model), run(guided(model, 4.0, null_label=0))
+    torch.testing.assert_close(three[:, 3], cond[:, 3])
+    torch.testing.assert_close(three[:, :3], full[:, :3])
+    assert not torch.allclose(three[:, :3], cond[:, :3])
