@@ -124,3 +124,13 @@ def test_grid_defaults_are_readable_and_num_samples_cycles_labels(moe, tmp_path,
     with pytest.raises(SystemExit):
         main([str(a) for a in argv + ["--guidance-interval", "5,1"]])
     assert "needs 0 <= LO < HI" in capsys.readouterr().err
+
+
+def test_fid_sampler_resumes_with_an_interval_and_refuses_another(tmp_path):
+    from dit_moe.sampling.many import check_settings
+
+    settings = dict(guidance_interval=(LOW, HIGH), cache="experts:2")
+    check_settings(tmp_path, settings, write=True)
+    check_settings(tmp_path, settings, write=True)  # as stored (JSON lists): the same settings
+    with pytest.raises(UserError, match="guidance_interval"):
+        check_settings(tmp_path, dict(settings, guidance_interval=(0.5, HIGH)), write=True)
