@@ -117,6 +117,10 @@ def test_grid_defaults_are_readable_and_num_samples_cycles_labels(moe, tmp_path,
     )
     assert grid.labels == [3, 4, 3, 4, 3]
     assert np.asarray(Image.open(grid.path)).shape == (2 * 66 + 2, 4 * 66 + 2, 3)  # 8 px -> 64 px tiles
+    every = sample_grid(
+        path, tmp_path / "e.png", options=SamplingOptions(num_steps=1), layout=GridLayout(12), device="cpu"
+    )
+    assert every.labels == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]  # every class, cycled
     argv = ["--ckpt", path, "--out", tmp_path / "h.png", "--sampler", "deis", "--num-sampling-steps", "3"]
     assert main([str(a) for a in argv + ["--guidance-interval", "0.5,inf", "--cache", "experts:2"]]) == 0
     out = capsys.readouterr().out

@@ -14,7 +14,7 @@ Loading, the objective and every check are the prepare step's (prepare.py); this
 - Image i of the grid uses seed `--seed + i`, as the FID sampler's sample i does; an image does
   not depend on how many others are in the grid.
 - Without `--class-labels`: DiT's eight ImageNet classes for 1000-class models, else 0, 1, ...;
-  `--num-samples N` cycles the labels (given or default) to N images.
+  `--num-samples N` cycles the labels (given, else DiT's eight or every class) to N images.
 - The grid is DiT's `save_image(samples, nrow=4, padding=2)` layout: black 2-pixel gaps,
   [-1, 1] mapped to uint8 as DiT's sample_ddp.py does; written atomically. Images smaller than
   64 pixels are enlarged by pixel repetition to at least 64 (`--scale` sets the factor), so an
@@ -85,6 +85,16 @@ def default_labels(num_classes: int) -> list[int]:
     return [i % num_classes for i in range(count)]
 
 
+def _base_labels(num_classes: int, class_labels: Optional[Sequence[int]], num_samples: Optional[int]) -> list[int]:
+    """The labels to cycle: those given, else every class when --num-samples is given (DiT's eight for
+    ImageNet models), else `default_labels`."""
+    if class_labels is not None:
+        return list(class_labels)
+    if num_samples is not None and num_classes < 1000:
+        return list(range(num_classes))
+    return default_labels(num_classes)
+
+
 def image_grid(
     images: torch.Tensor | np.ndarray, nrow: int = GRID_NROW, padding: int = GRID_PADDING, scale: int = 1
 ) -> np.ndarray:
@@ -149,9 +159,7 @@ def write_grid(
     if layout.num_samples is not None and layout.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {layout.num_samples}.")
     prepared = prepare_sampling(request)
-    labels = prepared.check_labels(
-        default_labels(prepared.config.num_classes) if class_labels is None else class_labels
-    )
+    labels = prepared.check_labels(_base_labels(prepared.config.num_classes, class_labels, layout.num_samples))
     if layout.num_samples is not None:
         labels = [labels[i % len(labels)] for i in range(layout.num_samples)]
     images = prepared.sample(labels, [seed + i for i in range(len(labels))], progress=layout.progress)
