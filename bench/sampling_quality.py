@@ -110,13 +110,13 @@ def bench(args: argparse.Namespace) -> None:
         results["rows"].append(row)
         reference = next((r for r in results["rows"] if r["reference"]), row)
         row["speed_vs_reference"] = row["images_per_s"] / reference["images_per_s"]
-        print(_line(row), flush=True)
+        print(_line(row, results["num_samples"]), flush=True)
         write_text(path, json.dumps(results, indent=1))
 
 
-def _line(row: dict) -> str:
+def _line(row: dict, num_samples: int) -> str:
     return (
-        f"| {row['objective']} | {row['setting']}{' (reference)' if row['reference'] else ''} | "
+        f"| {row['objective']} | {num_samples} | {row['setting']}{' (reference)' if row['reference'] else ''} | "
         f"{row['evaluations_per_image']:.1f} | {row['gflops_per_image']:.3f} | {row['flops_saved']:.0%} | "
         f"{row['label_accuracy']:.3f} | {row['digits_fd']:.2f} | {row['speed_vs_reference']:.2f}x |"
     )
@@ -126,12 +126,12 @@ def report(paths: list[str], plot: str | None) -> None:
     """The markdown table of every run, and the plot (evaluations on x, digits-FD on y)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     print(
-        "| model | setting | evaluations / image | GFLOPs / image | FLOPs saved | label acc. | digits-FD | images/s vs reference |"
+        "| model | samples | setting | evaluations / image | GFLOPs / image | FLOPs saved | label acc. | digits-FD | images/s vs reference |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for run in runs:
         for row in run["rows"]:
-            print(_line(row))
+            print(_line(row, run["num_samples"]))
     if plot:
         _plot(runs, plot)
 
