@@ -134,6 +134,8 @@ def test_dit_moe_sample_line_on_its_flow_file_gives_its_euler_samples(dit_moe_fl
             "cpu",
             "--out",
             str(out),
+            "--scale",
+            "1",  # the image_grid below is not enlarged
         ]
     )
     note = [r.getMessage() for r in caplog.records if r.name == "dit_moe.sampling"]

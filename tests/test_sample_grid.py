@@ -72,6 +72,8 @@ def test_each_sampler_writes_a_grid(ckpts, tmp_path, capsys, kind, sampler):
         "0,1,2,3,4",
         "--cfg_scale",
         "2.0",
+        "--scale",
+        "1",
         *STEPS,
     )
     assert code == 0, err
@@ -102,7 +104,9 @@ def test_readme_command_with_a_vae(ckpts, tmp_path, capsys):
     )
     assert code == 0, err
     assert "classes 0,1,2,3,0,1,2,3;" in stdout  # default labels for a 4-class model: two full rows
-    assert np.asarray(Image.open(out)).shape == (22, 42, 3)
+    # 8-pixel images are enlarged 8x by default, to 64 pixels: 2 rows of 4 with 2-pixel gaps
+    assert np.asarray(Image.open(out)).shape == (2 * 66 + 2, 4 * 66 + 2, 3)
+    assert "4 model evaluations per image" in stdout  # 2 steps, guided: two rows each
 
 
 def test_seed_decides_the_pixels(ckpts, tmp_path):

@@ -4,6 +4,7 @@ from dit_moe.diffusion import create_diffusion, build_objective, guided
 """
 
 from .config import ObjectiveConfig
+from .diffusers_schedulers import SOLVERS, build_scheduler, model_timestep
 from .flow import RectifiedFlow
 from .gaussian import GaussianDiffusion, create_diffusion, space_timesteps
 from .guidance import guided
@@ -30,6 +31,9 @@ __all__ = [
     "Draws",
     "build_objective",
     "guided",
+    "SOLVERS",
+    "build_scheduler",
+    "model_timestep",
     "SAMPLERS",
     "ddpm",
     "ddim",

@@ -398,19 +398,12 @@ class GaussianDiffusion:
 
         ``noise_fn`` draws each step's eps (see ``p_sample``).
         """
-        from .samplers import ddpm
+        from .samplers import Loop, gaussian_loop
 
         x_T = _initial_noise(shape, noise, device)
-        return ddpm(
-            self,
-            model,
-            x_T,
-            model_kwargs=model_kwargs,
-            progress=progress,
-            callback=callback,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            noise_fn=noise_fn,
+        loop = Loop(model_kwargs, None, progress, callback, noise_fn)
+        return gaussian_loop(
+            "p_sample", self, model, x_T, loop, dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn)
         )
 
     def ddim_sample_loop(
@@ -432,21 +425,12 @@ class GaussianDiffusion:
 
         ``noise_fn`` draws each step's eps when eta > 0 (see ``p_sample``).
         """
-        from .samplers import ddim
+        from .samplers import Loop, gaussian_loop
 
         x_T = _initial_noise(shape, noise, device)
-        return ddim(
-            self,
-            model,
-            x_T,
-            model_kwargs=model_kwargs,
-            progress=progress,
-            callback=callback,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            eta=eta,
-            noise_fn=noise_fn,
-        )
+        loop = Loop(model_kwargs, None, progress, callback, noise_fn)
+        options = dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, eta=eta)
+        return gaussian_loop("ddim_sample", self, model, x_T, loop, options)
 
     def vb_terms_bpd(
         self, output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor, loss_mask: Tensor | None = None

@@ -36,9 +36,10 @@ import torch
 from torch import Tensor
 
 from ..models.masking import random_mask
+from .diffusers_schedulers import SOLVERS
 from .flow import RectifiedFlow
 from .gaussian import GaussianDiffusion, create_diffusion
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, default_num_steps
 from .timesteps import TimestepSampler, build_continuous_sampler, build_discrete_sampler
 
 
@@ -52,8 +53,10 @@ class Kind:
 
 
 KINDS = {
-    "iddpm": Kind("an IDDPM model", ("ddpm", "ddim"), 250),  # DiT's: eps MSE + learned-variance vb term
-    "flow": Kind("a rectified-flow model", ("euler", "heun"), 50),  # DiT-MoE's: velocity MSE on the straight path
+    "iddpm": Kind("an IDDPM model", ("ddpm", "ddim", *SOLVERS), 250),  # DiT's: eps MSE + learned-variance vb term
+    "flow": Kind(
+        "a rectified-flow model", ("euler", "heun", *SOLVERS), 50
+    ),  # DiT-MoE's: velocity MSE on the straight path
 }
 
 Gather = Callable[[Tensor], Tensor]
@@ -221,7 +224,7 @@ class Objective:
             model_fn,
             noise,
             model_kwargs=model_kwargs,
-            num_steps=num_steps or self.default_num_steps,
+            num_steps=num_steps or default_num_steps(self.name, sampler, self.default_num_steps),
             progress=progress,
             callback=callback,
             noise_fn=noise_fn,

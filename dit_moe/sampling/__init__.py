@@ -12,7 +12,9 @@ starts from the same prepare step.
 
 from .images import (
     LABEL_MODES,
+    SampleRun,
     SamplingOptions,
+    SamplingStats,
     StackedRandomGenerator,
     build_sampling_objective,
     check_codec,
@@ -25,7 +27,9 @@ from .prepare import PreparedSampler, SamplingRequest, prepare_sampling, resolve
 
 __all__ = [
     "LABEL_MODES",
+    "SampleRun",
     "SamplingOptions",
+    "SamplingStats",
     "StackedRandomGenerator",
     "build_sampling_objective",
     "check_codec",

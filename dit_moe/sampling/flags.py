@@ -12,15 +12,17 @@ from __future__ import annotations
 import argparse
 
 from ..cli import DTYPES, flag, parse_bool
+from ..diffusion.diffusers_schedulers import SOLVERS
 from ..hub import dit_checkpoint_name
 from ..models import DiT_models
 from .images import SamplingOptions
 from .prepare import SamplingRequest
+from .step_cache import CacheSpec
 
 # DiT's sample.py without --ckpt: its released DiT-XL/2 at 256 px, sd-vae-ft-mse, guidance 4.0
 # (its 250 DDPM steps, seed 0 and eight ImageNet classes are the defaults here anyway).
 DIT_ZERO_SETUP = dict(model="DiT-XL/2", image_size=256, vae="mse", cfg_scale=4.0)
-SAMPLERS = ("ddpm", "ddim", "euler", "heun")
+SAMPLERS = ("ddpm", "ddim", "euler", "heun", *SOLVERS)
 
 
 class _ObjectiveAction(argparse.Action):
@@ -33,6 +35,26 @@ class _ObjectiveAction(argparse.Action):
 
 def _rf_objective(text: str) -> str:
     return "flow" if parse_bool(text) else "iddpm"
+
+
+def parse_interval(text: str) -> tuple[float, float]:
+    """`LO,HI` -> (LO, HI) with 0 <= LO < HI (HI may be inf)."""
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LO,HI (two numbers, e.g. 0.28,5.42)") from None
+    if not 0 <= low < high:
+        raise argparse.ArgumentTypeError(f"{text!r} needs 0 <= LO < HI")
+    return low, high
+
+
+def parse_cache(text: str) -> str:
+    """`experts:N` or `none`, checked."""
+    try:
+        CacheSpec.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, zero_setup: bool = False) -> None:
@@ -105,10 +127,52 @@ def _add_objective_flags(parser: argparse.ArgumentParser) -> None:
         choices=["iddpm", "flow"],
         help="the objective of a file without a config (default iddpm); must agree with one that records it",
     )
+    _add_sampler_flags(parser)
     parser.add_argument(
-        *flag("sampler"), choices=SAMPLERS, default=None, help="default: ddpm (IDDPM models), euler (flow models)"
+        *flag("noise-schedule"),
+        choices=["linear", "cosine"],
+        default=None,
+        help="IDDPM files that record no objective config: the beta schedule they were trained "
+        "with (default linear); checkpoints that record it are sampled with theirs",
     )
-    parser.add_argument(*flag("num-sampling-steps"), type=int, default=None, help="default: 250 (IDDPM), 50 (flow)")
+    parser.add_argument(
+        *flag("diffusion-steps"),
+        type=int,
+        default=None,
+        help="IDDPM files that record no objective config: training steps (default 1000)",
+    )
+
+
+def _add_sampler_flags(parser: argparse.ArgumentParser) -> None:
+    """The sampler, its steps, guidance (scale, channels, interval) and step caching."""
+    parser.add_argument(
+        *flag("sampler"),
+        choices=SAMPLERS,
+        default=None,
+        help="default: ddpm (IDDPM models), euler (flow models); dpm++2m, dpm++3m, unipc and deis (diffusers' "
+        "solvers) serve both at a fraction of the evaluations (docs/sampling.md)",
+    )
+    parser.add_argument(
+        *flag("num-sampling-steps"),
+        type=int,
+        default=None,
+        help="default: 250 (IDDPM, ddpm/ddim), 50 (flow, euler/heun), 25 / 10 for the solvers",
+    )
+    parser.add_argument(
+        *flag("guidance-interval"),
+        type=parse_interval,
+        default=None,
+        metavar="LO,HI",
+        help="guidance only at noise levels sigma in (LO, HI] (Kynkaanniemi et al. 2024; sigma of x_t/alpha_t: "
+        "IDDPM sqrt((1-abar)/abar), flow t/(1-t)); the unconditional forward is skipped outside it",
+    )
+    parser.add_argument(
+        *flag("cache"),
+        type=parse_cache,
+        default=None,
+        metavar="experts:N",
+        help="DiT-MoE step caching: recompute routed experts every N model evaluations, reuse them between",
+    )
     parser.add_argument(
         *flag("cfg-scale"),
         type=float,
@@ -122,19 +186,6 @@ def _add_objective_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="guided prediction channels (default all; 3 = DiT's forward_with_cfg)",
-    )
-    parser.add_argument(
-        *flag("noise-schedule"),
-        choices=["linear", "cosine"],
-        default=None,
-        help="IDDPM files that record no objective config: the beta schedule they were trained "
-        "with (default linear); checkpoints that record it are sampled with theirs",
-    )
-    parser.add_argument(
-        *flag("diffusion-steps"),
-        type=int,
-        default=None,
-        help="IDDPM files that record no objective config: training steps (default 1000)",
     )
 
 
@@ -151,6 +202,8 @@ def request_from_args(args: argparse.Namespace) -> SamplingRequest:
         num_steps=args.num_sampling_steps,
         cfg_scale=cfg_scale,
         cfg_channels=args.cfg_channels,
+        guidance_interval=args.guidance_interval,
+        cache=None if args.cache == "none" else args.cache,
     )
     return SamplingRequest(
         ckpt,

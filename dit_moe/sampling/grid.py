@@ -13,9 +13,14 @@ Loading, the objective and every check are the prepare step's (prepare.py); this
   fetched once into the standard caches (dit_moe.hub; flags.DIT_ZERO_SETUP).
 - Image i of the grid uses seed `--seed + i`, as the FID sampler's sample i does; an image does
   not depend on how many others are in the grid.
-- Without `--class-labels`: DiT's eight ImageNet classes for 1000-class models, else 0, 1, ...
+- Without `--class-labels`: DiT's eight ImageNet classes for 1000-class models, else 0, 1, ...;
+  `--num-samples N` cycles the labels (given, else DiT's eight or every class) to N images.
 - The grid is DiT's `save_image(samples, nrow=4, padding=2)` layout: black 2-pixel gaps,
-  [-1, 1] mapped to uint8 as DiT's sample_ddp.py does; written atomically.
+  [-1, 1] mapped to uint8 as DiT's sample_ddp.py does; written atomically. Images smaller than
+  64 pixels are enlarged by pixel repetition to at least 64 (`--scale` sets the factor), so an
+  8-pixel digits model gives a readable grid rather than a 42x32 PNG.
+- Every run prints the model evaluations per image (guided steps count two inside the guidance
+  interval) and the FLOPs per image, with what step caching saved.
 """
 
 from __future__ import annotations
@@ -41,6 +46,20 @@ IMAGENET_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample.py def
 GRID_NROW = 4
 GRID_PADDING = 2
 MIN_DEFAULT_IMAGES, MAX_DEFAULT_IMAGES = 8, 16
+READABLE_SIDE = 64  # pixels: smaller images are enlarged to at least this by default
+
+
+@dataclass
+class GridLayout:
+    """How many images the grid holds and how they are laid out."""
+
+    num_samples: Optional[int] = None  # None: one per class label; else the labels cycled to this many
+    nrow: int = GRID_NROW
+    scale: Optional[int] = None  # pixel repetition; None: enough to reach READABLE_SIDE pixels
+    progress: bool = False
+
+    def scale_for(self, side: int) -> int:
+        return self.scale if self.scale is not None else max(1, math.ceil(READABLE_SIDE / side))
 
 
 @dataclass
@@ -54,6 +73,7 @@ class SampleGrid:
     sampler: str
     num_steps: int
     cfg_scale: float
+    cost: str  # model evaluations and FLOPs per image (SamplingStats.describe)
 
 
 def default_labels(num_classes: int) -> list[int]:
@@ -63,6 +83,16 @@ def default_labels(num_classes: int) -> list[int]:
         return list(IMAGENET_LABELS)
     count = min(MAX_DEFAULT_IMAGES, max(MIN_DEFAULT_IMAGES, GRID_NROW * math.ceil(num_classes / GRID_NROW)))
     return [i % num_classes for i in range(count)]
+
+
+def _base_labels(num_classes: int, class_labels: Optional[Sequence[int]], num_samples: Optional[int]) -> list[int]:
+    """The labels to cycle: those given, else every class when --num-samples is given (DiT's eight for
+    ImageNet models), else `default_labels`."""
+    if class_labels is not None:
+        return list(class_labels)
+    if num_samples is not None and num_classes < 1000:
+        return list(range(num_classes))
+    return default_labels(num_classes)
 
 
 def image_grid(
@@ -97,9 +127,7 @@ def sample_grid(
     options: Optional[SamplingOptions] = None,
     rf: Optional[bool] = None,
     seed: int = 0,
-    progress: bool = False,
-    nrow: int = GRID_NROW,
-    scale: int = 1,
+    layout: Optional[GridLayout] = None,
     **request: object,
 ) -> SampleGrid:
     """Sample one image per class label (default: `default_labels`) from `ckpt` and write them as a PNG grid.
@@ -114,7 +142,7 @@ def sample_grid(
     request = SamplingRequest(
         ckpt, options=options or SamplingOptions(), objective=objective, objective_flag="--rf", **request
     )
-    return write_grid(request, out, class_labels, seed, progress, nrow, scale)
+    return write_grid(request, out, class_labels, seed, layout)
 
 
 def write_grid(
@@ -122,21 +150,30 @@ def write_grid(
     out: str | Path,
     class_labels: Optional[Sequence[int]] = None,
     seed: int = 0,
-    progress: bool = False,
-    nrow: int = GRID_NROW,
-    scale: int = 1,
+    layout: Optional[GridLayout] = None,
 ) -> SampleGrid:
     """`sample_grid` for a prepared request: image i has seed `seed + i`."""
-    if nrow < 1 or scale < 1:
-        raise UserError(f"--nrow and --scale must be at least 1, got {nrow} and {scale}.")
+    layout = layout or GridLayout()
+    if layout.nrow < 1 or (layout.scale is not None and layout.scale < 1):
+        raise UserError(f"--nrow and --scale must be at least 1, got {layout.nrow} and {layout.scale}.")
+    if layout.num_samples is not None and layout.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {layout.num_samples}.")
     prepared = prepare_sampling(request)
-    labels = prepared.check_labels(
-        default_labels(prepared.config.num_classes) if class_labels is None else class_labels
-    )
-    images = prepared.sample(labels, [seed + i for i in range(len(labels))], progress=progress)
-    path = save_grid(images, out, nrow=nrow, scale=scale)
+    labels = prepared.check_labels(_base_labels(prepared.config.num_classes, class_labels, layout.num_samples))
+    if layout.num_samples is not None:
+        labels = [labels[i % len(labels)] for i in range(layout.num_samples)]
+    images = prepared.sample(labels, [seed + i for i in range(len(labels))], progress=layout.progress)
+    path = save_grid(images, out, nrow=layout.nrow, scale=layout.scale_for(images.shape[-1]))
+    options = prepared.options
     return SampleGrid(
-        path, images, labels, prepared.objective_name, prepared.sampler, prepared.num_steps, prepared.options.cfg_scale
+        path,
+        images,
+        labels,
+        prepared.objective_name,
+        prepared.sampler,
+        prepared.num_steps,
+        options.cfg_scale,
+        prepared.stats.describe(),
     )
 
 
@@ -156,13 +193,19 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         help="e.g. 207,360,387 (default: DiT's eight for ImageNet models, else 0, 1, ... cycled)",
     )
     parser.add_argument(
+        *flag("num-samples"),
+        type=int,
+        default=None,
+        help="images in the grid, the class labels cycled (default: one per label)",
+    )
+    parser.add_argument(
         *flag("nrow"), type=int, default=GRID_NROW, help=f"images per grid row (default {GRID_NROW}, as DiT)"
     )
     parser.add_argument(
         *flag("scale"),
         type=int,
-        default=1,
-        help="enlarge each image this many times by pixel repetition (for tiny images)",
+        default=None,
+        help=f"enlarge each image this many times by pixel repetition (default: to at least {READABLE_SIDE} px)",
     )
     return parser
 
@@ -174,12 +217,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
 
     def work() -> None:
         request = request_from_args(args)
-        grid = write_grid(
-            request, args.out, args.class_labels, args.seed, progress=True, nrow=args.nrow, scale=args.scale
-        )
+        layout = GridLayout(args.num_samples, args.nrow, args.scale, progress=True)
+        grid = write_grid(request, args.out, args.class_labels, args.seed, layout)
         print(
             f"Saved {len(grid.labels)} samples (classes {','.join(map(str, grid.labels))}; {grid.objective}, "
-            f"{grid.sampler}, {grid.num_steps} steps, cfg {grid.cfg_scale}) to {grid.path}"
+            f"{grid.sampler}, {grid.num_steps} steps, cfg {grid.cfg_scale}; {grid.cost}) to {grid.path}"
         )
 
     return run_main(work, prog=parser.prog)

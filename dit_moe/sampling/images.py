@@ -18,7 +18,7 @@ floating-point differences of batched kernels.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -26,7 +26,10 @@ import torch
 from torch import nn
 
 from ..diffusion import Objective, ObjectiveConfig, build_objective, guided
+from ..diffusion.guidance import EvaluationCounter, interval
 from ..models import DiT, DiTConfig
+from ..models.flops import forward_flops
+from .step_cache import CacheSpec, ExpertCache
 
 LABEL_MODES = ("cycle", "random")
 _LABEL_STREAM = 1  # keeps label draws apart from the noise stream of the same seed
@@ -36,16 +39,60 @@ _LABEL_STREAM = 1  # keeps label draws apart from the noise stream of the same s
 class SamplingOptions:
     """How to turn noise into images; None picks the objective's default."""
 
-    sampler: Optional[str] = None  # "ddpm" | "ddim" (IDDPM models), "euler" | "heun" (flow models)
-    num_steps: Optional[int] = None  # IDDPM: respaced steps (250); flow: uniform steps (50)
+    # "ddpm" | "ddim" (IDDPM models), "euler" | "heun" (flow models), "dpm++2m" | "dpm++3m" | "unipc" | "deis" (both)
+    sampler: Optional[str] = None
+    num_steps: Optional[int] = None  # IDDPM: respaced steps (250); flow: uniform steps (50); solvers: 25 / 10
     # Classifier-free guidance scale; 1 = no guidance (one forward per step). None: the prepare step's
     # default for the checkpoint (prepare.default_cfg_scale); sample_images alone treats None as 1.
     cfg_scale: Optional[float] = None
     cfg_channels: Optional[int] = None  # guided prediction channels; None = all, 3 = DiT's forward_with_cfg
+    # Guidance only at noise levels sigma in (low, high] (diffusion.guidance.interval); None: at every step.
+    guidance_interval: Optional[tuple[float, float]] = None
+    cache: Optional[str] = None  # step caching, "experts:N" (step_cache.py); None: none
 
     def __post_init__(self):
         if self.cfg_scale is not None and self.cfg_scale < 1.0:
             raise ValueError(f"cfg_scale must be >= 1 (1 disables guidance), got {self.cfg_scale}.")
+        if self.guidance_interval is not None:
+            low, high = (float(v) for v in self.guidance_interval)
+            if not 0 <= low < high:
+                raise ValueError(f"guidance_interval needs 0 <= LO < HI, got {low},{high}.")
+            self.guidance_interval = (low, high)
+        CacheSpec.parse(self.cache)
+
+
+@dataclass
+class SamplingStats:
+    """What sampling cost, summed over `sample_images` calls: images, network rows (an evaluation of one
+    image; guided steps forward two rows per image inside the guidance interval), matmul FLOPs."""
+
+    images: int = 0
+    rows: int = 0
+    flops: int = 0  # dit_moe.models.flops accounting, after caching
+    flops_saved: int = 0  # skipped by step caching
+
+    @property
+    def evaluations_per_image(self) -> float:
+        return self.rows / max(1, self.images)
+
+    def describe(self) -> str:
+        """One line: evaluations per image, and FLOPs per image with what caching saved."""
+        line = f"{self.evaluations_per_image:g} model evaluations per image"
+        if self.images:
+            line += f", {self.flops / self.images / 1e9:.4g} GFLOPs per image"
+        if self.flops_saved:
+            line += f" ({self.flops_saved / (self.flops + self.flops_saved):.1%} saved by caching)"
+        return line
+
+
+@dataclass
+class SampleRun:
+    """Where and how a `sample_images` call runs, and what it adds its cost to."""
+
+    device: str | torch.device = "cpu"
+    dtype: torch.dtype = torch.float32  # other than float32: the model under autocast
+    progress: bool = False
+    stats: SamplingStats = field(default_factory=SamplingStats)
 
 
 def build_sampling_objective(config: DiTConfig, objective: ObjectiveConfig) -> Objective:
@@ -112,6 +159,13 @@ def check_codec(config: DiTConfig, codec: nn.Module) -> None:
         )
 
 
+def _guided_model(model: DiT, objective: Objective, options: SamplingOptions, counter: EvaluationCounter):
+    """The counted network under classifier-free guidance (and its interval) as `options` ask."""
+    cfg_scale = 1.0 if options.cfg_scale is None else options.cfg_scale
+    guide_at = None if options.guidance_interval is None else interval(objective.process, *options.guidance_interval)
+    return guided(counter, cfg_scale, model.config.num_classes, options.cfg_channels, guide_at)
+
+
 @torch.no_grad()
 def sample_images(
     model: DiT,
@@ -121,41 +175,48 @@ def sample_images(
     options: Optional[SamplingOptions] = None,
     *,
     objective: Objective,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    progress: bool = False,
+    run: Optional[SampleRun] = None,
     callback: Optional[Callable[[dict], None]] = None,
 ) -> torch.Tensor:
     """Images (N, C, H, W), float32 in [-1, 1] on the CPU, for one label and one seed per sample.
 
-    `model` and `codec` must already be on `device`. `dtype` other than float32 runs the model
-    (not the sampler's arithmetic) under autocast. `objective` is the one the model was trained
-    with (`build_sampling_objective`; the prepare step resolves it from the checkpoint).
+    `model` and `codec` must already be on `run.device`. `objective` is the one the model was
+    trained with (`build_sampling_objective`; the prepare step resolves it from the checkpoint).
     `callback` is handed to the sampler, which calls it at the start of every step (see
-    dit_moe.diffusion.samplers); the routing recorder tags forwards with it.
+    dit_moe.diffusion.samplers); the routing recorder tags forwards with it. The cost (evaluations,
+    FLOPs, what caching saved) is added to `run.stats`.
     """
-    config = model.config
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if len(labels) != len(seeds):
         raise ValueError(f"{len(labels)} labels for {len(seeds)} seeds; pass one of each per sample.")
-    check_codec(config, codec)
-    device = torch.device(device)
-    options = options or SamplingOptions()
-    cfg_scale = 1.0 if options.cfg_scale is None else options.cfg_scale
-    model_fn = guided(model, cfg_scale, null_label=config.num_classes, cfg_channels=options.cfg_channels)
+    check_codec(model.config, codec)
+    run, options = run or SampleRun(), options or SamplingOptions()
+    device = torch.device(run.device)
+    counter = EvaluationCounter(model)
     rng = StackedRandomGenerator(seeds)
-    noise = rng.randn(latent_shape(config), device=device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    with autocast:
+    noise = rng.randn(latent_shape(model.config), device=device)
+    autocast = torch.autocast(device.type, dtype=run.dtype) if run.dtype != torch.float32 else nullcontext()
+    spec = CacheSpec.parse(options.cache)
+    cache = ExpertCache(model, spec) if spec is not None else nullcontext()
+    with autocast, cache:
         latents = objective.sample(
-            model_fn,
+            _guided_model(model, objective, options, counter),
             noise,
             dict(y=labels.to(device)),
             sampler=options.sampler,
             num_steps=options.num_steps,
-            progress=progress,
+            progress=run.progress,
             callback=callback,
             noise_fn=rng.randn_like,
         )
         images = codec.decode(latents.float())
+    saved = cache.flops_saved if spec is not None else 0
+    _add_cost(run.stats, model.config, len(labels), counter.rows, saved)
     return images.float().clamp(-1, 1).cpu()
+
+
+def _add_cost(stats: SamplingStats, config: DiTConfig, images: int, rows: int, saved: int) -> None:
+    stats.images += images
+    stats.rows += rows
+    stats.flops += rows * sum(forward_flops(config).values()) - saved
+    stats.flops_saved += saved

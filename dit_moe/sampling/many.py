@@ -1,8 +1,9 @@
 """Sample many images for FID, sharded over processes, resumable, gathered into one ADM `.npz`.
 
     python -m dit_moe.sampling.many --ckpt FILE --num-samples 50000 --out samples/run1 \
-        [--vae-path DIR|none] [--sampler ddpm|ddim|euler|heun] [--num-sampling-steps N] \
-        [--cfg-scale 1.5] [--batch-size 32] [--seed 0] [--label-mode cycle|random]
+        [--vae-path DIR|none] [--sampler ddpm|ddim|euler|heun|dpm++2m|dpm++3m|unipc|deis] \
+        [--num-sampling-steps N] [--cfg-scale 1.5] [--guidance-interval LO,HI] [--cache experts:N] \
+        [--batch-size 32] [--seed 0] [--label-mode cycle|random]
     torchrun --nproc_per_node 8 -m dit_moe.sampling.many ...     # or scripts/sample_ddp.sh
     python -m dit_moe.sampling.many ...                            # the same tool, its older name
 
@@ -12,7 +13,8 @@ depend on the number of processes or the batch size (see images.py). Rank r draw
 r, r + W, r + 2W, ... and writes `OUT/000123.png` atomically; indices whose PNG exists are
 skipped, so a killed run resumes where it stopped. After a barrier, rank 0 writes `OUT.npz`
 (ADM format: `arr_0` uint8 NHWC, `arr_1` labels) in index order. `OUT/sampling.json` records
-the settings; resuming with different ones stops with an error.
+the settings; resuming with different ones stops with an error. Rank 0 prints the model
+evaluations and FLOPs per image of what it drew.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def pending_indices(out: Path, indices: Sequence[int]) -> list[int]:
 def check_settings(out: Path, settings: dict, write: bool) -> None:
     """Refuse to mix samples drawn with different settings in one folder; record them on first use."""
     path = out / SETTINGS_FILE
+    settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
     if path.is_file():
         stored = json.loads(path.read_text())
         changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
@@ -103,6 +106,19 @@ def sample_many(
     npz: Optional[str | Path] = None,
 ) -> Optional[Path]:
     """Draw this rank's missing samples into `out`, then (rank 0) gather all into the `.npz`; returns its path on rank 0."""
+    return _sample_many(request, out, num_samples, batch_size, seed, label_mode, npz)[0]
+
+
+def _sample_many(
+    request: SamplingRequest,
+    out: str | Path,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    label_mode: str,
+    npz: Optional[str | Path],
+) -> tuple[Optional[Path], str]:
+    """`sample_many`, also returning this rank's cost line (SamplingStats.describe)."""
     if num_samples < 1 or batch_size < 1:
         raise UserError(f"--num-samples and --batch-size must be positive, got {num_samples} and {batch_size}.")
     env, device = LaunchEnv.from_environ(), resolve_device(request.device)
@@ -134,7 +150,7 @@ def sample_many(
         _barrier(env)  # every rank's PNGs are on disk before rank 0 reads them
         path = npz_from_png_folder(out, num_samples, npz or default_npz_path(out), labels) if env.rank == 0 else None
         _barrier(env)
-    return path
+    return path, prepared.stats.describe()
 
 
 def _draw_pngs(
@@ -188,11 +204,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     args = parser.parse_args(argv)
 
     def work() -> None:
-        path = sample_many(
+        path, cost = _sample_many(
             request_from_args(args), args.out, args.num_samples, args.batch_size, args.seed, args.label_mode, args.npz
         )
         if path is not None:
-            print(f"Saved {args.num_samples} samples to {path}")
+            print(f"Saved {args.num_samples} samples to {path} ({cost} of those drawn here)")
 
     return run_main(work, prog=parser.prog)
 

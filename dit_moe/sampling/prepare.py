@@ -45,6 +45,7 @@ from ..checkpoint import LoadedModel, ObjectiveSource, load_checkpoint_model
 from ..cli import DTYPES, default_device
 from ..data.vae import PIXEL_SPACE, check_vae_path, is_pixel_space, load_codec
 from ..diffusion import Objective, ObjectiveConfig
+from ..diffusion.samplers import default_num_steps
 from ..hub import resolve_checkpoint, resolve_vae
 from ..models import DiT, DiTConfig, preset_name
 from ..models.flops import routed_experts_per_token
@@ -53,7 +54,8 @@ from ..models.router_expert_choice import check_calibrated
 from ..utils.errors import UserError
 from ..utils.host_memory import keep_freed_memory
 from ..utils.launch import LaunchEnv
-from .images import SamplingOptions, build_sampling_objective, check_codec, sample_images
+from .images import SampleRun, SamplingOptions, SamplingStats, build_sampling_objective, check_codec, sample_images
+from .step_cache import CacheSpec, check_cache
 
 log = logging.getLogger("dit_moe.sampling")
 
@@ -103,6 +105,7 @@ class PreparedSampler:
     vae_path: str  # the codec's folder, or "none" for pixel space
     device: torch.device
     dtype: torch.dtype
+    stats: SamplingStats = field(default_factory=SamplingStats)  # the cost of every `sample` call so far
 
     @property
     def config(self) -> DiTConfig:
@@ -119,7 +122,9 @@ class PreparedSampler:
 
     @property
     def num_steps(self) -> int:
-        return self.options.num_steps or self.objective.default_num_steps
+        return self.options.num_steps or default_num_steps(
+            self.objective_name, self.sampler, self.objective.default_num_steps
+        )
 
     def check_labels(self, labels: Sequence[int], flag: str = "--class-labels") -> list[int]:
         """`labels` as ints, after checking that there is one and that each is a class of this model."""
@@ -152,17 +157,9 @@ class PreparedSampler:
         return images
 
     def _sample(self, labels, seeds, progress, callback) -> torch.Tensor:
+        run = SampleRun(self.device, self.dtype, progress, self.stats)
         return sample_images(
-            self.model,
-            self.codec,
-            labels,
-            seeds,
-            self.options,
-            device=self.device,
-            dtype=self.dtype,
-            progress=progress,
-            objective=self.objective,
-            callback=callback,
+            self.model, self.codec, labels, seeds, self.options, objective=self.objective, run=run, callback=callback
         )
 
 
@@ -196,6 +193,7 @@ def prepare_sampling(request: SamplingRequest) -> PreparedSampler:
     check_calibrated(loaded.model)
     resolved = resolve_objective(loaded, request)
     check_sampler(resolved, request, loaded.config_stored)
+    check_cache(CacheSpec.parse(request.options.cache), config)
     codec = resolve_codec(request.vae_path, config).to(device)
     check_image_size(request.image_size, config, codec)
     options = request.options
@@ -261,8 +259,7 @@ def resolve_objective(loaded: LoadedModel, request: SamplingRequest) -> Resolved
     """How the checkpoint is sampled, the only place that decides it:
     - a recorded ObjectiveConfig as it is (schedule flags may only repeat it);
     - a file written before the objective config: its objective and time scale, the request's schedule;
-    - a file that records none: the request's --rf / --objective, else what its keys show
-      (checkpoint.objective_evidence, said in one line), else it stops and asks for the flag.
+    - a file that records none: --rf / --objective, else its keys (objective_evidence), else it asks for the flag.
     A request contradicting a recorded objective stops, and so do IDDPM schedule options for flow.
     """
     trained_as = loaded.trained_as
@@ -333,7 +330,8 @@ def _check_recorded_schedule(recorded: ObjectiveConfig, schedule: dict) -> None:
 
 
 def check_sampler(resolved: ResolvedObjective, request: SamplingRequest, config_stored: bool) -> None:
-    """The requested sampler must be one of the objective's (DDPM/DDIM for IDDPM, Euler/Heun for flow)."""
+    """The requested sampler must be one of the objective's (DDPM/DDIM for IDDPM, Euler/Heun for flow,
+    the diffusers solvers for both)."""
     objective, sampler = resolved.objective, request.options.sampler
     if sampler is None or sampler in objective.samplers:
         return
