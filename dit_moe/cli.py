@@ -17,6 +17,7 @@ import torch
 from .utils.errors import EXIT_USER_ERROR, UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHTS = ("ema", "raw")  # which of a checkpoint's weight sets a tool reads
 
 
 def flag(name: str) -> tuple[str, ...]:
@@ -79,3 +80,14 @@ def run_main(work: Callable[[], Optional[int]], prog: Optional[str] = None) -> i
     except user_errors() as err:
         exit_with_error(prog or os.path.basename(sys.argv[0]), err)
     return EXIT_USER_ERROR
+
+
+def add_weights_flag(parser: argparse.ArgumentParser) -> None:
+    """--weights ema|raw: the EMA (default) or the raw training weights of a file that holds both."""
+    parser.add_argument(
+        *flag("weights"),
+        choices=WEIGHTS,
+        default="ema",
+        help="ema: the exponential moving average (default); raw: the training weights, e.g. of a short run "
+        "whose EMA is still near its starting weights (files holding one set, as DiT's releases, have only that)",
+    )

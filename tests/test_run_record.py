@@ -3,6 +3,7 @@ not given take the recorded architecture and objective, flags that repeat them a
 contradict them stop with one sentence naming both values and the way to start a new run."""
 
 import pytest
+import torch
 
 from dit_moe.checkpoint import layout, read_checkpoint_file, save_export
 from dit_moe.diffusion import ObjectiveConfig
@@ -84,3 +85,33 @@ def test_resume_applies_a_new_learning_rate_and_keeps_the_recorded_model(trained
     assert "DiT-T/2 4E2A" in log
     proc = run_train(tmp_path, "--max-steps", "6", "--resume", "auto", "--num_experts", "8", check=False)
     assert proc.returncode == 2 and "--num-experts 8 (it records 4)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_weights_raw_samples_and_upcycles_the_training_weights(tmp_path):
+    """--weights raw reaches the training weights of a file that also holds an EMA (sample.py, the FID
+    sampler, routing and upcycle.py), for runs whose EMA is still near its starting weights."""
+    from dit_moe.sampling import SamplingOptions, SamplingRequest, prepare_sampling
+    from dit_moe.sampling.flags import request_from_args
+    from dit_moe.sampling.grid import build_parser
+    from dit_moe.upcycle import UpcycleRequest, upcycle_checkpoint, upcycle_moe_args
+
+    raw, ema = tiny_model(in_channels=3, num_experts=4), tiny_model(in_channels=3, num_experts=4)
+    both = save_export(tmp_path / "both.safetensors", raw.config, raw.state_dict(), ema.state_dict(), objective=FLOW)
+    raw_only = save_export(tmp_path / "raw.safetensors", raw.config, raw.state_dict(), objective=FLOW)
+
+    def images(path, weights):
+        request = SamplingRequest(
+            path, options=SamplingOptions(num_steps=2, cfg_scale=1.0), device="cpu", weights=weights
+        )
+        return prepare_sampling(request).sample([1, 2], [0, 1])
+
+    assert torch.equal(images(both, "raw"), images(raw_only, "ema"))
+    assert not torch.equal(images(both, "raw"), images(both, "ema"))
+    assert request_from_args(build_parser().parse_args(["--ckpt", str(both), "--weights", "raw"])).weights == "raw"
+    dense_raw, dense_ema = tiny_model(in_channels=3, num_experts=0), tiny_model(in_channels=3, num_experts=0)
+    dense = save_export(
+        tmp_path / "dense.safetensors", dense_raw.config, dense_raw.state_dict(), dense_ema.state_dict()
+    )
+    _, _, out = upcycle_checkpoint(UpcycleRequest(dense, tmp_path / "moe.pt", upcycle_moe_args(4, 2), weights="raw"))
+    upcycled = read_checkpoint_file(out).state_dict
+    assert torch.equal(upcycled["x_embedder.proj.weight"], dense_raw.state_dict()["x_embedder.proj.weight"])

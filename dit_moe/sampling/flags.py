@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import DTYPES, flag, parse_bool
+from ..cli import DTYPES, add_weights_flag, flag, parse_bool
 from ..diffusion.diffusers_schedulers import SOLVERS
 from ..hub import dit_checkpoint_name
 from ..models import DiT_models
@@ -75,6 +75,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser, zero_setup: bool = False
         help="official DiT .pt, feizc/DiT-MoE .pt, dit-moe export or DeepSpeed checkpoint directory, "
         f"or a release name (DiT-XL-2-256x256.pt, dit_moe_xl_8E2A.pt, ...){zero_help}",
     )
+    add_weights_flag(parser)
     parser.add_argument(
         *flag("vae-path"),
         "--vae",
@@ -220,4 +221,5 @@ def request_from_args(args: argparse.Namespace) -> SamplingRequest:
         dtype=args.dtype,
         device=args.device,
         keep_freed_host_memory=True,  # parsed flags: the process is a command-line tool's own
+        weights=args.weights,
     )

@@ -89,6 +89,7 @@ class SamplingRequest:
     # The process is the caller's own (an entry point): on the CPU, apply keep_freed_memory, a process-wide
     # malloc setting with no undo; False (library callers) leaves malloc as it is.
     keep_freed_host_memory: bool = False
+    weights: str = "ema"  # "ema" | "raw": which of the file's weight sets to sample (dit_moe.cli.WEIGHTS)
 
 
 @dataclass
@@ -187,7 +188,8 @@ def prepare_sampling(request: SamplingRequest) -> PreparedSampler:
     vae_path = PIXEL_SPACE if request.vae_path is None else request.vae_path
     if not is_pixel_space(vae_path):
         check_vae_path(vae_path)  # before the (large) checkpoint is read
-    loaded = load_checkpoint_model(resolve_checkpoint(request.ckpt), request.num_experts_per_tok, device=device)
+    path = resolve_checkpoint(request.ckpt)
+    loaded = load_checkpoint_model(path, request.num_experts_per_tok, request.weights == "ema", device)
     config = loaded.model.config
     check_architecture(config, request.model_name, request.num_classes)
     check_calibrated(loaded.model)

@@ -46,6 +46,7 @@ class UpcycleRequest:
     input_size: Optional[int] = None
     num_classes: Optional[int] = None
     num_heads: Optional[int] = None
+    weights: str = "ema"  # "ema" | "raw": which of the file's weight sets to upcycle
 
 
 def _infer_dense_config(state: dict[str, torch.Tensor], num_heads: Optional[int]) -> DiTConfig:
@@ -117,7 +118,7 @@ def upcycle_checkpoint(request: UpcycleRequest) -> tuple[DiTConfig, DiTConfig, P
     moe = request.moe
     if moe.moe_layers is not None and request.moe_every is not None:
         raise UpcycleError("Pass either --moe-layers or --moe-every, not both.")
-    contents = read_checkpoint_file(src, prefer_ema=True)
+    contents = read_checkpoint_file(src, prefer_ema=request.weights == "ema")
     stored, state = contents.model_config, contents.state_dict
     dense_config = stored if stored is not None else _infer_dense_config(state, request.num_heads)
     require_dense(dense_config, state)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from ..cli import flag, parse_int_list, run_main
+from ..cli import add_weights_flag, flag, parse_int_list, run_main
 from ..models import DiT_models
 from .request import UpcycleRequest, upcycle_checkpoint
 from .transform import DEFAULT_AUX_LOSS_COEF, ROUTER_INIT_STD, UPCYCLE_ROUTERS, ExpertInit, upcycle_moe_args
@@ -59,6 +59,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     )
     parser.add_argument(*flag("router"), choices=UPCYCLE_ROUTERS, default="topk", help="the MoE model's router")
     parser.add_argument(*flag("seed"), type=int, default=0, help="seeds the router and expert-noise draws")
+    add_weights_flag(parser)
     return parser
 
 
@@ -73,7 +74,9 @@ def request_from_args(args: argparse.Namespace) -> UpcycleRequest:
     )
     init = ExpertInit(expert_noise=args.expert_noise, router_init_std=args.router_init_std, seed=args.seed)
     checks = {key: getattr(args, key) for key in ("model", "image_size", "input_size", "num_classes", "num_heads")}
-    return UpcycleRequest(args.ckpt, args.out, moe=moe, init=init, moe_every=args.moe_every, **checks)
+    return UpcycleRequest(
+        args.ckpt, args.out, moe=moe, init=init, moe_every=args.moe_every, weights=args.weights, **checks
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "upcycle.py") -> int:
