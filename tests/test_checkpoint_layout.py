@@ -25,7 +25,11 @@ def _write_tag(checkpoint_dir: Path, step: int, complete: bool = True) -> torch.
     tag_dir = checkpoint_dir / tag
     tag_dir.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tag_dir / layout.EMA_FILE))
-    layout.write_configs(tag_dir, model.config.to_dict(), ObjectiveConfig(noise_schedule="cosine").to_dict())
+    texts = layout.config_texts(
+        model.config.to_dict(), ObjectiveConfig(noise_schedule="cosine").to_dict(), layout.RunShape(1, 1, 2)
+    )
+    for name, text in texts.items():
+        (tag_dir / name).write_text(text)
     if complete:
         layout.mark_complete(checkpoint_dir, tag, step)
     return model

@@ -1,15 +1,13 @@
-"""The only module that imports DeepSpeed: its config for this run, engine construction, ZeRO-3 leaf
-modules, expert-parallel groups, EMA, checkpoints that survive a kill at any moment, and gathering
-full weights for export.
+"""DeepSpeed's side of the run: its config for this run, engine construction, ZeRO-3 leaf modules,
+expert-parallel groups, the EMA, and gathering full weights for export.
 
 Expert parallelism (`--ep-size N`) uses DeepSpeed's own MoE machinery: its expert-parallel and
 expert-data-parallel groups, expert parameters marked as its MoE layer marks them
 (`allreduce = False`, `group_name`), and optimizer groups split by its helper, so ZeRO-1/2
 partitions and reduces expert gradients over the expert-data-parallel group only.
 
-Checkpoints follow the layout `dit_moe.checkpoint.layout` documents and names. A resume on the shape
-that wrote the tag (processes, --ep-size, ZeRO stage) goes through DeepSpeed's own loader; on any other
-shape through `dit_moe.train.reshard`, this module's resharding half (the other module that imports DeepSpeed).
+Checkpoints are `dit_moe.train.checkpointer`'s (with `dit_moe.train.reshard`, its world-size-independent
+state); those and this module are the ones that touch DeepSpeed.
 """
 
 from __future__ import annotations
@@ -17,31 +15,23 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import random
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import deepspeed
-import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups, set_z3_leaf_modules
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..checkpoint import layout
 from ..models.moe import MoEFeedForward
 from ..parallel import ExpertParallel, shard_experts
-from ..utils.atomic import atomic_path
 from ..utils.host_memory import keep_freed_memory
 from ..utils.launch import LaunchEnv, free_port
-from . import reshard
 from .config import BatchPlan, RunSection
-from .disk import CheckpointSpace
 
 EXPERT_PARALLEL_STAGES = (1, 2)
 QUIET_STEPS_PER_PRINT = 10**9  # DeepSpeed prints nothing of its own: the trainer logs
@@ -248,15 +238,28 @@ class EMA:
                 self.shadow[name].lerp_(self._local(param).float(), 1.0 - self.decay)
 
     @torch.no_grad()
+    def full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full fp32 EMA tensor) one at a time, then the live persistent buffers (collective under
+        ZeRO-3 or expert parallelism: every rank must iterate it all)."""
+        for name, param in self.params.items():
+            if self.ep is not None and is_moe_param(param):
+                yield name, self.ep.gather_experts(self.shadow[name]).cpu()
+            else:
+                yield name, _gather_partition(self.shadow[name], param)
+        for name, buffer in self.buffers.items():
+            yield name, buffer.detach().float().cpu().clone()
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 EMA tensors and the live persistent buffers (collective under ZeRO-3: every rank must call it)."""
-        buffers = {name: b.detach().float().cpu().clone() for name, b in self.buffers.items()}
-        if self.ep is not None:
-            return {
-                name: (self.ep.gather_experts(self.shadow[name]) if is_moe_param(p) else self.shadow[name]).cpu()
-                for name, p in self.params.items()
-            } | buffers
-        return {name: _gather_partition(self.shadow[name], p) for name, p in self.params.items()} | buffers
+        """The whole fp32 EMA with the live persistent buffers, on every rank (collective)."""
+        return dict(self.full_tensors())
+
+    def save(self, write: Callable[[Path, Callable[[Path], None]], None], path: Path) -> None:
+        """Collective: the EMA gathered one tensor at a time; only rank 0 keeps them, and writes `path`
+        through `write` (the checkpointer's guarded atomic write)."""
+        is_writer = dist.get_rank() == 0
+        state = {name: tensor.contiguous() for name, tensor in self.full_tensors() if is_writer}
+        if is_writer:
+            write(path, lambda tmp: save_file(state, str(tmp)))
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -298,191 +301,6 @@ def full_model_state_dict(engine, ep: Optional[ExpertParallel] = None) -> dict[s
             for k, v in module.state_dict().items()
         }
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_checkpoint(
-    engine,
-    ema: EMA,
-    checkpoint_dir: Path,
-    step: int,
-    client_state: dict[str, Any],
-    model_config: dict[str, Any],
-    objective_config: dict[str, Any],
-    keep_last: int,
-    space: CheckpointSpace,
-    ep: Optional[ExpertParallel] = None,
-    plan: Optional[BatchPlan] = None,
-    elastic: bool = True,
-) -> str:
-    """Collective: write tag `stepNNNNNNN`, mark it complete, point `latest` at it, prune old tags.
-
-    Every write runs under `space.guard`, so a full disk on any rank ends on every rank in `DiskFull`
-    with the partial tag removed (`space.agree`), never in a hang or a half-written checkpoint.
-    `elastic` adds the world-size-independent state (`reshard.save_full_state`) that lets the tag resume
-    on another shape; `plan` is recorded with the shape, so such a resume keeps the global batch."""
-    tag = layout.tag_for_step(step)
-    tag_dir = checkpoint_dir / tag
-    rank = dist.get_rank()
-    if rank == 0 and tag_dir.exists():
-        shutil.rmtree(tag_dir)  # a partial write of this step by a killed run
-    dist.barrier()
-    shape = run_shape(engine, ep, plan)
-    with _guarded_engine_writes(engine, space):
-        engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
-    if elastic and shape.zero_stage > 0:
-        with space.guard(layout.full_state_file(tag_dir)):
-            reshard.save_full_state(engine, layout.full_state_file(tag_dir), ep, client_state, shape)
-    ema_state = ema.full_state_dict()
-    with space.guard(layout.rng_file(tag_dir, rank)), atomic_path(layout.rng_file(tag_dir, rank)) as tmp:
-        torch.save(_rng_state(), tmp)
-    if ep is not None:
-        with space.guard(layout.expert_shard(tag_dir, ep.rank)):
-            _save_expert_shard(engine.module, ep, tag_dir)
-    if rank == 0:
-        with space.guard(tag_dir / layout.EMA_FILE), atomic_path(tag_dir / layout.EMA_FILE) as tmp:
-            save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp))
-        with space.guard(tag_dir / layout.CONFIG_FILE):
-            layout.write_configs(tag_dir, model_config, objective_config)
-            layout.write_shape(tag_dir, shape)
-    space.agree(tag_dir)
-    if rank == 0:
-        with space.guard(tag_dir / layout.COMPLETE_MARKER):
-            layout.mark_complete(checkpoint_dir, tag, step)
-    space.agree(tag_dir)
-    if rank == 0:
-        layout.prune(checkpoint_dir, keep_last)
-    dist.barrier()
-    return tag
-
-
-@contextmanager
-def _guarded_engine_writes(engine, space: CheckpointSpace) -> Iterator[None]:
-    """Run each of DeepSpeed's checkpoint file writes (`checkpoint_engine.save`) under `space.guard`.
-
-    Guarding each file rather than the whole `engine.save_checkpoint` call keeps a rank whose write
-    failed on DeepSpeed's path through its barriers and gathers, so the other ranks do not hang.
-    """
-    checkpoint_engine = engine.checkpoint_engine
-    save = checkpoint_engine.save
-
-    def guarded_save(state_dict, path):
-        with space.guard(Path(path)):
-            save(state_dict, path)
-
-    checkpoint_engine.save = guarded_save  # an instance attribute over the method, removed below
-    try:
-        yield
-    finally:
-        del checkpoint_engine.save
-
-
-def _save_expert_shard(module: torch.nn.Module, ep: ExpertParallel, tag_dir: Path) -> None:
-    """This expert-parallel rank's experts (DeepSpeed's model file holds rank 0's only); the first
-    rank of each expert-data-parallel group writes, the others hold the same weights."""
-    name = expert_group_name(ep.size)
-    if groups._get_expert_data_parallel_rank(name) != 0:
-        return
-    shard = {k: p.detach().cpu().contiguous() for k, p in module.named_parameters() if is_moe_param(p)}
-    metadata = {"ep_size": str(ep.size), "ep_rank": str(ep.rank), "num_experts": str(ep.num_experts)}
-    with atomic_path(layout.expert_shard(tag_dir, ep.rank)) as tmp:
-        save_file(shard, str(tmp), metadata=metadata)
-
-
-def saved_ep_size(tag_dir: Path) -> int:
-    """The --ep-size a checkpoint tag was written with (1 when it holds no expert shards)."""
-    shard = layout.expert_shard(tag_dir, 0)
-    if not shard.is_file():
-        return 1
-    with safe_open(str(shard), framework="pt") as f:
-        return int(f.metadata()["ep_size"])
-
-
-def run_shape(engine, ep: Optional[ExpertParallel], plan: Optional[BatchPlan] = None) -> layout.RunShape:
-    """This run's shape, as `shape.json` records it."""
-    batch = (plan.global_batch, plan.micro_batch, plan.grad_accum) if plan is not None else (None, None, None)
-    return layout.RunShape(
-        dist.get_world_size(), 1 if ep is None else ep.size, engine.zero_optimization_stage(), *batch
-    )
-
-
-def saved_shape(tag_dir: Path, zero_stage: int) -> layout.RunShape:
-    """The shape that wrote the tag; for tags older than `shape.json`, what its files show (the stage
-    they cannot show is taken to be this run's)."""
-    shape = layout.read_shape(tag_dir)
-    if shape is not None:
-        return shape
-    written_by = layout.rng_file_count(tag_dir) or dist.get_world_size()
-    return layout.RunShape(written_by, saved_ep_size(tag_dir), zero_stage)
-
-
-def check_reshardable(tag_dir: Path, saved: layout.RunShape, current: layout.RunShape) -> None:
-    """A tag resumes on another shape only from its full state, and only under ZeRO-1/2/3: else one sentence."""
-    if saved.layout == current.layout:
-        return
-    if current.zero_stage == 0 or saved.zero_stage == 0:
-        raise ValueError(
-            f"Checkpoint {tag_dir} was written by {saved.describe()} and this run is {current.describe()}: "
-            f"resharding needs ZeRO stage 1, 2 or 3 on both sides; resume it with its own shape."
-        )
-    if not layout.full_state_file(tag_dir).is_file():
-        raise ValueError(
-            f"Checkpoint {tag_dir} was written by {saved.describe()} and this run is {current.describe()}, but it "
-            f"holds no {layout.FULL_STATE_FILE} (written with --elastic-checkpoints false, or by an older dit-moe), "
-            f"so ZeRO's optimizer shards cannot be re-split: resume it with {saved.describe()}, or start a new run "
-            f"from its weights with --init-from {tag_dir} (the optimizer state restarts)."
-        )
-
-
-def load_checkpoint(
-    engine, ema: EMA, checkpoint_dir: Path, tag: str, ep: Optional[ExpertParallel] = None
-) -> dict[str, Any]:
-    """Restore engine (model, optimizer, scheduler), EMA and this rank's RNG; returns the client state.
-
-    The same shape loads DeepSpeed's own files; another shape loads the full state and reshards it. Rank r
-    of a larger world takes the RNG of rank r mod the old world size: the training draws do not use it
-    (they are seeded per global micro-batch), only code outside the step would."""
-    tag_dir = checkpoint_dir / tag
-    current = run_shape(engine, ep)
-    saved = saved_shape(tag_dir, current.zero_stage)
-    check_reshardable(tag_dir, saved, current)
-    if saved.layout == current.layout:
-        client_state = _load_same_shape(engine, checkpoint_dir, tag, ep)
-    else:
-        client_state = reshard.load_full_state(engine, layout.full_state_file(tag_dir), ep)
-    ema.load_full_state_dict(load_file(str(tag_dir / layout.EMA_FILE)))
-    _set_rng_state(torch.load(layout.rng_file(tag_dir, dist.get_rank() % saved.world_size), weights_only=False))
-    return client_state
-
-
-def _load_same_shape(engine, checkpoint_dir: Path, tag: str, ep: Optional[ExpertParallel]) -> dict[str, Any]:
-    """DeepSpeed's loader, then this expert-parallel rank's expert shard (DeepSpeed's model file holds rank 0's)."""
-    load_path, client_state = engine.load_checkpoint(
-        str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir / tag}.")
-    if ep is not None:
-        shard = load_file(str(layout.expert_shard(checkpoint_dir / tag, ep.rank)))
-        with torch.no_grad():
-            for name, param in engine.module.named_parameters():
-                if is_moe_param(param):
-                    param.copy_(shard[name])
-    return client_state
 
 
 def _unlink_shm_buffer_at_exit(rank: int) -> None:

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..checkpoint import layout, read_checkpoint_file, save_export
+from ..checkpoint import read_checkpoint_file, save_export
+from ..checkpoint.layout import RunShape
 from ..data import TrainLoader, build_codec, build_train_loader
 from ..diffusion import Draws, DrawSpec, Objective, ObjectiveConfig, build_objective
 from ..models import DiTConfig
@@ -30,8 +31,8 @@ from ..models.router_sigmoid import update_expert_bias
 from ..parallel import ExpertParallel
 from . import engine as engine_lib
 from .build import build_model, build_model_config
+from .checkpointer import Checkpointer, CheckpointPlan, ResumePoint, find_resume
 from .config import BatchPlan, TrainConfig
-from .disk import CheckpointSpace
 from .distributed import RankSlice, StopRequest
 from .metrics import LoadTracker, MetricsWriter, Window, expert_parallel_record, plot_loss_curve
 
@@ -57,16 +58,13 @@ class Run:
     ema: engine_lib.EMA
     ep: Optional[ExpertParallel]
     model_dtype: torch.dtype
-    resume_from: Optional[Path]  # the complete tag --resume names; None: a fresh start
+    checkpointer: Checkpointer
+    resume_from: Optional[ResumePoint]  # the complete tag --resume names; None: a fresh start
     step: int = 0
 
     @property
     def results_dir(self) -> Path:
         return Path(self.cfg.run.results_dir)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.results_dir / layout.CHECKPOINTS_DIR
 
     @property
     def is_main(self) -> bool:
@@ -92,8 +90,8 @@ def setup(cfg: TrainConfig) -> Run:
     cfg.data.check()  # paths first: a missing folder or VAE should not wait for process-group start-up
     rank, _local_rank, world_size, device = engine_lib.init_distributed()
     _setup_logging(Path(cfg.run.results_dir), rank)
-    resume_from = resume_tag(cfg)
-    resumed = layout.read_shape(resume_from) if resume_from is not None else None
+    resume_from = find_resume(cfg.run.resume, Path(cfg.run.results_dir))
+    resumed = resume_from.shape if resume_from is not None else None
     ds_config, plan, precision = engine_lib.prepare_deepspeed_config(cfg.run, world_size, device, resumed)
     if resumed is not None and resumed.micro_batch is not None:
         _warn_if_draws_change(resumed, plan)
@@ -114,6 +112,12 @@ def setup(cfg: TrainConfig) -> Run:
     )
     engine = engine_lib.initialize(model, ds_config, ep)
     ema = engine_lib.EMA(engine.module, cfg.run.ema_decay, ep)
+    checkpointer = Checkpointer(
+        engine,
+        ema,
+        ep,
+        CheckpointPlan.for_run(cfg.run, plan, model_config.to_dict(), objective_config.to_dict(), device),
+    )
     draw_spec = DrawSpec(
         (loader.input_channels, loader.input_size, loader.input_size),
         model_config.class_dropout_prob,
@@ -136,24 +140,12 @@ def setup(cfg: TrainConfig) -> Run:
         ema,
         ep,
         next(engine.module.parameters()).dtype,
+        checkpointer,
         resume_from,
     )
 
 
-def resume_tag(cfg: TrainConfig) -> Optional[Path]:
-    """The tag --resume names: `auto` is this run's own latest (none yet: a fresh start); a path may be a
-    results, checkpoints or tag dir (`layout.resolve_tag_dir`) and must hold one."""
-    wanted = cfg.run.resume
-    if not wanted:
-        return None
-    auto = wanted == "auto"
-    tag_dir = layout.resolve_tag_dir(Path(cfg.run.results_dir) / layout.CHECKPOINTS_DIR if auto else Path(wanted))
-    if tag_dir is None and not auto:
-        raise FileNotFoundError(f"--resume {wanted}: no complete checkpoint found there.")
-    return tag_dir
-
-
-def _warn_if_draws_change(resumed: layout.RunShape, plan: BatchPlan) -> None:
+def _warn_if_draws_change(resumed: RunShape, plan: BatchPlan) -> None:
     """A resume whose global micro-batch differs continues the data exactly, but not the noise draws."""
     before, now = resumed.micro_batch * resumed.world_size, plan.micro_batch * plan.world_size
     if before != now:
@@ -175,12 +167,11 @@ def resume(run: Run) -> None:
     """Restore the engine, EMA, step and data position from `run.resume_from`, on any shape."""
     if run.resume_from is None:
         return
-    tag_dir = run.resume_from
     began = time.perf_counter()
-    client = engine_lib.load_checkpoint(run.engine, run.ema, tag_dir.parent, tag_dir.name, run.ep)
+    client = run.checkpointer.load(run.resume_from)
     run.step = client["step"]
     run.loader.load_state_dict(client["data"])
-    log.info("Resumed from %s at step %d in %.2f s.", tag_dir, run.step, time.perf_counter() - began)
+    log.info("Resumed from %s at step %d in %.2f s.", run.resume_from.tag_dir, run.step, time.perf_counter() - began)
 
 
 def announce(run: Run) -> None:
@@ -312,25 +303,7 @@ def save(run: Run) -> None:
     """A checkpoint of this step (a collective: every rank writes its part), after a free-space check
     that stops every rank with `DiskFull` before anything is written when the disk cannot hold it."""
     began = time.perf_counter()
-    space = CheckpointSpace.for_run(
-        run.checkpoint_dir, num_parameters(run.engine.module), run.cfg.run.keep_last, run.device
-    )
-    space.check()
-    client = {"step": run.step, "data": run.loader.state_dict()}
-    engine_lib.save_checkpoint(
-        run.engine,
-        run.ema,
-        run.checkpoint_dir,
-        run.step,
-        client,
-        run.model_config.to_dict(),
-        run.objective_config.to_dict(),
-        run.cfg.run.keep_last,
-        space,
-        run.ep,
-        run.plan,
-        run.cfg.run.elastic_checkpoints,
-    )
+    run.checkpointer.save(run.step, {"step": run.step, "data": run.loader.state_dict()})
     log.info("Saved the checkpoint of step %d in %.2f s.", run.step, time.perf_counter() - began)
 
 
@@ -393,7 +366,7 @@ def train(cfg: TrainConfig) -> Optional[Path]:
                 metrics.write(run.step, record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
             stopping = stop.agreed()  # a CPU all-reduce every step: ranks agree, the device is not waited for
-            if run.step % cfg.run.ckpt_every == 0 or stopping or run.step == total_steps:
+            if run.checkpointer.due(run.step) or stopping or run.step == total_steps:
                 save(run)  # host sync: weights, EMA and RNG go to disk
             if stopping:
                 log.warning("Stopped at step %d after saving a checkpoint; resume with --resume auto.", run.step)
