@@ -2,7 +2,8 @@
 product has no such switch).
 
     python tests/full_disk.py free=BYTES train_deepspeed.py ARGS...   # every disk reports BYTES free
-    python tests/full_disk.py enospc=PART train_deepspeed.py ARGS...  # DeepSpeed's optimizer files whose
+    python tests/full_disk.py enospc=PART train_deepspeed.py ARGS...  # optimizer-state files (DeepSpeed's or
+                                                                     # the sharded resumable state's) whose
                                                                      # path holds PART fail half-written
 
 As the deepspeed launcher's user script it passes each rank's `--local_rank=N` on to the script.
@@ -28,17 +29,31 @@ def report_free(free: int) -> None:
     shutil.disk_usage = disk_usage
 
 
-def fail_optimizer_write(part: str) -> None:
-    """`torch.save` of an optimizer file whose path holds `part` writes a few bytes, then fails as a full disk does."""
-    real = torch.save
+def _is_optimizer_state(path: str) -> bool:
+    name = os.path.basename(path)
+    return "optim_states" in name or name.startswith(".state_rank")  # atomic writes go to a hidden temporary
+
+
+def _failing(real, part: str):
+    """`real(obj, path, ...)` that, for an optimizer-state path holding `part`, writes a few bytes and then
+    fails as a full disk does."""
 
     def save(obj, f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)) and part in str(f) and "optim_states" in os.path.basename(f):
+        if isinstance(f, (str, os.PathLike)) and part in str(f) and _is_optimizer_state(str(f)):
             Path(f).write_bytes(b"partial")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
         return real(obj, f, *args, **kwargs)
 
-    torch.save = save
+    return save
+
+
+def fail_optimizer_write(part: str) -> None:
+    """Writes of optimizer state (torch.save of DeepSpeed's files, safetensors of the resumable state) whose
+    path holds `part` fail half-written."""
+    import safetensors.torch
+
+    torch.save = _failing(torch.save, part)
+    safetensors.torch.save_file = _failing(safetensors.torch.save_file, part)
 
 
 def main() -> None:

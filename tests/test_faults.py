@@ -214,7 +214,7 @@ def test_disk_full_on_one_rank_stops_every_rank_and_removes_the_partial_checkpoi
     out = tmp_path / "run"
     cmd = train_cmd(out, "--max-steps", "4", *_DISK_ARGS, launcher="deepspeed")
     script = cmd.index("train_deepspeed.py")
-    cmd[script:script] = ["tests/full_disk.py", "enospc=step0000004/.zero_pp_rank_1_"]  # rank 1's file only
+    cmd[script:script] = ["tests/full_disk.py", "enospc=step0000004/.state_rank1"]  # rank 1's file only
     proc = run_in_repo(cmd, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     errors = {

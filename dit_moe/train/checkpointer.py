@@ -12,10 +12,10 @@ check and out-of-space guard `dit_moe.train.disk`'s, the world-size-independent 
 `save`) goes through `Checkpointer._write`: one guarded atomic write, so a full disk on any rank ends in
 `DiskFull` on every rank and a kill at any moment leaves the previous tag as `latest`.
 
-Cost per rank of a save, DiT-MoE-G/2 16E2A (16.5B parameters) on 64 GPUs with ZeRO-2: DeepSpeed's
-optimizer partition (12 B/param / 64 = 3.1 GB) plus this rank's part of the resumable state (the same
-3.1 GB, `reshard`), its RNG state and, on rank 0, DeepSpeed's model file and the EMA (gathered one tensor
-at a time). No rank holds more than its share of the optimizer state.
+Cost per rank of a save, DiT-MoE-G/2 16E2A (16.5B parameters) on 64 GPUs with ZeRO-2: this rank's part of
+the resumable state (12 B/param / 64 = 3.1 GB, `reshard`; it replaces DeepSpeed's per-rank optimizer files,
+which hold the same numbers for one shape only), its RNG state and, on rank 0, DeepSpeed's model file and
+the EMA (gathered one tensor at a time). No rank holds more than its share of the optimizer state.
 """
 
 from __future__ import annotations
@@ -169,11 +169,12 @@ class Checkpointer:
 
     def _write_tag(self, tag_dir: Path, client_state: dict[str, Any]) -> None:
         """Every file of the tag: DeepSpeed's, the resumable state, EMA, RNG, expert shard, configs, shape."""
-        with self._guarded_engine_writes():
+        sharded = self.plan.elastic and self.shape.zero_stage > 0
+        with self._guarded_engine_writes(), _zero_files(self.engine, written=not sharded):
             self.engine.save_checkpoint(
                 str(tag_dir.parent), tag=tag_dir.name, client_state=client_state, save_latest=False
             )
-        if self.plan.elastic and self.shape.zero_stage > 0:
+        if sharded:
             reshard.save_sharded_state(self.engine, tag_dir, self.ep, self._write, self._state_meta(client_state))
         self.ema.save(self._write, tag_dir / layout.EMA_FILE)
         self._write(layout.rng_file(tag_dir, self.rank), lambda tmp: torch.save(_rng_state(), tmp))
@@ -223,18 +224,20 @@ class Checkpointer:
     def load(self, point: ResumePoint) -> dict[str, Any]:
         """Restore engine (model, optimizer, scheduler), EMA and this rank's RNG; returns the client state.
 
-        The same shape loads DeepSpeed's own files; another shape the sharded resumable state (or, for tags
-        written before it, the whole full state). Rank r of a larger world takes the RNG of rank r mod the old
+        A tag with the sharded resumable state loads it on any shape (its own included: DeepSpeed then wrote
+        no optimizer files); one without loads DeepSpeed's files on its own shape (--elastic-checkpoints false)
+        and, written before the sharded state, its whole-state file on another shape. Rank r of a larger world takes the RNG of rank r mod the old
         world size: the training draws do not use it (they are seeded per global micro-batch)."""
         tag_dir = point.tag_dir
         saved = point.shape or legacy_shape(tag_dir, self.shape.zero_stage)
-        check_reshardable(tag_dir, saved, self.shape)
-        if saved.layout == self.shape.layout:
-            client_state = self._load_same_shape(tag_dir)
-        elif layout.state_index_file(tag_dir).is_file():
+        if layout.state_index_file(tag_dir).is_file():
             client_state = reshard.load_sharded_state(self.engine, tag_dir, self.ep)
         else:
-            client_state = reshard.load_full_state(self.engine, layout.full_state_file(tag_dir), self.ep)
+            check_reshardable(tag_dir, saved, self.shape)
+            if saved.layout == self.shape.layout:
+                client_state = self._load_same_shape(tag_dir)
+            else:
+                client_state = reshard.load_full_state(self.engine, layout.full_state_file(tag_dir), self.ep)
         self.ema.load_full_state_dict(load_file(str(tag_dir / layout.EMA_FILE)))
         rng = layout.rng_file(tag_dir, self.rank % saved.world_size)
         if not rng.is_file():
@@ -258,6 +261,18 @@ class Checkpointer:
                     if is_moe_param(param):
                         param.copy_(shard[name])
         return client_state
+
+
+@contextmanager
+def _zero_files(engine, written: bool) -> Iterator[None]:
+    """DeepSpeed writes its per-rank optimizer files (`zero_pp_rank_*_optim_states.pt`) only when `written`:
+    the sharded resumable state holds the same fp32 master weights and moments, and resumes any shape."""
+    saves = engine.save_zero_checkpoint
+    engine.save_zero_checkpoint = saves and written
+    try:
+        yield
+    finally:
+        engine.save_zero_checkpoint = saves
 
 
 def run_shape(engine, ep: Optional[ExpertParallel], plan: Optional[BatchPlan] = None) -> layout.RunShape:

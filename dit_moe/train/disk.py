@@ -52,12 +52,13 @@ def size_on_disk(tag_dir: Path) -> int:
 class TagComposition:
     """What one checkpoint tag holds, counted over every rank's files with experts counted whole.
 
-    DeepSpeed's optimizer files: fp32 master + moments of the trainable parameters (12 B/param; without
-    ZeRO the model file holds the moments, 8 B/param, and fp32 masters only for 16-bit weights). DeepSpeed's
-    model file: the weights in their dtype, the routed experts of expert-parallel rank 0 only, nothing of
-    ZeRO-3's partitioned weights. Expert shards (expert parallelism): every expert in the weights' dtype.
-    The resumable state (`reshard`, ZeRO-1/2/3 with --elastic-checkpoints): 12 B/param again. The EMA:
-    4 B/param. For DiT-MoE-XL/2 8E2A (4.17B, bf16, ZeRO-2, 8 GPUs) that is 4.17B x (12 + 12 + 4 + 2) = 125 GB.
+    The optimizer state: fp32 master + moments of the trainable parameters, 12 B/param, in the resumable state
+    (`reshard`, ZeRO-1/2/3 with --elastic-checkpoints, frozen entries in fp32 too) or else in DeepSpeed's
+    optimizer files (without ZeRO the model file holds the moments, 8 B/param, and fp32 masters only for
+    16-bit weights). DeepSpeed's model file: the weights in their dtype, the routed experts of
+    expert-parallel rank 0 only, nothing of ZeRO-3's partitioned weights. Expert shards (expert parallelism):
+    every expert in the weights' dtype. The EMA: 4 B/param. For DiT-MoE-XL/2 8E2A (4.17B parameters, bf16,
+    ZeRO-2, 8 GPUs) that is 4.17B x (12 + 2 + 4) = 75 GB; for G/2 16E2A (16.5B) 297 GB.
     """
 
     params: int  # every parameter, experts counted whole
@@ -93,7 +94,10 @@ class TagComposition:
 
     def estimated_bytes(self) -> int:
         trainable = self.params - self.frozen
-        if self.zero_stage > 0:
+        sharded = self.elastic and self.zero_stage > 0  # the resumable state replaces DeepSpeed's optimizer files
+        if sharded:
+            optimizer = MASTER_AND_MOMENTS * trainable + 4 * self.frozen
+        elif self.zero_stage > 0:
             optimizer = MASTER_AND_MOMENTS * trainable
         else:
             optimizer = (8 if self.weight_bytes == 4 else MASTER_AND_MOMENTS) * trainable
@@ -103,9 +107,8 @@ class TagComposition:
             else self.weight_bytes * (self.params - self.expert_params + self.expert_params // self.ep_size)
         )
         experts = self.weight_bytes * self.expert_params if self.ep_size > 1 else 0
-        resumable = MASTER_AND_MOMENTS * trainable + 4 * self.frozen if self.elastic and self.zero_stage > 0 else 0
         files = 3 * self.world_size + self.ep_size + 6
-        return optimizer + model_file + experts + resumable + EMA_BYTES * self.params + FILE_OVERHEAD * files
+        return optimizer + model_file + experts + EMA_BYTES * self.params + FILE_OVERHEAD * files
 
 
 def expected_bytes(checkpoint_dir: Path, estimate: int) -> int:

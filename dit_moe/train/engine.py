@@ -29,12 +29,103 @@ from safetensors.torch import save_file
 from ..checkpoint import layout
 from ..models.moe import MoEFeedForward
 from ..parallel import ExpertParallel, shard_experts
+from ..utils.errors import UserError
 from ..utils.host_memory import keep_freed_memory
 from ..utils.launch import LaunchEnv, free_port
 from .config import BatchPlan, RunSection
 
 EXPERT_PARALLEL_STAGES = (1, 2)
 QUIET_STEPS_PER_PRINT = 10**9  # DeepSpeed prints nothing of its own: the trainer logs
+
+
+TESTED_DEEPSPEED = "0.19.8"
+
+# Every private DeepSpeed name the trainer uses: (where, name, what for). `where` is a module path, a class
+# path, or "engine" / "optimizer" / "zero-1/2 parameter" / "zero-3 parameter" for attributes of the objects a
+# run builds. `check_deepspeed_names` checks them at start-up, so a DeepSpeed that renamed one stops the run
+# with one sentence instead of failing at the first checkpoint.
+PRIVATE_DEEPSPEED_NAMES: tuple[tuple[str, str, str], ...] = (
+    ("deepspeed.utils.groups", "_get_expert_parallel_group_dict", "expert-parallel groups"),
+    ("deepspeed.utils.groups", "_create_expert_and_data_parallel", "expert-parallel groups"),
+    ("deepspeed.utils.groups", "_get_expert_parallel_group", "expert-parallel groups"),
+    ("deepspeed.utils.groups", "_get_expert_data_parallel_rank", "who writes an expert shard"),
+    (
+        "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer",
+        "_lazy_init_hp_params_optimizer_state",
+        "linking optimizer moments to parameters before resharding",
+    ),
+    (
+        "deepspeed.runtime.bf16_optimizer.BF16_Optimizer",
+        "_lazy_init_hp_params_optimizer_state",
+        "linking optimizer moments to parameters before resharding",
+    ),
+    (
+        "deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3",
+        "_set_fp32_optimizer_param_groups",
+        "creating optimizer moments before resharding",
+    ),
+    (
+        "deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3",
+        "_clear_fp32_optimizer_param_groups",
+        "creating optimizer moments before resharding",
+    ),
+    ("engine", "checkpoint_engine", "guarding each checkpoint file write"),
+    ("engine", "save_zero_checkpoint", "leaving out DeepSpeed's optimizer files when the sharded state holds them"),
+    ("engine", "has_moe_layers", "checking that expert gradients are reduced over their group"),
+    ("engine", "global_samples", "resharded counters"),
+    ("engine", "skipped_steps", "resharded counters"),
+    ("optimizer", "optimizer", "the torch optimizer inside ZeRO"),
+    ("zero-1/2 parameter", "_hp_mapping", "this rank's fragment of the master weights and moments"),
+    ("zero-3 parameter", "ds_tensor", "this rank's partition"),
+    ("zero-3 parameter", "ds_numel", "the partitioned parameter's size"),
+    ("zero-3 parameter", "ds_shape", "the partitioned parameter's shape"),
+    ("zero-3 parameter", "ds_process_group", "the partition's rank"),
+)
+
+
+def _owner(where: str) -> Any:
+    """The module or class a dotted path names (None when it does not exist)."""
+    import importlib
+
+    module_path, _, attribute = where.rpartition(".")
+    try:
+        return importlib.import_module(where)
+    except ImportError:
+        try:
+            return getattr(importlib.import_module(module_path), attribute, None)
+        except ImportError:
+            return None
+
+
+def _objects_of(engine) -> dict[str, Any]:
+    """The run's objects the instance names are checked on (a parameter of the kind this stage has)."""
+    if engine is None:
+        return {}
+    objects = {"engine": engine}
+    stage = engine.zero_optimization_stage()
+    if stage > 0:
+        param = next(p for p in engine.module.parameters() if p.requires_grad)
+        objects["zero-3 parameter" if stage == 3 else "zero-1/2 parameter"] = param
+        objects["optimizer"] = engine.optimizer
+    return objects
+
+
+def check_deepspeed_names(engine=None) -> None:
+    """Stop with one sentence when this DeepSpeed lacks a private name the trainer uses: the module and
+    class ones always, the instance ones on `engine`'s objects when given."""
+    objects = _objects_of(engine)
+    for where, name, purpose in PRIVATE_DEEPSPEED_NAMES:
+        if where in objects:
+            owner = objects[where]
+        elif "." in where:
+            owner = _owner(where)
+        else:
+            continue  # an object this run does not build
+        if owner is None or not hasattr(owner, name):
+            raise UserError(
+                f"DeepSpeed {deepspeed.__version__} has no {where}.{name}, which the trainer uses for {purpose}; "
+                f"it is tested with DeepSpeed {TESTED_DEEPSPEED}: pip install deepspeed=={TESTED_DEEPSPEED}."
+            )
 
 
 def load_deepspeed_config(path: str) -> dict[str, Any]:
@@ -186,6 +277,7 @@ class _MoEFlag(DeepSpeedMoE):
 
 def initialize(model: torch.nn.Module, ds_config: dict[str, Any], ep: Optional[ExpertParallel] = None):
     """Wrap `model` in a DeepSpeed engine; MoE layers become ZeRO-3 leaf modules (gathered whole)."""
+    check_deepspeed_names()
     if zero_stage(ds_config) == 3:
         set_z3_leaf_modules(model, [MoEFeedForward])
     optimizer = build_optimizer(model, ds_config)
@@ -203,6 +295,7 @@ def initialize(model: torch.nn.Module, ds_config: dict[str, Any], ep: Optional[E
         del model._deepspeed_moe_flag
         if not engine.has_moe_layers:
             raise RuntimeError("DeepSpeed did not enable its MoE handling; expert gradients would be reduced wrongly.")
+    check_deepspeed_names(engine)
     return engine
 
 
