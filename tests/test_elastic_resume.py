@@ -102,6 +102,31 @@ def test_resume_ep2_dp2_on_two_processes(uninterrupted, tmp_path):
     assert_same_continuation(resume_on(source, tmp_path, 2, ep=2), source)
 
 
+def _composition(tag, ranks, zero, ep):
+    """The free-space estimate's view of a tag, from the model its dit_config.json builds."""
+    import json
+
+    from dit_moe.models import DiT, DiTConfig
+    from dit_moe.train.disk import TagComposition
+
+    model = DiT(DiTConfig.from_dict(json.loads((tag / "dit_config.json").read_text())))
+    params = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".moe.experts." in name)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    stage = int(zero[-1])
+    return TagComposition(params, experts if ep > 1 else 0, frozen, 4, stage, ep, ranks, True)
+
+
+@trainer_test
+@pytest.mark.parametrize("ranks, zero, ep", [(1, "zero2", 1), (2, "zero3", 1), (2, "zero2", 2)])
+def test_free_space_estimate_is_within_ten_percent_of_a_written_tag(uninterrupted, ranks, zero, ep):
+    from dit_moe.train.disk import size_on_disk
+
+    tag = uninterrupted(ranks, zero, ep) / "checkpoints" / TAG
+    estimate, measured = _composition(tag, ranks, zero, ep).estimated_bytes(), size_on_disk(tag)
+    assert abs(estimate - measured) <= 0.1 * measured, (estimate, measured)
+
+
 class _Ids(torch.utils.data.Dataset):
     """Sample i is the number i, so batches show which samples they hold."""
 

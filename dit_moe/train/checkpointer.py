@@ -238,7 +238,7 @@ class Checkpointer:
                 client_state = self._load_same_shape(tag_dir)
             else:
                 client_state = reshard.load_full_state(self.engine, layout.full_state_file(tag_dir), self.ep)
-        self.ema.load_full_state_dict(load_file(str(tag_dir / layout.EMA_FILE)))
+        self.ema.load(tag_dir / layout.EMA_FILE)
         rng = layout.rng_file(tag_dir, self.rank % saved.world_size)
         if not rng.is_file():
             raise CheckpointError(

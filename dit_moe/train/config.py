@@ -113,6 +113,9 @@ class RunSection:
     ckpt_every: int = 10_000
     keep_last: int = 3  # checkpoints kept on disk
     ema_decay: float = 0.9999
+    # updates that use the ramp min(ema_decay, (1 + step) / (10 + step)) before the constant decay; the ramp
+    # reaches 0.9999 by step ~90,000 by itself, so the default ramps throughout; 0: DiT's constant decay
+    ema_warmup_steps: int = 100_000
     seed: int = 0
     results_dir: str = "results"
     resume: Optional[str] = None  # "auto": latest checkpoint in results_dir; or a checkpoint dir

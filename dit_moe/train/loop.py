@@ -111,7 +111,7 @@ def setup(cfg: TrainConfig) -> Run:
         objective_config.objective, gather=ranks.gather, **objective_config.build_options(model_config.learn_sigma)
     )
     engine = engine_lib.initialize(model, ds_config, ep)
-    ema = engine_lib.EMA(engine.module, cfg.run.ema_decay, ep)
+    ema = engine_lib.EMA(engine, cfg.run.ema_decay, ep, cfg.run.ema_warmup_steps)
     checkpointer = Checkpointer(
         engine,
         ema,
@@ -263,7 +263,7 @@ def train_step(run: Run, window: Window) -> None:
     # Aux-loss-free balancing: the step's expert loads summed over ranks (a collective, no host sync),
     # so every rank applies the same bias update. Nothing is communicated for other routers.
     update_expert_bias(run.engine.module, dist.all_reduce)
-    run.ema.update()
+    run.ema.update(run.step)
     run.step += 1
     window.steps += 1
 

@@ -150,7 +150,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
         return json.loads(f.metadata()[META_KEY])
 
 
-def _full_shape(param: torch.nn.Parameter, ep: Optional[ExpertParallel]) -> tuple[int, ...]:
+def full_shape(param: torch.nn.Parameter, ep: Optional[ExpertParallel]) -> tuple[int, ...]:
     shape = tuple(getattr(param, "ds_shape", param.shape))
     if ep is not None and is_moe_param(param):
         return (ep.num_experts, *shape[1:])
@@ -159,7 +159,7 @@ def _full_shape(param: torch.nn.Parameter, ep: Optional[ExpertParallel]) -> tupl
 
 def _read(f, key: str, param: torch.nn.Parameter, ep: Optional[ExpertParallel]) -> torch.Tensor:
     """This rank's part of a saved full tensor: its own experts under expert parallelism, else all of it."""
-    stored, expected = tuple(f.get_slice(key).get_shape()), _full_shape(param, ep)
+    stored, expected = tuple(f.get_slice(key).get_shape()), full_shape(param, ep)
     if stored != expected:
         raise ValueError(
             f"The checkpoint's {key} has shape {list(stored)} but this model's is {list(expected)}: the model "
@@ -262,7 +262,7 @@ class Fragment:
     numel: int
 
 
-def _local_offset(param: torch.nn.Parameter, ep: Optional[ExpertParallel]) -> int:
+def local_offset(param: torch.nn.Parameter, ep: Optional[ExpertParallel]) -> int:
     """Where this rank's copy of `param` starts in the whole flattened parameter: its first expert's
     offset under expert parallelism (experts lead the shape), else 0."""
     if ep is None or not is_moe_param(param):
@@ -287,8 +287,17 @@ def fragments(engine, ep: Optional[ExpertParallel]) -> list[Fragment]:
         else:
             continue  # wholly in other ranks' partitions
         if numel:
-            out.append(Fragment(name, param, _full_shape(param, ep), _local_offset(param, ep) + start, numel))
+            out.append(Fragment(name, param, full_shape(param, ep), local_offset(param, ep) + start, numel))
     return out
+
+
+def master_view(fragment: Fragment) -> torch.Tensor:
+    """The live fp32 master weights of the fragment, flat, where the optimizer keeps them (no copy under
+    ZeRO-1/2 or ZeRO-3 without offload)."""
+    param = fragment.param
+    if hasattr(param, "ds_tensor"):
+        return safe_get_local_fp32_param(param).flatten()[: fragment.numel]
+    return param._hp_mapping.get_hp_fragment().flatten()
 
 
 def _get(fragment: Fragment, key: str) -> torch.Tensor:
@@ -432,7 +441,7 @@ def _load_model_weights(engine, reader: RangeReader, ep: Optional[ExpertParallel
             numel = max(0, min(size, param.ds_numel - start))
             param.ds_tensor.data[:numel].copy_(reader.read(key, start, numel).to(param.dtype))
         else:
-            start = _local_offset(param, ep)
+            start = local_offset(param, ep)
             param.data.copy_(reader.read(key, start, param.numel()).view(param.shape).to(param.dtype))
 
 
@@ -468,7 +477,7 @@ def load_sharded_state(engine, tag_dir: Path, ep: Optional[ExpertParallel]) -> d
     with ExitStack() as stack:
         reader = RangeReader(tag_dir, index, stack)
         for name, param in _trainable(engine.module):
-            reader.check_shape(f"{MASTER}/{name}", _full_shape(param, ep))
+            reader.check_shape(f"{MASTER}/{name}", full_shape(param, ep))
         _load_model_weights(engine, reader, ep)
         _load_frozen(engine, reader)
         for fragment in fragments(engine, ep):
