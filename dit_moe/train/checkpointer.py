@@ -36,14 +36,17 @@ from deepspeed.utils import groups
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import layout
+from ..checkpoint import export as export_files
+from ..checkpoint import layout, save_export
+from ..diffusion import ObjectiveConfig
+from ..models import DiTConfig
 from ..parallel import ExpertParallel
 from ..utils.atomic import atomic_path
 from ..utils.errors import CheckpointError
 from . import reshard
 from .config import BatchPlan, RunSection
 from .disk import CheckpointSpace, TagComposition
-from .engine import EMA, expert_group_name
+from .engine import EMA, expert_group_name, full_model_tensors
 
 
 @dataclass(frozen=True)
@@ -76,23 +79,25 @@ class CheckpointPlan:
     every: int  # --ckpt-every
     keep_last: int
     elastic: bool  # also write the world-size-independent state (`reshard`): resume on any shape
-    model_config: dict[str, Any]
-    objective_config: dict[str, Any]
+    model_config: DiTConfig
+    objective_config: ObjectiveConfig
     batch: BatchPlan
     device: torch.device  # where the collectives' tensors live
+    export_path: Path  # the finished run's export: .safetensors (sharded above export_shard_bytes) or .pt
+    export_shard_bytes: int
 
     @classmethod
     def for_run(
         cls,
         run: RunSection,
         batch: BatchPlan,
-        model_config: dict[str, Any],
-        objective_config: dict[str, Any],
+        model_config: DiTConfig,
+        objective_config: ObjectiveConfig,
         device: torch.device,
     ) -> "CheckpointPlan":
-        checkpoint_dir = Path(run.results_dir) / layout.CHECKPOINTS_DIR
+        results_dir = Path(run.results_dir)
         return cls(
-            checkpoint_dir,
+            results_dir / layout.CHECKPOINTS_DIR,
             run.ckpt_every,
             run.keep_last,
             run.elastic_checkpoints,
@@ -100,6 +105,8 @@ class CheckpointPlan:
             objective_config,
             batch,
             device,
+            results_dir / f"export.{run.export_format}",
+            run.export_shard_bytes,
         )
 
 
@@ -181,7 +188,9 @@ class Checkpointer:
         if self.ep is not None and groups._get_expert_data_parallel_rank(expert_group_name(self.ep.size)) == 0:
             self._write_expert_shard(tag_dir)
         if self.rank == 0:
-            text = layout.config_texts(self.plan.model_config, self.plan.objective_config, self.shape)
+            text = layout.config_texts(
+                self.plan.model_config.to_dict(), self.plan.objective_config.to_dict(), self.shape
+            )
             for name, content in text.items():
                 self._write(tag_dir / name, lambda tmp, content=content: tmp.write_text(content))
 
@@ -220,6 +229,58 @@ class Checkpointer:
         shard = {k: p.detach().cpu().contiguous() for k, p in module.named_parameters() if is_moe_param(p)}
         metadata = {"ep_size": str(ep.size), "ep_rank": str(ep.rank), "num_experts": str(ep.num_experts)}
         self._write(layout.expert_shard(tag_dir, ep.rank), lambda tmp: save_file(shard, str(tmp), metadata=metadata))
+
+    def export(self) -> Optional[Path]:
+        """Collective: the full weights and EMA, gathered one tensor at a time to rank 0, which writes the
+        export (one file, or above `export_shard_bytes` Hugging Face-style shards, each written once whole,
+        so rank 0 holds at most a shard and a tensor); returns its path on rank 0."""
+        path, is_writer = self.plan.export_path, self.rank == 0
+        shapes = self._export_shapes()
+        shards = None
+        if path.suffix == ".safetensors":
+            shards = export_files.plan_shards(path, shapes, self.plan.export_shard_bytes)
+        tensors = self._export_tensors()
+        if shards is None:
+            state = {name: tensor for name, tensor in tensors if is_writer}
+            if not is_writer:
+                return None
+            model = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+            ema = {k[len("ema.") :]: v for k, v in state.items() if k.startswith("ema.")}
+            return save_export(path, self.plan.model_config, model, ema, objective=self.plan.objective_config)
+        metadata = export_files.export_metadata(self.plan.model_config, self.plan.objective_config)
+        file_of = {name: file for file, names in shards.items() for name in names}
+        left = {file: len(names) for file, names in shards.items()}
+        pending: dict[str, dict[str, torch.Tensor]] = {file: {} for file in shards}
+        for name, tensor in tensors:
+            file = file_of[name]
+            left[file] -= 1
+            if is_writer:
+                pending[file][name] = tensor
+                if not left[file]:
+                    export_files.write_shard(path.parent / file, pending.pop(file), metadata)
+        if not is_writer:
+            return None
+        total = sum(4 * int(np.prod(shape)) for shape in shapes.values())
+        return export_files.write_index(path, shards, total, metadata)
+
+    def _export_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every exported tensor's full shape, in the order `_export_tensors` yields them."""
+        module = self.engine.module
+        params = dict(module.named_parameters())
+        model = {
+            f"model.{name}": reshard.full_shape(params[name], self.ep) if name in params else tuple(value.shape)
+            for name, value in module.state_dict().items()
+        }
+        ema = {f"ema.{name}": reshard.full_shape(param, self.ep) for name, param in params.items()}
+        ema |= {f"ema.{name}": tuple(buffer.shape) for name, buffer in self.ema.buffers.items()}
+        return model | ema
+
+    def _export_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, whole fp32 tensor) of the weights then the EMA, one at a time (collective; whole on rank 0)."""
+        for name, tensor in full_model_tensors(self.engine, self.ep):
+            yield f"model.{name}", tensor
+        for name, tensor in self.ema.full_tensors(dst=0):
+            yield f"ema.{name}", tensor
 
     def load(self, point: ResumePoint) -> dict[str, Any]:
         """Restore engine (model, optimizer, scheduler), EMA and this rank's RNG; returns the client state.

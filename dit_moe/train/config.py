@@ -122,6 +122,7 @@ class RunSection:
     elastic_checkpoints: bool = True  # also save full optimizer state (12 B/param): resume on any shape
     overwrite: bool = False  # a fresh run may delete the run already in results_dir
     export_format: str = "safetensors"  # "safetensors" | "pt"
+    export_shard_bytes: int = 5 * 10**9  # a larger safetensors export is written as Hugging Face-style shards
     export_only: bool = False  # load --resume, write the export, exit
     ep_size: int = 1  # expert-parallel group size
     compile: str = "off"  # torch.compile: "off" | "blocks" (each transformer block) | "model" (the whole forward)

@@ -440,12 +440,6 @@ def full_model_tensors(engine, ep: Optional[ExpertParallel] = None) -> Iterator[
             yield name, value.detach().float().cpu().clone()
 
 
-def full_model_state_dict(engine, ep: Optional[ExpertParallel] = None) -> dict[str, torch.Tensor]:
-    """Full weights of the engine's module in fp32 on CPU (collective under ZeRO-3 or expert parallelism)."""
-    with torch.no_grad():
-        return dict(full_model_tensors(engine, ep))
-
-
 def _unlink_shm_buffer_at_exit(rank: int) -> None:
     """DeepSpeed's CPU all-reduce op (csrc/cpu/comm/shm.cpp) creates a ~69 MB /dev/shm buffer per
     process, named by uid, MASTER_ADDR, MASTER_PORT and rank, and never unlinks it: every CPU run

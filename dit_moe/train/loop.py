@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..checkpoint import read_checkpoint_file, save_export
+from ..checkpoint import read_checkpoint_file
 from ..checkpoint.layout import RunShape
 from ..data import TrainLoader, build_codec, build_train_loader
 from ..diffusion import Draws, DrawSpec, Objective, ObjectiveConfig, build_objective
@@ -116,7 +116,7 @@ def setup(cfg: TrainConfig) -> Run:
         engine,
         ema,
         ep,
-        CheckpointPlan.for_run(cfg.run, plan, model_config.to_dict(), objective_config.to_dict(), device),
+        CheckpointPlan.for_run(cfg.run, plan, model_config, objective_config, device),
     )
     draw_spec = DrawSpec(
         (loader.input_channels, loader.input_size, loader.input_size),
@@ -308,18 +308,8 @@ def save(run: Run) -> None:
 
 
 def export(run: Run) -> Optional[Path]:
-    """Gather the full weights and EMA (a collective) and write the export on rank 0."""
-    model_state = engine_lib.full_model_state_dict(run.engine, run.ep)
-    ema_state = run.ema.full_state_dict()
-    if not run.is_main:
-        return None
-    return save_export(
-        run.results_dir / f"export.{run.cfg.run.export_format}",
-        run.model_config,
-        model_state,
-        ema_state,
-        objective=run.objective_config,
-    )
+    """Gather the full weights and EMA one tensor at a time (a collective) and write the export on rank 0."""
+    return run.checkpointer.export()
 
 
 def finish(run: Run, total_steps: int) -> Optional[Path]:
