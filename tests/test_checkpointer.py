@@ -43,6 +43,7 @@ def test_instance_names_are_checked_on_the_run_s_objects():
         zero_optimization_stage=lambda: 2,
         optimizer=SimpleNamespace(optimizer=None),
         checkpoint_engine=None,
+        save_zero_checkpoint=True,
         has_moe_layers=False,
         global_samples=0,
         skipped_steps=0,
@@ -92,3 +93,65 @@ def test_a_missing_rank_file_or_one_of_another_run_is_refused_naming_it(tmp_path
     (tmp_path / "state_rank1.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"is missing state_rank1.safetensors, one rank's part"):
         RangeReader(tmp_path, index, ExitStack())
+
+
+def _write_sharded_export(path, model, ema, max_bytes):
+    """An export written the way the checkpointer writes a large one: planned shards, then the index."""
+    from dit_moe.checkpoint import export
+
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()} | {
+        f"ema.{k}": v for k, v in ema.state_dict().items()
+    }
+    shards = export.plan_shards(path, {k: tuple(v.shape) for k, v in tensors.items()}, max_bytes)
+    metadata = export.export_metadata(model.config, None)
+    for file, names in shards.items():
+        export.write_shard(path.parent / file, {name: tensors[name] for name in names}, metadata)
+    return shards, export.write_index(path, shards, sum(4 * v.numel() for v in tensors.values()), metadata)
+
+
+def test_a_sharded_export_follows_huggingface_names_and_loads_like_one_file(tmp_path):
+    from huggingface_hub import constants
+
+    from dit_moe.checkpoint import load_model, save_export
+    from tiny_dit import tiny_model
+
+    model, ema = tiny_model(num_experts=4), tiny_model(num_experts=4)
+    single = save_export(tmp_path / "one" / "export.safetensors", model.config, model.state_dict(), ema.state_dict())
+    path = tmp_path / "sharded" / "export.safetensors"
+    path.parent.mkdir()
+    shards, index = _write_sharded_export(path, model, ema, max_bytes=200_000)
+    assert len(shards) > 2 and sorted(p.name for p in path.parent.glob("export-*-of-*.safetensors")) == sorted(shards)
+    assert index.name == constants.SAFETENSORS_INDEX_FILE.replace("model", "export")  # export.safetensors.index.json
+    assert not path.exists()
+    for prefer_ema in (True, False):
+        want = load_model(single, prefer_ema=prefer_ema).state_dict()
+        for name in (path, index):  # by the export's usual name or by its index
+            got = load_model(name, prefer_ema=prefer_ema)
+            assert got.config == model.config
+            assert all(torch.equal(got.state_dict()[k], want[k]) for k in want)
+
+
+def test_a_sharded_export_missing_a_shard_is_refused_naming_it(tmp_path):
+    from dit_moe.checkpoint import load_model
+    from tiny_dit import tiny_model
+
+    model = tiny_model(num_experts=4)
+    shards, _ = _write_sharded_export(tmp_path / "export.safetensors", model, model, max_bytes=200_000)
+    missing = sorted(shards)[1]
+    (tmp_path / missing).unlink()
+    with pytest.raises(CheckpointError, match=f"names the shard {missing}, which is missing"):
+        load_model(tmp_path / "export.safetensors")
+
+
+def test_ema_warmup_ramp_follows_the_num_updates_formula():
+    from dit_moe.train.engine import ema_decay_at
+
+    for step in (0, 1, 80, 499, 89_990):
+        assert ema_decay_at(step, 0.9999, 100_000) == pytest.approx((1 + step) / (10 + step))
+    assert ema_decay_at(100_000, 0.9999, 100_000) == 0.9999
+    assert ema_decay_at(200_000, 0.9999, 100_000) == 0.9999
+    assert ema_decay_at(5, 0.9999, 0) == 0.9999  # --ema-warmup-steps 0: DiT's constant decay
+    assert ema_decay_at(5_000, 0.995, 100_000) == 0.995  # the ramp never exceeds --ema-decay
+    # after a 500-step run the EMA holds ~no weight of the initialisation: prod of the decays
+    weight_of_init = float(torch.prod(torch.tensor([ema_decay_at(s, 0.995, 100_000) for s in range(500)])))
+    assert weight_of_init < 1e-3
