@@ -89,6 +89,6 @@ def test_the_objective_config_is_read_back_beside_the_model_config(tmp_path):
 def test_writes_leave_no_temporary_files(tmp_path):
     _write_tag(tmp_path, 2)
     assert sorted(p.name for p in (tmp_path / "step0000002").iterdir()) == sorted(
-        [layout.EMA_FILE, layout.CONFIG_FILE, layout.OBJECTIVE_CONFIG_FILE, layout.COMPLETE_MARKER]
+        [layout.EMA_FILE, layout.CONFIG_FILE, layout.OBJECTIVE_CONFIG_FILE, layout.COMPLETE_MARKER, layout.SHAPE_FILE]
     )
     assert (tmp_path / layout.LATEST_FILE).read_text() == "step0000002"

@@ -113,6 +113,7 @@ def test_a_sharded_export_follows_huggingface_names_and_loads_like_one_file(tmp_
     from huggingface_hub import constants
 
     from dit_moe.checkpoint import load_model, save_export
+
     from tiny_dit import tiny_model
 
     model, ema = tiny_model(num_experts=4), tiny_model(num_experts=4)
@@ -133,6 +134,7 @@ def test_a_sharded_export_follows_huggingface_names_and_loads_like_one_file(tmp_
 
 def test_a_sharded_export_missing_a_shard_is_refused_naming_it(tmp_path):
     from dit_moe.checkpoint import load_model
+
     from tiny_dit import tiny_model
 
     model = tiny_model(num_experts=4)
