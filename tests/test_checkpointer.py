@@ -157,3 +157,22 @@ def test_ema_warmup_ramp_follows_the_num_updates_formula():
     # after a 500-step run the EMA holds ~no weight of the initialisation: prod of the decays
     weight_of_init = float(torch.prod(torch.tensor([ema_decay_at(s, 0.995, 100_000) for s in range(500)])))
     assert weight_of_init < 1e-3
+
+
+@pytest.mark.slow
+def test_kill_during_a_state_shard_write_keeps_the_previous_tag_and_resume_continues(tmp_path):
+    import sys
+
+    from trainer_runs import losses, run_in_repo, run_train, train_cmd
+
+    args = ("--global-batch-size", "4", "--ckpt-every", "2", "--max-steps", "4", "--aux-loss-coef", "0")
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    run_train(reference, *args)
+    cmd = [sys.executable, "tests/kill_mid_write.py", "step0000004/", *train_cmd(out, *args)[1:]]
+    proc = run_in_repo(cmd, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step0000002"
+    assert not (checkpoints / "step0000004" / "COMPLETE").exists()
+    run_train(out, *args, "--resume", "auto")
+    assert losses(out) == losses(reference)
