@@ -176,3 +176,25 @@ def test_kill_during_a_state_shard_write_keeps_the_previous_tag_and_resume_conti
     assert not (checkpoints / "step0000004" / "COMPLETE").exists()
     run_train(out, *args, "--resume", "auto")
     assert losses(out) == losses(reference)
+
+
+def test_a_streamed_safetensors_file_reads_back_as_save_file_writes_it(tmp_path):
+    from safetensors.torch import load_file
+
+    from dit_moe.utils.safetensors_stream import write_streamed
+
+    tensors = {"a": torch.randn(3, 5), "b.c": torch.randn(7), "d": torch.randn(2, 2, 2).bfloat16()}
+    specs = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    write_streamed(tmp_path / "s.safetensors", specs, iter(tensors.items()), {"k": "v"})
+    back = load_file(str(tmp_path / "s.safetensors"))
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    consumed = []
+
+    def gathered():  # a collective: must be drained even when the file cannot be opened
+        for item in tensors.items():
+            consumed.append(item[0])
+            yield item
+
+    with pytest.raises(OSError):
+        write_streamed(tmp_path / "missing" / "s.safetensors", specs, gathered())
+    assert consumed == list(tensors)

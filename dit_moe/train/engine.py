@@ -26,7 +26,6 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups, set_z3_leaf_modules
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..checkpoint import layout
 from ..models.moe import MoEFeedForward
@@ -34,6 +33,7 @@ from ..parallel import ExpertParallel, shard_experts
 from ..utils.errors import UserError
 from ..utils.host_memory import keep_freed_memory
 from ..utils.launch import LaunchEnv, free_port
+from ..utils.safetensors_stream import write_streamed
 from . import reshard
 from .config import BatchPlan, RunSection
 
@@ -388,13 +388,20 @@ class EMA:
         """The whole fp32 EMA with the live persistent buffers, on every rank (collective)."""
         return dict(self.full_tensors())
 
+    def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """(full shape, dtype) of every tensor `full_tensors` yields, in its order."""
+        specs = {name: (reshard.full_shape(p, self.ep), torch.float32) for name, p in self.params.items()}
+        return specs | {name: (tuple(b.shape), torch.float32) for name, b in self.buffers.items()}
+
     def save(self, write: Callable[[Path, Callable[[Path], None]], None], path: Path) -> None:
-        """Collective: the EMA gathered one tensor at a time to rank 0, which alone keeps them and writes
-        `path` through `write` (the checkpointer's guarded atomic write)."""
-        is_writer = dist.get_rank() == 0
-        state = {name: tensor.contiguous() for name, tensor in self.full_tensors(dst=0) if is_writer}
-        if is_writer:
-            write(path, lambda tmp: save_file(state, str(tmp)))
+        """Collective: the EMA gathered one tensor at a time to rank 0, which streams each into `path` through
+        `write` (the checkpointer's guarded atomic write): no rank holds more than one whole tensor."""
+        tensors = self.full_tensors(dst=0)
+        if dist.get_rank() == 0:
+            write(path, lambda tmp: write_streamed(tmp, self.specs(), tensors))
+        else:
+            for _ in tensors:  # join every gather
+                pass
 
     @torch.no_grad()
     def load(self, path: Path) -> None:
