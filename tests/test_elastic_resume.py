@@ -84,9 +84,16 @@ def test_resume_on_another_number_of_processes(uninterrupted, tmp_path, zero, be
 
 
 @trainer_test
-def test_resume_under_another_zero_stage(uninterrupted, tmp_path):
+@pytest.mark.parametrize("before, after", [("zero2", "zero3"), ("zero3", "zero1")])
+def test_resume_under_another_zero_stage(uninterrupted, tmp_path, before, after):
+    source = uninterrupted(2, before)
+    assert_same_continuation(resume_on(source, tmp_path, 2, after), source)
+
+
+@trainer_test
+def test_resume_on_four_processes(uninterrupted, tmp_path):
     source = uninterrupted(2, "zero2")
-    assert_same_continuation(resume_on(source, tmp_path, 2, "zero3"), source)
+    assert_same_continuation(resume_on(source, tmp_path, 4, "zero2"), source)
 
 
 @trainer_test
