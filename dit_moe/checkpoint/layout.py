@@ -4,8 +4,9 @@ This module is the one owner of the layout: the writer (`dit_moe.train.checkpoin
 the reader (`dit_moe.checkpoint.load_model` on a directory) and `--resume` all go through it.
 
 Layout under `<results>/checkpoints/`:
-    step0000100/                DeepSpeed's files (model, optimizer, client state) plus
-        ema.safetensors         full EMA weights (gathered under ZeRO-3)
+    step0000100/                DeepSpeed's files (its model file; its per-rank optimizer files only with
+                                --elastic-checkpoints false, else the resumable state below holds them) plus
+        ema.safetensors         full fp32 EMA weights (gathered one tensor at a time, streamed by rank 0)
         dit_config.json         the model's DiTConfig, so `load_model(dir)` builds the right model
         objective_config.json   the objective's config (objective, schedule, ...), read back to sample
         rng_rankR.pt            every rank's RNG states
