@@ -109,6 +109,35 @@ def test_resume_ep2_dp2_on_two_processes(uninterrupted, tmp_path):
     assert_same_continuation(resume_on(source, tmp_path, 2, ep=2), source)
 
 
+def _as_written_before_sharding(tag):
+    """Rewrite a tag as dit-moe wrote it before the sharded state: one `full_state.safetensors` of whole
+    tensors (prefixed fp32/, moment names, frozen/) with its JSON header, DeepSpeed's per-rank files aside."""
+    import json
+    from contextlib import ExitStack
+
+    from safetensors.torch import save_file
+
+    from dit_moe.checkpoint import layout
+    from dit_moe.train import reshard
+
+    index = reshard.read_index(tag)
+    with ExitStack() as stack:
+        reader = reshard.RangeReader(tag, index, stack)
+        tensors = {key: reader.read(key, 0, int(np.prod(shape))).view(shape) for key, shape in reader.shapes.items()}
+    save_file(tensors, str(layout.full_state_file(tag)), metadata={reshard.META_KEY: json.dumps(index["meta"])})
+    for path in [*tag.glob("state_rank*.safetensors"), layout.state_index_file(tag)]:
+        path.unlink()
+
+
+@trainer_test
+def test_a_tag_written_before_the_sharded_state_still_resumes_on_another_shape(uninterrupted, tmp_path):
+    source = uninterrupted(1, "zero2")
+    shutil.copytree(source / "checkpoints" / TAG, tmp_path / "checkpoints" / TAG)
+    _as_written_before_sharding(tmp_path / "checkpoints" / TAG)
+    _train(tmp_path, 2, "--max-steps", "4", "--resume", "auto")
+    assert_same_continuation(tmp_path, source)
+
+
 def _composition(tag, ranks, zero, ep):
     """The free-space estimate's view of a tag, from the model its dit_config.json builds."""
     import json
