@@ -5,24 +5,19 @@
 On the built-in digits (DS_ACCELERATOR=cpu, gloo), one optimizer step then a checkpoint; runs on 2
 processes use --ep-size 2 (half the experts per process: DiT-S/2 8E2A is 199M parameters, 3.2 GB of
 fp32 weights, gradients and Adam state per process without it):
-  A  2 processes, full state on (the default)          -> the same-shape tag
-  B  1 process,   full state on                         -> the tag to reshard (another world and ep size)
-  C  2 processes, --elastic-checkpoints false           -> the save-time overhead of the full state (A - C)
+  A  2 processes, resumable state on (the default)     -> the same-shape tag
+  B  1 process,   resumable state on                    -> the tag to reshard (another world and ep size)
+  C  2 processes, --elastic-checkpoints false           -> DeepSpeed's own optimizer files instead
 then `--export-only` resumes on 2 processes, which load the tag and write the export:
-  same shape   A's tag (DeepSpeed's own loader)
-  reshard      B's tag (`dit_moe.train.reshard`: full state -> this world size's ZeRO partitions and experts)
-Times are what the trainer logs to log.txt: "Saved the checkpoint of step 1 in X s" (A vs C: the
-gathers and the write of full_state.safetensors) and "Resumed from ... in X s" (load + reshard, EMA, RNG
-and data position; start-up and export excluded).
-Disk: the tag's size and its full_state.safetensors. ZeRO's communication buckets are cut to
+  same shape   A's tag (each rank reads back its own ranges)
+  reshard      B's tag (`dit_moe.train.reshard`: each rank reads the ranges it owns in this shape)
+Times are what the trainer logs to log.txt: "Saved the checkpoint of step 1 in X s" (A vs C) and
+"Resumed from ... in X s" (load + reshard, EMA, RNG and data position; start-up and export excluded).
+Disk: the tag's size and its resumable state (the state_rank*.safetensors files). ZeRO's communication buckets are cut to
 --bucket-elements (the JSON's 5e8 fp32 elements are 2 GB per bucket, more than a shared CPU host
 spares). On 2 shared CPU cores the numbers show the mechanics, not a GPU cluster's speed.
 
-Measured on a 2-core AMD EPYC, 24 GB host, `python bench/resume.py` (DiT-S/2 8E2A, 199M parameters):
-save 25.67 s with the full state against 6.55 s without; resume 6.91 s same shape against 7.32 s
-resharded from 1 process, ep 1; tag 6392.1 MiB against 4116.6 MiB (the full state: 2275.5 MiB = 12 bytes
-per parameter). It first ran out of memory here because DeepSpeed's CPU shm buffers had leaked 21 GB of
-/dev/shm (the trainer now unlinks its own).
+Per-rank memory and bytes, at several widths and world sizes: bench/checkpoint_scale.py.
 """
 
 from __future__ import annotations
@@ -66,11 +61,10 @@ def small_buckets(config: Path, elements: float, out_dir: Path) -> Path:
 
 
 def tag_sizes(results: Path) -> tuple[int, int]:
-    """(bytes of the step-1 tag, bytes of its full_state.safetensors)."""
+    """(bytes of the step-1 tag, bytes of its resumable state)."""
     tag = results / "checkpoints" / "step0000001"
     total = sum(p.stat().st_size for p in tag.rglob("*") if p.is_file())
-    full = tag / "full_state.safetensors"
-    return total, full.stat().st_size if full.is_file() else 0
+    return total, sum(p.stat().st_size for p in tag.glob("state_rank*.safetensors"))
 
 
 def main() -> None:
@@ -95,10 +89,11 @@ def main() -> None:
         (size_a, full_a), (size_c, _) = tag_sizes(a), tag_sizes(c)
     mib = 1 / 2**20
     print(f"{args.model} {args.num_experts}E2A, {args.zero}, 2 CPU processes with --ep-size {args.ep_size}")
-    print(f"  save:   {save_full:6.2f} s with full state, {save_bare:6.2f} s without")
-    print(f"  resume: {same:6.2f} s same shape (DeepSpeed's loader), {reshard:6.2f} s resharded from 1 process, ep 1")
+    print(f"  save:   {save_full:6.2f} s with the resumable state, {save_bare:6.2f} s without")
+    print(f"  resume: {same:6.2f} s same shape, {reshard:6.2f} s resharded from 1 process, ep 1")
     print(
-        f"  tag:    {size_a * mib:7.1f} MiB with full state ({full_a * mib:.1f} MiB of it), {size_c * mib:.1f} MiB without"
+        f"  tag:    {size_a * mib:7.1f} MiB with the resumable state ({full_a * mib:.1f} MiB of it), "
+        f"{size_c * mib:.1f} MiB without"
     )
 
 

@@ -138,7 +138,7 @@ def worker(args) -> dict:
     with torch.device(device):  # built in place: a multi-billion-parameter model initialises in seconds on a GPU
         model = reference_dit(config) if args.reference == "on" else DiT(config)
     engine = engine_lib.initialize(compile_model(model, args.compile), ds_config)
-    ema = engine_lib.EMA(engine.module, 0.9999)
+    ema = engine_lib.EMA(engine, 0.9999)
     objective = build_objective("iddpm", learn_sigma=True)
     dtype = next(engine.module.parameters()).dtype
     shape = (args.in_channels, args.input_size, args.input_size)
@@ -157,7 +157,7 @@ def worker(args) -> dict:
             torch.cuda.synchronize()  # host sync: timing of forward + backward alone
         fwd_bwd_seconds.append(time.perf_counter() - start)
         engine.step()
-        ema.update()
+        ema.update(i)
         if device.type == "cuda":
             torch.cuda.synchronize()  # host sync: timing of the whole step
         step_seconds.append(time.perf_counter() - start)

@@ -25,7 +25,11 @@ def _write_tag(checkpoint_dir: Path, step: int, complete: bool = True) -> torch.
     tag_dir = checkpoint_dir / tag
     tag_dir.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tag_dir / layout.EMA_FILE))
-    layout.write_configs(tag_dir, model.config.to_dict(), ObjectiveConfig(noise_schedule="cosine").to_dict())
+    texts = layout.config_texts(
+        model.config.to_dict(), ObjectiveConfig(noise_schedule="cosine").to_dict(), layout.RunShape(1, 1, 2)
+    )
+    for name, text in texts.items():
+        (tag_dir / name).write_text(text)
     if complete:
         layout.mark_complete(checkpoint_dir, tag, step)
     return model
@@ -85,6 +89,6 @@ def test_the_objective_config_is_read_back_beside_the_model_config(tmp_path):
 def test_writes_leave_no_temporary_files(tmp_path):
     _write_tag(tmp_path, 2)
     assert sorted(p.name for p in (tmp_path / "step0000002").iterdir()) == sorted(
-        [layout.EMA_FILE, layout.CONFIG_FILE, layout.OBJECTIVE_CONFIG_FILE, layout.COMPLETE_MARKER]
+        [layout.EMA_FILE, layout.CONFIG_FILE, layout.OBJECTIVE_CONFIG_FILE, layout.COMPLETE_MARKER, layout.SHAPE_FILE]
     )
     assert (tmp_path / layout.LATEST_FILE).read_text() == "step0000002"

@@ -84,9 +84,16 @@ def test_resume_on_another_number_of_processes(uninterrupted, tmp_path, zero, be
 
 
 @trainer_test
-def test_resume_under_another_zero_stage(uninterrupted, tmp_path):
+@pytest.mark.parametrize("before, after", [("zero2", "zero3"), ("zero3", "zero1")])
+def test_resume_under_another_zero_stage(uninterrupted, tmp_path, before, after):
+    source = uninterrupted(2, before)
+    assert_same_continuation(resume_on(source, tmp_path, 2, after), source)
+
+
+@trainer_test
+def test_resume_on_four_processes(uninterrupted, tmp_path):
     source = uninterrupted(2, "zero2")
-    assert_same_continuation(resume_on(source, tmp_path, 2, "zero3"), source)
+    assert_same_continuation(resume_on(source, tmp_path, 4, "zero2"), source)
 
 
 @trainer_test
@@ -100,6 +107,60 @@ def test_resume_on_another_ep_size(uninterrupted, tmp_path, before, after):
 def test_resume_ep2_dp2_on_two_processes(uninterrupted, tmp_path):
     source = uninterrupted(4, ep=2)
     assert_same_continuation(resume_on(source, tmp_path, 2, ep=2), source)
+
+
+def _as_written_before_sharding(tag):
+    """Rewrite a tag as dit-moe wrote it before the sharded state: one `full_state.safetensors` of whole
+    tensors (prefixed fp32/, moment names, frozen/) with its JSON header, DeepSpeed's per-rank files aside."""
+    import json
+    from contextlib import ExitStack
+
+    from safetensors.torch import save_file
+
+    from dit_moe.checkpoint import layout
+    from dit_moe.train import reshard
+
+    index = reshard.read_index(tag)
+    with ExitStack() as stack:
+        reader = reshard.RangeReader(tag, index, stack)
+        tensors = {key: reader.read(key, 0, int(np.prod(shape))).view(shape) for key, shape in reader.shapes.items()}
+    save_file(tensors, str(layout.full_state_file(tag)), metadata={reshard.META_KEY: json.dumps(index["meta"])})
+    for path in [*tag.glob("state_rank*.safetensors"), layout.state_index_file(tag)]:
+        path.unlink()
+
+
+@trainer_test
+def test_a_tag_written_before_the_sharded_state_still_resumes_on_another_shape(uninterrupted, tmp_path):
+    source = uninterrupted(1, "zero2")
+    shutil.copytree(source / "checkpoints" / TAG, tmp_path / "checkpoints" / TAG)
+    _as_written_before_sharding(tmp_path / "checkpoints" / TAG)
+    _train(tmp_path, 2, "--max-steps", "4", "--resume", "auto")
+    assert_same_continuation(tmp_path, source)
+
+
+def _composition(tag, ranks, zero, ep):
+    """The free-space estimate's view of a tag, from the model its dit_config.json builds."""
+    import json
+
+    from dit_moe.models import DiT, DiTConfig
+    from dit_moe.train.disk import TagComposition
+
+    model = DiT(DiTConfig.from_dict(json.loads((tag / "dit_config.json").read_text())))
+    params = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".moe.experts." in name)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    stage = int(zero[-1])
+    return TagComposition(params, experts if ep > 1 else 0, frozen, 4, stage, ep, ranks, True)
+
+
+@trainer_test
+@pytest.mark.parametrize("ranks, zero, ep", [(1, "zero2", 1), (2, "zero3", 1), (2, "zero2", 2)])
+def test_free_space_estimate_is_within_ten_percent_of_a_written_tag(uninterrupted, ranks, zero, ep):
+    from dit_moe.train.disk import size_on_disk
+
+    tag = uninterrupted(ranks, zero, ep) / "checkpoints" / TAG
+    estimate, measured = _composition(tag, ranks, zero, ep).estimated_bytes(), size_on_disk(tag)
+    assert abs(estimate - measured) <= 0.1 * measured, (estimate, measured)
 
 
 class _Ids(torch.utils.data.Dataset):

@@ -79,11 +79,11 @@ def test_resume_with_ep_reproduces_the_uninterrupted_run(ep2_zero2, tmp_path):
 
     # Without its full state (--elastic-checkpoints false) a tag resumes on its own shape only: one sentence.
     from dit_moe.checkpoint import layout
-    from dit_moe.train import engine as engine_lib
+    from dit_moe.train import checkpointer
 
-    layout.full_state_file(tag).unlink()
+    layout.state_index_file(tag).unlink()
     with pytest.raises(ValueError, match=r"written by 2 process\(es\) with --ep-size 2 under ZeRO-2 .* --ep-size 1"):
-        engine_lib.check_reshardable(tag, layout.read_shape(tag), layout.RunShape(1, 1, 2))
+        checkpointer.check_reshardable(tag, layout.read_shape(tag), layout.RunShape(1, 1, 2))
 
 
 def test_zero3_with_ep_is_refused_at_start_up():

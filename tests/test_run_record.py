@@ -7,8 +7,9 @@ import torch
 
 from dit_moe.checkpoint import layout, read_checkpoint_file, save_export
 from dit_moe.diffusion import ObjectiveConfig
+from dit_moe.train.checkpointer import ResumePoint, find_resume
 from dit_moe.train.config import load_config
-from dit_moe.train.loop import resume_tag, settled_config
+from dit_moe.train.loop import settled_config
 from dit_moe.utils.errors import UserError
 
 from tiny_dit import tiny_config, tiny_model
@@ -28,7 +29,7 @@ def flow_tag(tmp_path):
 
 
 def _settle(tag, *flags):
-    return settled_config(load_config(["--dataset", "digits", *flags]), tag, None)
+    return settled_config(load_config(["--dataset", "digits", *flags]), ResumePoint(tag, None), None)
 
 
 def test_a_forgotten_flag_takes_the_recorded_value_on_resume(flow_tag):
@@ -69,7 +70,7 @@ def test_resume_of_a_weights_file_points_to_init_from(tmp_path):
     weights.write_bytes(b"not read")
     cfg = load_config(["--resume", str(weights), "--results-dir", str(tmp_path / "run")])
     with pytest.raises(UserError, match=r"is a weights file.*--init-from .*dit_moe_s_8E2A.pt"):
-        resume_tag(cfg)
+        find_resume(cfg.run.resume, tmp_path / "run")
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ def test_two_ranks_match_single_process(single, tmp_path, zero):
 def test_resuming_on_another_number_of_processes_without_full_state_says_how_to_continue(single, tmp_path):
     shutil.copytree(single / "checkpoints", tmp_path / "checkpoints")
     for tag in (tmp_path / "checkpoints").glob("step*"):
-        layout.full_state_file(tag).unlink()  # as --elastic-checkpoints false writes it
+        layout.state_index_file(tag).unlink()  # as --elastic-checkpoints false writes it
     proc = run_train(
         tmp_path,
         *ONE_TOKEN[:-4],

@@ -1,4 +1,11 @@
-"""Exports: one self-describing file of weights, EMA, model config and objective config."""
+"""Exports: self-describing weights, EMA, model config and objective config.
+
+One file (`export.safetensors` or `.pt`) up to `SHARD_BYTES`; a larger safetensors export is written as
+Hugging Face-style shards, `export-00001-of-0000N.safetensors` ... plus `export.safetensors.index.json`
+(the names and index `huggingface_hub.split_torch_state_dict_into_shards` gives; the index's "metadata"
+and every shard's header carry the format and configs). `dit_moe.checkpoint.read` reads both, by the
+file's name or the index's.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
 from ..diffusion import ObjectiveConfig
@@ -17,6 +25,45 @@ from ..models.experts import unstack_expert_state_dict
 from ..utils.atomic import atomic_path, require_free_space
 
 EXPORT_FORMAT = "dit-moe-export"
+SHARD_BYTES = 5 * 10**9  # one export file at most (huggingface_hub's default shard size); larger: shards
+INDEX_SUFFIX = ".index.json"
+
+
+def index_path(path: Path) -> Path:
+    """The index of a sharded export named `path` (`export.safetensors` -> `export.safetensors.index.json`)."""
+    return path.with_name(path.name + INDEX_SUFFIX)
+
+
+def export_metadata(config: DiTConfig, objective: Optional[ObjectiveConfig]) -> dict[str, str]:
+    """The header metadata that makes an export self-describing."""
+    configs = {"config": config.to_dict()}
+    if objective is not None:
+        configs["objective"] = objective.to_dict()
+    return {"format": EXPORT_FORMAT, **{key: json.dumps(value) for key, value in configs.items()}}
+
+
+def plan_shards(path: Path, shapes: dict[str, tuple[int, ...]], max_bytes: int) -> Optional[dict[str, list[str]]]:
+    """Shard file name -> tensor names (fp32, in the given order) for an export of these tensors, or None when
+    one file holds them."""
+    meta = {name: torch.empty(shape, dtype=torch.float32, device="meta") for name, shape in shapes.items()}
+    split = split_torch_state_dict_into_shards(
+        meta, filename_pattern=path.stem + "{suffix}.safetensors", max_shard_size=max_bytes
+    )
+    return split.filename_to_tensors if split.is_sharded else None
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def write_index(path: Path, shards: dict[str, list[str]], total_bytes: int, metadata: dict[str, str]) -> Path:
+    """The index of a sharded export, written last: a reader that finds it finds every shard."""
+    weight_map = {name: file for file, names in shards.items() for name in names}
+    index = {"metadata": {"total_size": total_bytes, **metadata}, "weight_map": weight_map}
+    with atomic_path(index_path(path)) as tmp:
+        tmp.write_text(json.dumps(index, indent=2))
+    return index_path(path)
 
 
 def dit_moe_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -46,8 +93,7 @@ def save_export(
             tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
             if ema_state is not None:
                 tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema_state.items()})
-            metadata = {"format": EXPORT_FORMAT, **{key: json.dumps(value) for key, value in configs.items()}}
-            save_file(tensors, str(tmp), metadata=metadata)
+            save_file(tensors, str(tmp), metadata=export_metadata(config, objective))
         else:
             blob = {"format": EXPORT_FORMAT, **configs, "model": _cpu(model_state)}
             if ema_state is not None:

@@ -1,18 +1,22 @@
 """The trainer's checkpoint directory: its names, which tag to read, and how a path names one.
 
-This module is the one owner of the layout: the writer (`dit_moe.train.engine.save_checkpoint`),
+This module is the one owner of the layout: the writer (`dit_moe.train.checkpointer.Checkpointer`),
 the reader (`dit_moe.checkpoint.load_model` on a directory) and `--resume` all go through it.
 
 Layout under `<results>/checkpoints/`:
-    step0000100/                DeepSpeed's files (model, optimizer, client state) plus
-        ema.safetensors         full EMA weights (gathered under ZeRO-3)
+    step0000100/                DeepSpeed's files (its model file; its per-rank optimizer files only with
+                                --elastic-checkpoints false, else the resumable state below holds them) plus
+        ema.safetensors         full fp32 EMA weights (gathered one tensor at a time, streamed by rank 0)
         dit_config.json         the model's DiTConfig, so `load_model(dir)` builds the right model
         objective_config.json   the objective's config (objective, schedule, ...), read back to sample
         rng_rankR.pt            every rank's RNG states
         experts_epR.safetensors expert parallelism only: expert-parallel rank R's local experts
         shape.json              the run's shape (processes, --ep-size, ZeRO stage, batch split): `RunShape`
-        full_state.safetensors  the world-size-independent training state (`dit_moe.train.reshard`): full
-                                fp32 master weights and Adam moments, so a resume may change the shape
+        state_rankR.safetensors the world-size-independent training state (`dit_moe.train.reshard`): rank R's
+                                fragments of the fp32 master weights and Adam moments, flat, by global offset
+        state_index.json        which file holds which range of every tensor, their global shapes, the run id
+                                that marks every state file, counters and client state
+        full_state.safetensors  tags written before the sharded state: the whole state in one file (still read)
         COMPLETE                written last, after every file above is on disk
     latest                      name of the newest complete tag
 
@@ -43,6 +47,8 @@ RNG_FILE = "rng_rank{rank}.pt"
 EXPERT_SHARD = "experts_ep{rank}.safetensors"
 SHAPE_FILE = "shape.json"
 FULL_STATE_FILE = "full_state.safetensors"
+STATE_SHARD = "state_rank{rank}.safetensors"
+STATE_INDEX_FILE = "state_index.json"
 TAG_PREFIX = "step"
 _TAG = re.compile(rf"{TAG_PREFIX}(\d+)")
 
@@ -109,6 +115,14 @@ def full_state_file(tag_dir: Path) -> Path:
     return tag_dir / FULL_STATE_FILE
 
 
+def state_shard(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / STATE_SHARD.format(rank=rank)
+
+
+def state_index_file(tag_dir: Path) -> Path:
+    return tag_dir / STATE_INDEX_FILE
+
+
 @dataclass(frozen=True)
 class RunShape:
     """How the run that wrote a tag was laid out; a resume on another layout reshards (`dit_moe.train.reshard`).
@@ -132,20 +146,20 @@ class RunShape:
         return f"{self.world_size} process(es) with --ep-size {self.ep_size} under ZeRO-{self.zero_stage}"
 
 
-def write_shape(tag_dir: Path, shape: RunShape) -> None:
-    write_text(tag_dir / SHAPE_FILE, json.dumps(asdict(shape), indent=2))
+def config_texts(model_config: dict[str, Any], objective_config: dict[str, Any], shape: RunShape) -> dict[str, str]:
+    """The small JSON files of a tag by name: the model and objective configs (so the tag can be sampled
+    without flags) and the run's shape."""
+    return {
+        CONFIG_FILE: json.dumps(model_config, indent=2),
+        OBJECTIVE_CONFIG_FILE: json.dumps(objective_config, indent=2),
+        SHAPE_FILE: json.dumps(asdict(shape), indent=2),
+    }
 
 
 def read_shape(tag_dir: Path) -> Optional[RunShape]:
     """The tag's `RunShape`; None for tags written before it was saved."""
     fields = _read_json(tag_dir / SHAPE_FILE)
     return None if fields is None else RunShape(**fields)
-
-
-def write_configs(tag_dir: Path, model_config: dict[str, Any], objective_config: dict[str, Any]) -> None:
-    """The model and objective configs beside the weights, so the tag can be sampled without flags."""
-    write_text(tag_dir / CONFIG_FILE, json.dumps(model_config, indent=2))
-    write_text(tag_dir / OBJECTIVE_CONFIG_FILE, json.dumps(objective_config, indent=2))
 
 
 def read_model_config(tag_dir: Path) -> Optional[dict[str, Any]]:

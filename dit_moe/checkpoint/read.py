@@ -5,7 +5,9 @@ Formats read by `load_model` / `read_checkpoint_file`:
 - feizc/DiT-MoE: the same containers with per-expert keys `blocks.N.moe.experts.K.*` (stacked at load);
 - our exports (`.safetensors` or `.pt`): weights + EMA + the DiTConfig that built them and the
   ObjectiveConfig it was trained with (files written before the objective config record only
-  the objective and its flow time scale, inside a flat model config: remapped here);
+  the objective and its flow time scale, inside a flat model config: remapped here); a large
+  safetensors export as Hugging Face-style shards, named by `export.safetensors` or its
+  `export.safetensors.index.json`;
 - DeepSpeed checkpoint directories written by our trainer: a results dir, its `checkpoints/` or a
   tag dir, resolved by `checkpoint_layout` to the latest complete tag.
 Architecture is inferred from tensor shapes when the file stores no config.
@@ -29,7 +31,7 @@ from ..diffusion import ObjectiveConfig
 from ..models import DiTConfig
 from ..utils.errors import CheckpointError
 from . import layout
-from .export import EXPORT_FORMAT
+from .export import EXPORT_FORMAT, INDEX_SUFFIX, index_path
 from .infer import objective_evidence
 from .provenance import ObjectiveSource, TrainedAs
 
@@ -125,6 +127,35 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
+def _sharded_index(path: Path) -> Optional[Path]:
+    """The index of a sharded export that `path` names: the index itself, or `export.safetensors` when only
+    its shards and index exist."""
+    if path.name.endswith(".safetensors" + INDEX_SUFFIX) and path.is_file():
+        return path
+    if path.suffix == ".safetensors" and not path.exists() and index_path(path).is_file():
+        return index_path(path)
+    return None
+
+
+def _read_sharded_safetensors(index_file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a Hugging Face-style sharded export (shards + `*.safetensors.index.json`)."""
+    try:
+        index = json.loads(index_file.read_text())
+        weight_map, metadata = index["weight_map"], index.get("metadata", {})
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index_file} is not a safetensors index ({err}).") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(set(weight_map.values())):
+        shard = index_file.parent / file
+        if not shard.is_file():
+            raise CheckpointError(f"{index_file} names the shard {file}, which is missing beside it.")
+        tensors.update(_read_safetensors(shard)[0])
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{index_file} lists {len(missing)} tensor(s) its shards do not hold, e.g. {missing[0]}.")
+    return tensors, {k: v for k, v in metadata.items() if isinstance(v, str)}
+
+
 def _split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
 
@@ -177,14 +208,15 @@ def _gather_expert_shards(tag_dir: Path) -> dict[str, torch.Tensor]:
 def read_checkpoint_file(path: str | os.PathLike, prefer_ema: bool = True) -> CheckpointContents:
     """Read any supported checkpoint once: weights (EMA preferred) and the configs it records."""
     path = Path(path)
-    if not path.exists():
+    sharded = _sharded_index(path)
+    if sharded is None and not path.exists():
         raise CheckpointError(
             f"Checkpoint {path} does not exist; pass the path of a .pt/.safetensors file or checkpoint directory."
         )
     if path.is_dir():
         model, objective, state_dict = _read_deepspeed_dir(path, prefer_ema)
-    elif path.suffix == ".safetensors":
-        state_dict, metadata = _read_safetensors(path)
+    elif sharded is not None or path.suffix == ".safetensors":
+        state_dict, metadata = _read_sharded_safetensors(sharded) if sharded else _read_safetensors(path)
         model, objective = (json.loads(metadata[key]) if key in metadata else None for key in ("config", "objective"))
         if metadata.get("format") == EXPORT_FORMAT:
             ema = _split_prefixed(state_dict, "ema.")

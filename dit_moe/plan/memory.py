@@ -71,14 +71,11 @@ def grads_bytes(counts: ParamCounts, cluster: ClusterSpec) -> float:
 
 
 def ema_bytes_per_rank(counts: ParamCounts, cluster: ClusterSpec) -> float:
-    """The trainer's fp32 EMA on one rank: a copy of what the rank's module holds (its local experts, and
-    under ZeRO-3 its partition). An EMA kept as a partition of the fp32 master would instead cost
-    FP32 * counts.trainable / cluster.world_size at every stage: change this one function when it is."""
+    """The trainer's fp32 EMA on one rank: it averages the fp32 master fragment the rank's optimizer owns
+    (dit_moe.train.engine.EMA), so 4 B per trainable parameter / world size at every ZeRO stage."""
     if not cluster.ema:
         return 0.0
-    if cluster.zero == 3:
-        return FP32 * counts.trainable / cluster.world_size
-    return FP32 * local_elements(counts, cluster)
+    return FP32 * counts.trainable / cluster.world_size
 
 
 def in_flight_buffer_bytes(cluster: ClusterSpec, counts: ParamCounts) -> float:

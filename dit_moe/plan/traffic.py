@@ -6,11 +6,10 @@ the recomputed forward under gradient checkpointing. With balanced routing a fra
 M k copies (M tokens of the micro-batch, k experts each) leaves the rank, each C elements wide.
 
 Checkpoint (the trainer's tag layout): every rank writes its optimizer partition (fp32 master and Adam
-moments, 12 bytes per element / W); rank 0 also writes the module's weights (b bytes per element it holds),
-the full fp32 EMA (4 bytes per parameter) and, with elastic checkpoints, the full optimizer state (12 bytes
-per parameter) that lets a tag resume on another shape; the first rank of each expert-data-parallel group
-writes its experts (b N_e / ep). Rank 0 gathers the EMA and the full state alone: at DiT-MoE-G/2 scale that
-is by far the largest write of a save.
+moments, 12 bytes per element / W) with a global index, which any shape reads back by ranges; rank 0 also
+writes the module's weights (b bytes per element it holds) and the full fp32 EMA (4 bytes per parameter),
+gathered and streamed one tensor at a time; the first rank of each expert-data-parallel group writes its
+experts (b N_e / ep). At DiT-MoE-G/2 16E2A on 64 GPUs rank 0's EMA file is its largest write.
 """
 
 from __future__ import annotations
@@ -33,13 +32,17 @@ def all_to_all_bytes(config: DiTConfig, cluster: ClusterSpec, mask_ratio: float)
     return moe_layers * passes * copies * leaving * config.hidden_size * cluster.param_bytes
 
 
-def checkpoint_bytes(counts: ParamCounts, cluster: ClusterSpec, elastic: bool = True) -> dict[str, float]:
-    """Bytes of one checkpoint: `per_rank` (rank 0, the largest writer) and `total` over all ranks."""
+def checkpoint_bytes(counts: ParamCounts, cluster: ClusterSpec) -> dict[str, float]:
+    """Bytes of one checkpoint: `per_rank` (rank 0, the largest writer) and `total` over all ranks.
+
+    Every rank writes its partition of the fp32 master and AdamW moments (the sharded resumable state, or
+    with --elastic-checkpoints false DeepSpeed's optimizer files: the same bytes); rank 0 also writes
+    DeepSpeed's module file and the whole fp32 EMA (dit_moe.train.checkpointer)."""
     partition = ADAM_STATE_BYTES * counts.trainable / cluster.world_size
     b = cluster.param_bytes
     held = counts.trainable / cluster.world_size if cluster.zero == 3 else local_elements(counts, cluster)
     module = b * (counts.frozen + held)
-    rank0 = partition + module + FP32 * counts.total + (ADAM_STATE_BYTES * counts.trainable if elastic else 0.0)
+    rank0 = partition + module + FP32 * counts.total
     experts = b * counts.expert / cluster.ep_size if cluster.ep_size > 1 else 0.0
     others = partition * (cluster.world_size - 1)
     return {"per_rank": rank0 + experts, "total": rank0 + experts * cluster.ep_size + others}

@@ -1,15 +1,16 @@
 """Disk space for checkpoints: a check before each write, and one sentence instead of a traceback
 when the disk fills up anyway, with the partial tag removed and the previous checkpoint untouched.
 
-    space = CheckpointSpace.for_run(checkpoint_dir, num_params, keep_last, device)
+    space = CheckpointSpace.for_run(checkpoint_dir, composition.estimated_bytes(), keep_last, device)
     space.check()                       # collective: warn below 2x the expected size, stop below 1x
     with space.guard(path):             # around each write: an out-of-space error is recorded, not raised,
         write(path)                     # so every rank still reaches the same collectives
     space.agree(tag_dir)                # collective: if any rank ran out, remove the tag and stop on all
 
 The expected size is the previous complete checkpoint's size on disk; before the first one it is
-estimated as `BYTES_PER_PARAMETER` x parameters. Ranks may write to different disks (node-local
-storage), so the decision uses the least free space and the largest expected size over all ranks.
+estimated from what a tag holds (`TagComposition`: every file, over all ranks, experts counted whole).
+Ranks may write to different disks (node-local storage), so the decision uses the least free space and
+the largest expected size over all ranks.
 """
 
 from __future__ import annotations
@@ -30,10 +31,9 @@ from ..utils.errors import UserError
 
 log = logging.getLogger("dit_moe.train")
 
-# fp32 weights (4) + Adam's two moments (8) + ZeRO's fp32 master copy (4) + fp32 EMA (4) per parameter:
-# the size of a ZeRO-1/2 fp32 checkpoint up to file headers; more than bf16/fp16 runs (2-byte weights in
-# DeepSpeed's model file) and ZeRO-3 ones (whose model file holds no gathered weights) need.
-BYTES_PER_PARAMETER = 20
+MASTER_AND_MOMENTS = 12  # bytes per trainable parameter: fp32 master weight + Adam's two fp32 moments
+EMA_BYTES = 4  # the fp32 EMA of every parameter
+FILE_OVERHEAD = 64 * 1024  # headers and pickled metadata, per file
 WARN_FACTOR = 2  # warn while free space is below this many checkpoints
 _NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _NO_SPACE_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded")
@@ -48,10 +48,73 @@ def size_on_disk(tag_dir: Path) -> int:
     return sum(path.stat().st_blocks * 512 for path in tag_dir.rglob("*") if path.is_file())
 
 
-def expected_bytes(checkpoint_dir: Path, num_params: int) -> int:
-    """The previous complete checkpoint's size on disk, or `BYTES_PER_PARAMETER` x `num_params` before the first."""
+@dataclass(frozen=True)
+class TagComposition:
+    """What one checkpoint tag holds, counted over every rank's files with experts counted whole.
+
+    The optimizer state: fp32 master + moments of the trainable parameters, 12 B/param, in the resumable state
+    (`reshard`, ZeRO-1/2/3 with --elastic-checkpoints, frozen entries in fp32 too) or else in DeepSpeed's
+    optimizer files (without ZeRO the model file holds the moments, 8 B/param, and fp32 masters only for
+    16-bit weights). DeepSpeed's model file: the weights in their dtype, the routed experts of
+    expert-parallel rank 0 only, nothing of ZeRO-3's partitioned weights. Expert shards (expert parallelism):
+    every expert in the weights' dtype. The EMA: 4 B/param. For DiT-MoE-XL/2 8E2A (4.17B parameters, bf16,
+    ZeRO-2, 8 GPUs) that is 4.17B x (12 + 2 + 4) = 75 GB; for G/2 16E2A (16.5B) 297 GB.
+    """
+
+    params: int  # every parameter, experts counted whole
+    expert_params: int  # the routed experts' share of `params` under expert parallelism (else 0: not needed)
+    frozen: int  # parameters without gradients
+    weight_bytes: int  # bytes per element of the model's weights
+    zero_stage: int
+    ep_size: int
+    world_size: int
+    elastic: bool
+
+    @classmethod
+    def of_engine(cls, engine, ep, elastic: bool) -> "TagComposition":
+        params = expert = frozen = 0
+        for param in engine.module.parameters():
+            numel = getattr(param, "ds_numel", param.numel())
+            if ep is not None and getattr(param, "allreduce", True) is False:  # this rank's experts: all of them
+                numel *= ep.size
+                expert += numel
+            params += numel
+            frozen += 0 if param.requires_grad else numel
+        first = next(engine.module.parameters())
+        return cls(
+            params,
+            expert,
+            frozen,
+            first.element_size(),
+            engine.zero_optimization_stage(),
+            1 if ep is None else ep.size,
+            dist.get_world_size(),
+            elastic,
+        )
+
+    def estimated_bytes(self) -> int:
+        trainable = self.params - self.frozen
+        sharded = self.elastic and self.zero_stage > 0  # the resumable state replaces DeepSpeed's optimizer files
+        if sharded:
+            optimizer = MASTER_AND_MOMENTS * trainable + 4 * self.frozen
+        elif self.zero_stage > 0:
+            optimizer = MASTER_AND_MOMENTS * trainable
+        else:
+            optimizer = (8 if self.weight_bytes == 4 else MASTER_AND_MOMENTS) * trainable
+        model_file = (
+            0
+            if self.zero_stage == 3
+            else self.weight_bytes * (self.params - self.expert_params + self.expert_params // self.ep_size)
+        )
+        experts = self.weight_bytes * self.expert_params if self.ep_size > 1 else 0
+        files = 3 * self.world_size + self.ep_size + 6
+        return optimizer + model_file + experts + EMA_BYTES * self.params + FILE_OVERHEAD * files
+
+
+def expected_bytes(checkpoint_dir: Path, estimate: int) -> int:
+    """The previous complete checkpoint's size on disk, or `estimate` (`TagComposition`) before the first."""
     tag = layout.latest_complete_tag(checkpoint_dir)
-    return size_on_disk(checkpoint_dir / tag) if tag else BYTES_PER_PARAMETER * num_params
+    return size_on_disk(checkpoint_dir / tag) if tag else estimate
 
 
 def free_bytes(path: Path) -> int:
@@ -85,8 +148,8 @@ class CheckpointSpace:
     failure: Optional[str] = field(default=None)  # the first write this rank could not finish
 
     @classmethod
-    def for_run(cls, checkpoint_dir: Path, num_params: int, keep_last: int, device: torch.device) -> "CheckpointSpace":
-        return cls(checkpoint_dir, expected_bytes(checkpoint_dir, num_params), keep_last, device)
+    def for_run(cls, checkpoint_dir: Path, estimate: int, keep_last: int, device: torch.device) -> "CheckpointSpace":
+        return cls(checkpoint_dir, expected_bytes(checkpoint_dir, estimate), keep_last, device)
 
     def _least_free_most_needed(self) -> tuple[int, int]:
         """(least free bytes, largest expected size) over all ranks (a collective)."""

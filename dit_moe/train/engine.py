@@ -1,26 +1,21 @@
-"""The only module that imports DeepSpeed: its config for this run, engine construction, ZeRO-3 leaf
-modules, expert-parallel groups, EMA, checkpoints that survive a kill at any moment, and gathering
-full weights for export.
+"""DeepSpeed's side of the run: its config for this run, engine construction, ZeRO-3 leaf modules,
+expert-parallel groups, the EMA, and gathering full weights for export.
 
 Expert parallelism (`--ep-size N`) uses DeepSpeed's own MoE machinery: its expert-parallel and
 expert-data-parallel groups, expert parameters marked as its MoE layer marks them
 (`allreduce = False`, `group_name`), and optimizer groups split by its helper, so ZeRO-1/2
 partitions and reduces expert gradients over the expert-data-parallel group only.
 
-Checkpoints follow the layout `dit_moe.checkpoint.layout` documents and names. A resume on the shape
-that wrote the tag (processes, --ep-size, ZeRO stage) goes through DeepSpeed's own loader; on any other
-shape through `dit_moe.train.reshard`, this module's resharding half (the other module that imports DeepSpeed).
+Checkpoints are `dit_moe.train.checkpointer`'s (with `dit_moe.train.reshard`, its world-size-independent
+state); those and this module are the ones that touch DeepSpeed.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-import random
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import deepspeed
 import numpy as np
@@ -30,22 +25,111 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups, set_z3_leaf_modules
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from ..checkpoint import layout
 from ..models.moe import MoEFeedForward
 from ..parallel import ExpertParallel, shard_experts
-from ..utils.atomic import atomic_path
+from ..utils.errors import UserError
 from ..utils.host_memory import keep_freed_memory
 from ..utils.launch import LaunchEnv, free_port
+from ..utils.safetensors_stream import write_streamed
 from . import reshard
 from .batch import BatchPlan
 from .deepspeed_config import load_deepspeed_config
-from .disk import CheckpointSpace
 from .sections import RunSection
 
 EXPERT_PARALLEL_STAGES = (1, 2)
 QUIET_STEPS_PER_PRINT = 10**9  # DeepSpeed prints nothing of its own: the trainer logs
+
+
+TESTED_DEEPSPEED = "0.19.8"
+
+# Every private DeepSpeed name the trainer uses: (where, name, what for). `where` is a module path, a class
+# path, or "engine" / "optimizer" / "zero-1/2 parameter" / "zero-3 parameter" for attributes of the objects a
+# run builds. `check_deepspeed_names` checks them at start-up, so a DeepSpeed that renamed one stops the run
+# with one sentence instead of failing at the first checkpoint.
+PRIVATE_DEEPSPEED_NAMES: tuple[tuple[str, str, str], ...] = (
+    ("deepspeed.utils.groups", "_get_expert_parallel_group_dict", "expert-parallel groups"),
+    ("deepspeed.utils.groups", "_create_expert_and_data_parallel", "expert-parallel groups"),
+    ("deepspeed.utils.groups", "_get_expert_parallel_group", "expert-parallel groups"),
+    ("deepspeed.utils.groups", "_get_expert_data_parallel_rank", "who writes an expert shard"),
+    (
+        "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer",
+        "_lazy_init_hp_params_optimizer_state",
+        "linking optimizer moments to parameters before resharding",
+    ),
+    (
+        "deepspeed.runtime.bf16_optimizer.BF16_Optimizer",
+        "_lazy_init_hp_params_optimizer_state",
+        "linking optimizer moments to parameters before resharding",
+    ),
+    (
+        "deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3",
+        "_set_fp32_optimizer_param_groups",
+        "creating optimizer moments before resharding",
+    ),
+    (
+        "deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3",
+        "_clear_fp32_optimizer_param_groups",
+        "creating optimizer moments before resharding",
+    ),
+    ("engine", "checkpoint_engine", "guarding each checkpoint file write"),
+    ("engine", "save_zero_checkpoint", "leaving out DeepSpeed's optimizer files when the sharded state holds them"),
+    ("engine", "has_moe_layers", "checking that expert gradients are reduced over their group"),
+    ("engine", "global_samples", "resharded counters"),
+    ("engine", "skipped_steps", "resharded counters"),
+    ("optimizer", "optimizer", "the torch optimizer inside ZeRO"),
+    ("zero-1/2 parameter", "_hp_mapping", "this rank's fragment of the master weights and moments"),
+    ("zero-3 parameter", "ds_tensor", "this rank's partition"),
+    ("zero-3 parameter", "ds_numel", "the partitioned parameter's size"),
+    ("zero-3 parameter", "ds_shape", "the partitioned parameter's shape"),
+    ("zero-3 parameter", "ds_process_group", "the partition's rank"),
+)
+
+
+def _owner(where: str) -> Any:
+    """The module or class a dotted path names (None when it does not exist)."""
+    import importlib
+
+    module_path, _, attribute = where.rpartition(".")
+    try:
+        return importlib.import_module(where)
+    except ImportError:
+        try:
+            return getattr(importlib.import_module(module_path), attribute, None)
+        except ImportError:
+            return None
+
+
+def _objects_of(engine) -> dict[str, Any]:
+    """The run's objects the instance names are checked on (a parameter of the kind this stage has)."""
+    if engine is None:
+        return {}
+    objects = {"engine": engine}
+    stage = engine.zero_optimization_stage()
+    if stage > 0:
+        param = next(p for p in engine.module.parameters() if p.requires_grad)
+        objects["zero-3 parameter" if stage == 3 else "zero-1/2 parameter"] = param
+        objects["optimizer"] = engine.optimizer
+    return objects
+
+
+def check_deepspeed_names(engine=None) -> None:
+    """Stop with one sentence when this DeepSpeed lacks a private name the trainer uses: the module and
+    class ones always, the instance ones on `engine`'s objects when given."""
+    objects = _objects_of(engine)
+    for where, name, purpose in PRIVATE_DEEPSPEED_NAMES:
+        if where in objects:
+            owner = objects[where]
+        elif "." in where:
+            owner = _owner(where)
+        else:
+            continue  # an object this run does not build
+        if owner is None or not hasattr(owner, name):
+            raise UserError(
+                f"DeepSpeed {deepspeed.__version__} has no {where}.{name}, which the trainer uses for {purpose}; "
+                f"it is tested with DeepSpeed {TESTED_DEEPSPEED}: pip install deepspeed=={TESTED_DEEPSPEED}."
+            )
 
 
 def apply_precision(ds_config: dict[str, Any], precision: str, device: torch.device) -> str:
@@ -187,6 +271,7 @@ class _MoEFlag(DeepSpeedMoE):
 
 def initialize(model: torch.nn.Module, ds_config: dict[str, Any], ep: Optional[ExpertParallel] = None):
     """Wrap `model` in a DeepSpeed engine; MoE layers become ZeRO-3 leaf modules (gathered whole)."""
+    check_deepspeed_names()
     if zero_stage(ds_config) == 3:
         set_z3_leaf_modules(model, [MoEFeedForward])
     optimizer = build_optimizer(model, ds_config)
@@ -204,6 +289,7 @@ def initialize(model: torch.nn.Module, ds_config: dict[str, Any], ep: Optional[E
         del model._deepspeed_moe_flag
         if not engine.has_moe_layers:
             raise RuntimeError("DeepSpeed did not enable its MoE handling; expert gradients would be reduced wrongly.")
+    check_deepspeed_names(engine)
     return engine
 
 
@@ -211,277 +297,145 @@ def _is_partitioned(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "ds_tensor")
 
 
-class EMA:
-    """Exponential moving average of the weights, in fp32.
+def ema_decay_at(step: int, decay: float, warmup_steps: int) -> float:
+    """The EMA decay of update `step` (0 for the first): during the first `warmup_steps` updates the ramp
+    min(decay, (1 + step) / (10 + step)) of DiT-MoE's and TensorFlow's `num_updates` EMA, so an early EMA
+    follows the weights instead of the initialisation; `decay` after. The ramp is 0.1 at the first update,
+    0.9 at step 80, 0.982 at step 500 and reaches 0.9999 by step 89,991 on its own."""
+    if step < warmup_steps:
+        return min(decay, (1 + step) / (10 + step))
+    return decay
 
-    Under ZeRO-3 each rank averages only its own partition of every parameter (no
-    communication per step); the full average is gathered only to save or export.
-    Persistent buffers (router state such as a balancing bias) are not averaged: the full
-    state holds the live module's, so an EMA state dict loads into the model on its own.
+
+class EMA:
+    """Exponential moving average of the fp32 master weights, kept for the fragment of each parameter that
+    this rank's optimizer owns (`reshard.fragments`): 4 B/param / world per rank under ZeRO-1/2/3, no full
+    copy on any GPU (DiT-MoE-XL/2 8E2A on 8 GPUs: 2.1 GB per GPU instead of 16.7 GB; G/2 16E2A on 64:
+    1.0 GB). Without ZeRO (stage 0) every rank averages its whole model, as it holds it.
+
+    Frozen parameters are not averaged and persistent buffers (router state such as a balancing bias) are
+    the live module's, so a full EMA state dict loads into the model on its own. Full tensors are gathered
+    one at a time (`full_tensors`): each rank adds its fragment into one zero tensor of the parameter's size
+    and a reduction sums them (the fragments are disjoint and cover the parameter).
     """
 
-    def __init__(self, module: torch.nn.Module, decay: float, ep: Optional[ExpertParallel] = None):
+    def __init__(self, engine, decay: float, ep: Optional[ExpertParallel] = None, warmup_steps: int = 0):
+        self.engine = engine
         self.decay = decay
-        self.ep = ep  # expert parallelism: expert tensors hold this rank's experts, gathered to save
+        self.warmup_steps = warmup_steps
+        self.ep = ep  # expert parallelism: expert fragments sit at their global expert offsets
+        module = engine.module
         self.params = dict(module.named_parameters())
         persistent = module.state_dict().keys()
         self.buffers = {name: b for name, b in module.named_buffers() if name in persistent}
-        self.shadow = {name: self._local(p).detach().float().clone() for name, p in self.params.items()}
-
-    @staticmethod
-    def _local(param: torch.nn.Parameter) -> torch.Tensor:
-        return param.ds_tensor if _is_partitioned(param) else param.data
+        self.sharded = engine.zero_optimization_stage() > 0
+        if self.sharded:
+            self.fragments = {f.name: f for f in reshard.fragments(engine, ep)}
+            self.shadow = {name: reshard.master_view(f).float().clone() for name, f in self.fragments.items()}
+        else:
+            self.fragments = {}
+            self.shadow = {name: p.detach().float().clone() for name, p in self.params.items() if p.requires_grad}
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int) -> None:
+        """Average in the weights after optimizer step `step` (0 for the first)."""
+        weight = 1.0 - ema_decay_at(step, self.decay, self.warmup_steps)
+        for name, shadow in self.shadow.items():
+            live = reshard.master_view(self.fragments[name]) if self.sharded else self.params[name]
+            shadow.lerp_(live.float(), weight)
+
+    def _whole(self, name: str, dst: Optional[int]) -> torch.Tensor:
+        """The whole fp32 EMA of trainable parameter `name` (collective), on the CPU."""
+        param = self.params[name]
+        if not self.sharded:
+            local = self.shadow[name]
+            return (self.ep.gather_experts(local) if self.ep is not None and is_moe_param(param) else local).cpu()
+        shape = reshard.full_shape(param, self.ep)
+        whole = torch.zeros(int(np.prod(shape)), dtype=torch.float32, device=param.device)
+        if name in self.fragments:
+            fragment = self.fragments[name]
+            whole[fragment.start : fragment.start + fragment.numel] = self.shadow[name]
+        if dst is None:
+            dist.all_reduce(whole)
+        else:
+            dist.reduce(whole, dst=dst)
+        return whole.view(shape).cpu()
+
+    @torch.no_grad()
+    def full_tensors(self, dst: Optional[int] = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, whole fp32 EMA tensor) one at a time: trainable parameters averaged, frozen ones and the
+        persistent buffers live (collective: every rank iterates it all; with `dst` only that rank's values
+        are whole)."""
         for name, param in self.params.items():
             if param.requires_grad:
-                self.shadow[name].lerp_(self._local(param).float(), 1.0 - self.decay)
+                yield name, self._whole(name, dst)
+            else:
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    yield name, param.detach().float().cpu().clone()
+        for name, buffer in self.buffers.items():
+            yield name, buffer.detach().float().cpu().clone()
 
-    @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 EMA tensors and the live persistent buffers (collective under ZeRO-3: every rank must call it)."""
-        buffers = {name: b.detach().float().cpu().clone() for name, b in self.buffers.items()}
-        if self.ep is not None:
-            return {
-                name: (self.ep.gather_experts(self.shadow[name]) if is_moe_param(p) else self.shadow[name]).cpu()
-                for name, p in self.params.items()
-            } | buffers
-        return {name: _gather_partition(self.shadow[name], p) for name, p in self.params.items()} | buffers
+        """The whole fp32 EMA with the live persistent buffers, on every rank (collective)."""
+        return dict(self.full_tensors())
+
+    def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """(full shape, dtype) of every tensor `full_tensors` yields, in its order."""
+        specs = {name: (reshard.full_shape(p, self.ep), torch.float32) for name, p in self.params.items()}
+        return specs | {name: (tuple(b.shape), torch.float32) for name, b in self.buffers.items()}
+
+    def save(self, write: Callable[[Path, Callable[[Path], None]], None], path: Path) -> None:
+        """Collective: the EMA gathered one tensor at a time to rank 0, which streams each into `path` through
+        `write` (the checkpointer's guarded atomic write): no rank holds more than one whole tensor."""
+        tensors = self.full_tensors(dst=0)
+        if dist.get_rank() == 0:
+            write(path, lambda tmp: write_streamed(tmp, self.specs(), tensors))
+        else:
+            for _ in tensors:  # join every gather
+                pass
 
     @torch.no_grad()
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, param in self.params.items():
-            full = state[name].float()
-            if self.ep is not None and is_moe_param(param):
-                full = self.ep.local_slice(full)
-            self.shadow[name].copy_(_local_partition(full, param) if _is_partitioned(param) else full)
+    def load(self, path: Path) -> None:
+        """Read back this rank's fragments (or, without ZeRO, its whole tensors) from an EMA file of the full
+        tensors: only the rows that hold them."""
+        with safe_open(str(path), framework="pt") as f:
+            for name, shadow in self.shadow.items():
+                param = self.params[name]
+                if self.sharded:
+                    fragment = self.fragments[name]
+                    shadow.copy_(read_flat_range(f, name, fragment.start, fragment.numel))
+                else:
+                    start = reshard.local_offset(param, self.ep)
+                    shadow.copy_(read_flat_range(f, name, start, param.numel()).view(param.shape))
 
 
-def _gather_partition(shard: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
-    if not _is_partitioned(param):
-        return shard.detach().cpu()
-    world = dist.get_world_size()
-    gathered = shard.new_empty(shard.numel() * world)
-    dist.all_gather_into_tensor(gathered, shard.contiguous())
-    return gathered[: param.ds_numel].view(param.ds_shape).cpu()
+def read_flat_range(f, key: str, start: int, numel: int) -> torch.Tensor:
+    """Flat elements [start, start + numel) of tensor `key` of an open safetensors file, read as the whole
+    rows (along the first dimension) that hold them."""
+    piece = f.get_slice(key)
+    shape = piece.get_shape()
+    if not shape:
+        return f.get_tensor(key).reshape(1)[start : start + numel]
+    row = int(np.prod(shape[1:]))
+    first, last = start // row, -(-(start + numel) // row)
+    rows = piece[first:last].reshape(-1)
+    return rows[start - first * row : start - first * row + numel].float()
 
 
-def _local_partition(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
-    size = param.ds_tensor.numel()
-    flat = torch.zeros(size * dist.get_world_size(), dtype=full.dtype)
-    flat[: full.numel()] = full.flatten()
-    return flat[dist.get_rank() * size : (dist.get_rank() + 1) * size].to(param.ds_tensor.device)
-
-
-@torch.no_grad()
-def full_model_state_dict(engine, ep: Optional[ExpertParallel] = None) -> dict[str, torch.Tensor]:
-    """Full weights of the engine's module in fp32 on CPU (collective under ZeRO-3 or expert parallelism)."""
+def full_model_tensors(engine, ep: Optional[ExpertParallel] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole fp32 weight on the CPU) of the engine's module, one tensor at a time (collective under
+    ZeRO-3 or expert parallelism: every rank iterates it all)."""
     module = engine.module
-    params = list(module.parameters())
-    if any(_is_partitioned(p) for p in params):
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    if ep is not None:
-        experts = {name for name, p in module.named_parameters() if is_moe_param(p)}
-        return {
-            k: (ep.gather_experts(v) if k in experts else v).detach().float().cpu().clone()
-            for k, v in module.state_dict().items()
-        }
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _load_rng_state(path: Path) -> dict[str, Any]:
-    """A rank's saved RNG state, read safely (weights_only): numpy's generator state is the one non-tensor."""
-    array = np.zeros(1, dtype=np.uint32)
-    numpy_globals = [array.__reduce__()[0], np.ndarray, np.dtype, type(array.dtype)]
-    with torch.serialization.safe_globals(numpy_globals):
-        return torch.load(path, weights_only=True)
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_checkpoint(
-    engine,
-    ema: EMA,
-    checkpoint_dir: Path,
-    step: int,
-    client_state: dict[str, Any],
-    model_config: dict[str, Any],
-    objective_config: dict[str, Any],
-    keep_last: int,
-    space: CheckpointSpace,
-    ep: Optional[ExpertParallel] = None,
-    plan: Optional[BatchPlan] = None,
-    elastic: bool = True,
-) -> str:
-    """Collective: write tag `stepNNNNNNN`, mark it complete, point `latest` at it, prune old tags.
-
-    Every write runs under `space.guard`, so a full disk on any rank ends on every rank in `DiskFull`
-    with the partial tag removed (`space.agree`), never in a hang or a half-written checkpoint.
-    `elastic` adds the world-size-independent state (`reshard.save_full_state`) that lets the tag resume
-    on another shape; `plan` is recorded with the shape, so such a resume keeps the global batch."""
-    tag = layout.tag_for_step(step)
-    tag_dir = checkpoint_dir / tag
-    rank = dist.get_rank()
-    if rank == 0 and tag_dir.exists():
-        shutil.rmtree(tag_dir)  # a partial write of this step by a killed run
-    dist.barrier()
-    shape = run_shape(engine, ep, plan)
-    with _guarded_engine_writes(engine, space):
-        engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
-    if elastic and shape.zero_stage > 0:
-        with space.guard(layout.full_state_file(tag_dir)):
-            reshard.save_full_state(engine, layout.full_state_file(tag_dir), ep, client_state, shape)
-    ema_state = ema.full_state_dict()
-    with space.guard(layout.rng_file(tag_dir, rank)), atomic_path(layout.rng_file(tag_dir, rank)) as tmp:
-        torch.save(_rng_state(), tmp)
-    if ep is not None:
-        with space.guard(layout.expert_shard(tag_dir, ep.rank)):
-            _save_expert_shard(engine.module, ep, tag_dir)
-    if rank == 0:
-        with space.guard(tag_dir / layout.EMA_FILE), atomic_path(tag_dir / layout.EMA_FILE) as tmp:
-            save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp))
-        with space.guard(tag_dir / layout.CONFIG_FILE):
-            layout.write_configs(tag_dir, model_config, objective_config)
-            layout.write_shape(tag_dir, shape)
-    space.agree(tag_dir)
-    if rank == 0:
-        with space.guard(tag_dir / layout.COMPLETE_MARKER):
-            layout.mark_complete(checkpoint_dir, tag, step)
-    space.agree(tag_dir)
-    if rank == 0:
-        layout.prune(checkpoint_dir, keep_last)
-    dist.barrier()
-    return tag
-
-
-@contextmanager
-def _guarded_engine_writes(engine, space: CheckpointSpace) -> Iterator[None]:
-    """Run each of DeepSpeed's checkpoint file writes (`checkpoint_engine.save`) under `space.guard`.
-
-    Guarding each file rather than the whole `engine.save_checkpoint` call keeps a rank whose write
-    failed on DeepSpeed's path through its barriers and gathers, so the other ranks do not hang.
-    """
-    checkpoint_engine = engine.checkpoint_engine
-    save = checkpoint_engine.save
-
-    def guarded_save(state_dict, path):
-        with space.guard(Path(path)):
-            save(state_dict, path)
-
-    checkpoint_engine.save = guarded_save  # an instance attribute over the method, removed below
-    try:
-        yield
-    finally:
-        del checkpoint_engine.save
-
-
-def _save_expert_shard(module: torch.nn.Module, ep: ExpertParallel, tag_dir: Path) -> None:
-    """This expert-parallel rank's experts (DeepSpeed's model file holds rank 0's only); the first
-    rank of each expert-data-parallel group writes, the others hold the same weights."""
-    name = expert_group_name(ep.size)
-    if groups._get_expert_data_parallel_rank(name) != 0:
-        return
-    shard = {k: p.detach().cpu().contiguous() for k, p in module.named_parameters() if is_moe_param(p)}
-    metadata = {"ep_size": str(ep.size), "ep_rank": str(ep.rank), "num_experts": str(ep.num_experts)}
-    with atomic_path(layout.expert_shard(tag_dir, ep.rank)) as tmp:
-        save_file(shard, str(tmp), metadata=metadata)
-
-
-def saved_ep_size(tag_dir: Path) -> int:
-    """The --ep-size a checkpoint tag was written with (1 when it holds no expert shards)."""
-    shard = layout.expert_shard(tag_dir, 0)
-    if not shard.is_file():
-        return 1
-    with safe_open(str(shard), framework="pt") as f:
-        return int(f.metadata()["ep_size"])
-
-
-def run_shape(engine, ep: Optional[ExpertParallel], plan: Optional[BatchPlan] = None) -> layout.RunShape:
-    """This run's shape, as `shape.json` records it."""
-    batch = (plan.global_batch, plan.micro_batch, plan.grad_accum) if plan is not None else (None, None, None)
-    return layout.RunShape(
-        dist.get_world_size(), 1 if ep is None else ep.size, engine.zero_optimization_stage(), *batch
-    )
-
-
-def saved_shape(tag_dir: Path, zero_stage: int) -> layout.RunShape:
-    """The shape that wrote the tag; for tags older than `shape.json`, what its files show (the stage
-    they cannot show is taken to be this run's)."""
-    shape = layout.read_shape(tag_dir)
-    if shape is not None:
-        return shape
-    written_by = layout.rng_file_count(tag_dir) or dist.get_world_size()
-    return layout.RunShape(written_by, saved_ep_size(tag_dir), zero_stage)
-
-
-def check_reshardable(tag_dir: Path, saved: layout.RunShape, current: layout.RunShape) -> None:
-    """A tag resumes on another shape only from its full state, and only under ZeRO-1/2/3: else one sentence."""
-    if saved.layout == current.layout:
-        return
-    if current.zero_stage == 0 or saved.zero_stage == 0:
-        raise ValueError(
-            f"Checkpoint {tag_dir} was written by {saved.describe()} and this run is {current.describe()}: "
-            f"resharding needs ZeRO stage 1, 2 or 3 on both sides; resume it with its own shape."
-        )
-    if not layout.full_state_file(tag_dir).is_file():
-        raise ValueError(
-            f"Checkpoint {tag_dir} was written by {saved.describe()} and this run is {current.describe()}, but it "
-            f"holds no {layout.FULL_STATE_FILE} (written with --elastic-checkpoints false, or by an older dit-moe), "
-            f"so ZeRO's optimizer shards cannot be re-split: resume it with {saved.describe()}, or start a new run "
-            f"from its weights with --init-from {tag_dir} (the optimizer state restarts)."
-        )
-
-
-def load_checkpoint(
-    engine, ema: EMA, checkpoint_dir: Path, tag: str, ep: Optional[ExpertParallel] = None
-) -> dict[str, Any]:
-    """Restore engine (model, optimizer, scheduler), EMA and this rank's RNG; returns the client state.
-
-    The same shape loads DeepSpeed's own files; another shape loads the full state and reshards it. Rank r
-    of a larger world takes the RNG of rank r mod the old world size: the training draws do not use it
-    (they are seeded per global micro-batch), only code outside the step would."""
-    tag_dir = checkpoint_dir / tag
-    current = run_shape(engine, ep)
-    saved = saved_shape(tag_dir, current.zero_stage)
-    check_reshardable(tag_dir, saved, current)
-    if saved.layout == current.layout:
-        client_state = _load_same_shape(engine, checkpoint_dir, tag, ep)
-    else:
-        client_state = reshard.load_full_state(engine, layout.full_state_file(tag_dir), ep)
-    ema.load_full_state_dict(load_file(str(tag_dir / layout.EMA_FILE)))
-    _set_rng_state(_load_rng_state(layout.rng_file(tag_dir, dist.get_rank() % saved.world_size)))
-    return client_state
-
-
-def _load_same_shape(engine, checkpoint_dir: Path, tag: str, ep: Optional[ExpertParallel]) -> dict[str, Any]:
-    """DeepSpeed's loader, then this expert-parallel rank's expert shard (DeepSpeed's model file holds rank 0's)."""
-    load_path, client_state = engine.load_checkpoint(
-        str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir / tag}.")
-    if ep is not None:
-        shard = load_file(str(layout.expert_shard(checkpoint_dir / tag, ep.rank)))
-        with torch.no_grad():
-            for name, param in engine.module.named_parameters():
-                if is_moe_param(param):
-                    param.copy_(shard[name])
-    return client_state
+    params = dict(module.named_parameters())
+    for name, value in module.state_dict().items():
+        param = params.get(name)
+        if param is not None and _is_partitioned(param):
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                yield name, param.detach().float().cpu().clone()
+        elif param is not None and ep is not None and is_moe_param(param):
+            yield name, ep.gather_experts(param.detach()).float().cpu()
+        else:
+            yield name, value.detach().float().cpu().clone()
 
 
 def _unlink_shm_buffer_at_exit(rank: int) -> None:

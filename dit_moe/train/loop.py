@@ -26,25 +26,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..checkpoint import (
-    CheckpointContents,
-    layout,
-    read_checkpoint_file,
-    record_of_contents,
-    record_of_tag,
-    save_export,
-)
+from ..checkpoint import CheckpointContents, read_checkpoint_file, record_of_contents, record_of_tag
+from ..checkpoint.layout import RunShape
 from ..data import TrainLoader, build_codec, build_train_loader
 from ..data.check import check_features
 from ..diffusion import Draws, DrawSpec, Objective, ObjectiveConfig, build_objective
 from ..models import DiTConfig
 from ..parallel import ExpertParallel
-from ..utils.errors import UserError
 from ..utils.launch import LaunchEnv
 from . import engine as engine_lib
 from .batch import BatchPlan
 from .build import build_model_config, build_training_model, register_router_updates, settle_with_record
-from .disk import CheckpointSpace
+from .checkpointer import Checkpointer, CheckpointPlan, ResumePoint, find_resume
 from .distributed import RankSlice, StopRequest
 from .metrics import LoadTracker, MetricsWriter, Window, expert_parallel_record, plot_loss_curve
 from .preflight import check_inputs
@@ -74,16 +67,13 @@ class Run:
     ema: engine_lib.EMA
     ep: Optional[ExpertParallel]
     model_dtype: torch.dtype
-    resume_from: Optional[Path]  # the complete tag --resume names; None: a fresh start
+    checkpointer: Checkpointer
+    resume_from: Optional[ResumePoint]  # the complete tag --resume names; None: a fresh start
     step: int = 0
 
     @property
     def results_dir(self) -> Path:
         return Path(self.cfg.run.results_dir)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.results_dir / layout.CHECKPOINTS_DIR
 
     @property
     def is_main(self) -> bool:
@@ -109,7 +99,7 @@ def setup(cfg: TrainConfig) -> Run:
     launch = LaunchEnv.from_environ()
     check_inputs(cfg, launch.world_size)  # paths, DeepSpeed JSON, batch split: no process group yet
     fresh = cfg.run.resume is None and not cfg.run.export_only
-    resume_from = resume_tag(cfg)
+    resume_from = find_resume(cfg.run.resume, Path(cfg.run.results_dir))
     init = read_checkpoint_file(cfg.model.init_from) if cfg.model.init_from and resume_from is None else None
     cfg = settled_config(cfg, resume_from, init)  # what the checkpoint records, before anything is claimed
     rank, _local_rank, world_size, device = engine_lib.init_distributed()
@@ -117,7 +107,7 @@ def setup(cfg: TrainConfig) -> Run:
     claim_results_dir(Path(cfg.run.results_dir), fresh, cfg.run.overwrite, launch.rank)
     dist.barrier()  # every rank has judged the folder before rank 0 writes its log there
     _setup_logging(Path(cfg.run.results_dir), rank)
-    resumed = layout.read_shape(resume_from) if resume_from is not None else None
+    resumed = resume_from.shape if resume_from is not None else None
     ds_config, plan, precision = engine_lib.prepare_deepspeed_config(cfg.run, world_size, device, resumed)
     if resumed is not None and resumed.micro_batch is not None:
         _warn_if_draws_change(resumed, plan)
@@ -138,7 +128,13 @@ def setup(cfg: TrainConfig) -> Run:
     )
     engine = engine_lib.initialize(model, ds_config, ep)
     register_router_updates(engine)
-    ema = engine_lib.EMA(engine.module, cfg.run.ema_decay, ep)
+    ema = engine_lib.EMA(engine, cfg.run.ema_decay, ep, cfg.run.ema_warmup_steps)
+    checkpointer = Checkpointer(
+        engine,
+        ema,
+        ep,
+        CheckpointPlan.for_run(cfg.run, plan, model_config, objective_config, device),
+    )
     draw_spec = DrawSpec(
         (loader.input_channels, loader.input_size, loader.input_size),
         model_config.class_dropout_prob,
@@ -161,16 +157,20 @@ def setup(cfg: TrainConfig) -> Run:
         ema,
         ep,
         next(engine.module.parameters()).dtype,
+        checkpointer,
         resume_from,
     )
 
 
-def settled_config(cfg: TrainConfig, resume_from: Optional[Path], init: Optional[CheckpointContents]) -> TrainConfig:
+def settled_config(
+    cfg: TrainConfig, resume_from: Optional[ResumePoint], init: Optional[CheckpointContents]
+) -> TrainConfig:
     """The run's config once the checkpoint it continues (or starts from) has had its say: what the
     checkpoint records is the truth, flags may repeat it or change only how the model trains."""
     if resume_from is not None:
-        instead = f"start a new run from its weights with --init-from {resume_from} and another --results-dir"
-        return settle_with_record(cfg, record_of_tag(resume_from), instead)
+        tag_dir = resume_from.tag_dir
+        instead = f"start a new run from its weights with --init-from {tag_dir} and another --results-dir"
+        return settle_with_record(cfg, record_of_tag(tag_dir), instead)
     if init is None:
         return cfg
     where = f"--init-from {cfg.model.init_from}"
@@ -181,25 +181,7 @@ def settled_config(cfg: TrainConfig, resume_from: Optional[Path], init: Optional
     return settle_with_record(cfg, record_of_contents(init, where), instead, cfg.model.allow_objective_change)
 
 
-def resume_tag(cfg: TrainConfig) -> Optional[Path]:
-    """The tag --resume names: `auto` is this run's own latest (none yet: a fresh start); a path may be a
-    results, checkpoints or tag dir (`layout.resolve_tag_dir`) and must hold one."""
-    wanted = cfg.run.resume
-    if not wanted:
-        return None
-    auto = wanted == "auto"
-    tag_dir = layout.resolve_tag_dir(Path(cfg.run.results_dir) / layout.CHECKPOINTS_DIR if auto else Path(wanted))
-    if tag_dir is None and not auto:
-        if Path(wanted).is_file():
-            raise UserError(
-                f"--resume {wanted} is a weights file, and --resume continues a run from its checkpoint directory; "
-                f"to start a new run from these weights pass --init-from {wanted}."
-            )
-        raise FileNotFoundError(f"--resume {wanted}: no complete checkpoint found there.")
-    return tag_dir
-
-
-def _warn_if_draws_change(resumed: layout.RunShape, plan: BatchPlan) -> None:
+def _warn_if_draws_change(resumed: RunShape, plan: BatchPlan) -> None:
     """A resume whose global micro-batch differs continues the data exactly, but not the noise draws."""
     before, now = resumed.micro_batch * resumed.world_size, plan.micro_batch * plan.world_size
     if before != now:
@@ -221,12 +203,11 @@ def resume(run: Run) -> None:
     """Restore the engine, EMA, step and data position from `run.resume_from`, on any shape."""
     if run.resume_from is None:
         return
-    tag_dir = run.resume_from
     began = time.perf_counter()
-    client = engine_lib.load_checkpoint(run.engine, run.ema, tag_dir.parent, tag_dir.name, run.ep)
+    client = run.checkpointer.load(run.resume_from)
     run.step = client["step"]
     run.loader.load_state_dict(client["data"])
-    log.info("Resumed from %s at step %d in %.2f s.", tag_dir, run.step, time.perf_counter() - began)
+    log.info("Resumed from %s at step %d in %.2f s.", run.resume_from.tag_dir, run.step, time.perf_counter() - began)
     if "run.lr" in run.cfg.given:
         _change_learning_rate(run.engine, run.cfg.run.lr)
 
@@ -327,7 +308,7 @@ def train_step(run: Run, window: Window) -> None:
         loss, aux = micro_step(run.engine, run.objective, x, y, draws, run.model_dtype, run.cfg.model.mae_loss_coef)
         run.engine.step()  # the update on the accumulation boundary; DeepSpeed may sync there (overflow, clipping)
         window.add({"loss": loss, **aux})
-    run.ema.update()
+    run.ema.update(run.step)
     run.step += 1
     window.steps += 1
 
@@ -367,43 +348,14 @@ def save(run: Run) -> None:
     """A checkpoint of this step (a collective: every rank writes its part), after a free-space check
     that stops every rank with `DiskFull` before anything is written when the disk cannot hold it."""
     began = time.perf_counter()
-    space = CheckpointSpace.for_run(
-        run.checkpoint_dir, num_parameters(run.engine.module), run.cfg.run.keep_last, run.device
-    )
-    space.check()
-    client = {"step": run.step, "data": run.loader.state_dict()}
-    engine_lib.save_checkpoint(
-        run.engine,
-        run.ema,
-        run.checkpoint_dir,
-        run.step,
-        client,
-        run.model_config.to_dict(),
-        run.objective_config.to_dict(),
-        run.cfg.run.keep_last,
-        space,
-        run.ep,
-        run.plan,
-        run.cfg.run.elastic_checkpoints,
-    )
+    run.checkpointer.save(run.step, {"step": run.step, "data": run.loader.state_dict()})
     log.info("Saved the checkpoint of step %d in %.2f s.", run.step, time.perf_counter() - began)
 
 
 def export(run: Run) -> Optional[Path]:
-    """Gather the full weights and EMA (a collective) and write the export on rank 0; router state in
-    the EMA's is calibrated for the EMA's weights (`routers.ema_router_state`)."""
-    router_state = ema_router_state(run)
-    model_state = engine_lib.full_model_state_dict(run.engine, run.ep)
-    ema_state = run.ema.full_state_dict() | router_state
-    if not run.is_main:
-        return None
-    return save_export(
-        run.results_dir / f"export.{run.cfg.run.export_format}",
-        run.model_config,
-        model_state,
-        ema_state,
-        objective=run.objective_config,
-    )
+    """Gather the full weights and EMA one tensor at a time (a collective) and write the export on rank 0;
+    router state in the EMA's is calibrated for the EMA's weights (`routers.ema_router_state`)."""
+    return run.checkpointer.export(ema_overrides=ema_router_state(run))
 
 
 def finish(run: Run, total_steps: int) -> Optional[Path]:
@@ -450,7 +402,7 @@ def train(cfg: TrainConfig) -> Optional[Path]:
                 metrics.write(run.step, record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
             stopping = stop.agreed()  # a CPU all-reduce every step: ranks agree, the device is not waited for
-            if run.step % cfg.run.ckpt_every == 0 or stopping or run.step == total_steps:
+            if run.checkpointer.due(run.step) or stopping or run.step == total_steps:
                 save(run)  # host sync: weights, EMA and RNG go to disk
             if stopping:
                 log.warning("Stopped at step %d after saving a checkpoint; resume with --resume auto.", run.step)

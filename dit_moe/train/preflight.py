@@ -11,17 +11,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import layout
-from .config import BatchPlan, TrainConfig
+from .batch import BatchPlan
+from .sections import TrainConfig
 
 
 def check_inputs(cfg: TrainConfig, world_size: int) -> None:
     """Raise one sentence naming the first bad input among data, --init-from, --resume, the DeepSpeed
     JSON, --ep-size and the batch split (the split only for a fresh run: a resume keeps its checkpoint's)."""
     from . import engine  # imports DeepSpeed, as the run is about to
+    from .checkpointer import find_resume
 
     cfg.data.check_paths()  # the files themselves: each rank its share, once the process group is up
-    _check_paths(cfg)
+    _check_init_from(cfg)
+    find_resume(cfg.run.resume, Path(cfg.run.results_dir))  # a --resume that names no checkpoint stops here
     ds_config = engine.load_deepspeed_config(cfg.run.deepspeed_config)
     engine.check_expert_parallel(cfg.run.ep_size, ds_config, world_size)
     _check_experts_divide(cfg)
@@ -29,12 +31,10 @@ def check_inputs(cfg: TrainConfig, world_size: int) -> None:
         BatchPlan.resolve(cfg.run, world_size, ds_config)
 
 
-def _check_paths(cfg: TrainConfig) -> None:
-    init_from, resume = cfg.model.init_from, cfg.run.resume
+def _check_init_from(cfg: TrainConfig) -> None:
+    init_from = cfg.model.init_from
     if init_from and not Path(init_from).exists():
         raise FileNotFoundError(f"--init-from {init_from} does not exist; pass a checkpoint file or directory.")
-    if resume and resume != "auto" and layout.resolve_tag_dir(Path(resume)) is None:
-        raise FileNotFoundError(f"--resume {resume}: no complete checkpoint found there.")
 
 
 def _check_experts_divide(cfg: TrainConfig) -> None:

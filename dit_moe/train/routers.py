@@ -62,8 +62,8 @@ def ema_weights(run: "Run") -> Iterator[None]:
     params = run.ema.params
     saved = {name: p.data.to("cpu", copy=True) for name, p in params.items()}
     try:
-        for name, p in params.items():
-            p.data.copy_(run.ema.shadow[name])
+        for name, tensor in run.ema.live_shaped():  # one whole tensor at a time: the EMA keeps fragments
+            params[name].data.copy_(tensor)
         yield
     finally:
         for name, p in params.items():

@@ -91,12 +91,16 @@ class RunSection:
     ckpt_every: int = 10_000  # steps between checkpoints (one more is saved at the end)
     keep_last: int = 3  # checkpoints kept on disk
     ema_decay: float = 0.9999  # EMA decay per optimizer step (DiT: 0.9999)
+    # The ramp reaches 0.9999 by step ~90,000 by itself, so the default ramps throughout: a short run's EMA
+    # is not its starting weights (at step 500 their weight in it is below 1e-3).
+    ema_warmup_steps: int = 100_000  # steps with decay min(ema_decay, (1+n)/(10+n)); 0: DiT's constant decay
     seed: int = 0  # global seed (DiT's --global-seed); every rank derives its own from it
     results_dir: str = "results"  # the run's folder: metrics, log, checkpoints, export
     resume: Optional[str] = None  # "auto": latest checkpoint in results_dir; or a checkpoint dir
     elastic_checkpoints: bool = True  # also save full optimizer state (12 B/param): resume on any shape
     overwrite: bool = False  # a fresh run may delete the run already in results_dir
     export_format: str = "safetensors"  # "safetensors" | "pt"
+    export_shard_bytes: int = 5 * 10**9  # a larger safetensors export is written as Hugging Face-style shards
     export_only: bool = False  # load --resume, write the export, exit
     ep_size: int = 1  # expert-parallel group size
     compile: str = "off"  # torch.compile: "off" | "blocks" (each transformer block) | "model" (the whole forward)
