@@ -21,6 +21,8 @@ counted); achieved TFLOP/s is that times images/s, judged against the square-GEM
 the same invocation and, on a GPU, the vendor's dense bf16 peak (MFU).
 `--batch-size auto` measures the plain setting's peak memory at two small batches and runs every
 setting at the largest batch that the line through them fits into 85% of the device's memory.
+Every setting is the trainer's own run (`dit_moe.train.loop.setup` from its command line, `train_step`:
+micro-batch, engine step, the routers' optimizer-step hooks, EMA) on synthetic latent shards.
 
     python bench/train.py                                  # CPU: DiT-S/2 8E2A, 32x32x4 latents, batch 8
     python bench/train.py --input-size 16 --threads 1 --settings plain,reference,glibc-malloc --rounds 3
@@ -38,7 +40,7 @@ import sys
 import time
 from typing import Optional
 
-from common import add_model_flags, model_config
+from common import add_model_flags
 
 WORKER_FLAG = "--worker"
 OUT_OF_MEMORY = 3  # a worker's exit status when the batch does not fit
@@ -106,95 +108,111 @@ def memory_capacity_bytes(device) -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def worker(args) -> dict:
-    """One setting, one process: build the engine exactly as the trainer does and time its steps."""
-    import torch
+def trainer_flags(args, batch: int, features: str, results: str) -> list[str]:
+    """The trainer's own command line for one setting on the synthetic latents."""
+    flags = [
+        "--deepspeed_config",
+        f"config/{args.zero}.json",
+        "--model",
+        args.model,
+        "--num-experts",
+        str(args.num_experts),
+        "--num-experts-per-tok",
+        str(args.num_experts_per_tok),
+        "--dataset",
+        "latents",
+        "--features-path",
+        features,
+        "--image-size",
+        str(8 * args.input_size),
+        "--global-batch-size",
+        str(batch),
+        "--precision",
+        args.precision,
+        "--grad-checkpointing",
+        "True" if args.grad_checkpointing == "on" else "False",
+        "--mask-ratio",
+        str(args.mask_ratio),
+        "--log-every",
+        "1000000",
+        "--ckpt-every",
+        "1000000",
+        "--num-workers",
+        "0",
+        "--results-dir",
+        results,
+    ]
+    if args.with_decoder == "on":
+        flags += ["--decoder-depth", str(args.decoder_depth), "--decoder-hidden-size", str(args.decoder_hidden_size)]
+        flags += ["--decoder-num-heads", str(args.decoder_num_heads)]
+    if args.compile != "off":
+        flags += ["--compile", args.compile]
+    return flags
 
-    from dit_moe.diffusion import DrawSpec, build_objective
-    from dit_moe.models import DiT, flops
-    from dit_moe.models.compile import compile_model
-    from dit_moe.train import engine as engine_lib
-    from dit_moe.train.deepspeed_config import load_deepspeed_config
-    from dit_moe.train.engine import apply_precision
-    from dit_moe.train.loop import micro_step
+
+def worker(args) -> dict:
+    """One setting, one process: the trainer's own setup and training step on synthetic latents, timed."""
+    import tempfile
+
+    import torch
+    from data import write_synthetic_shards
+
+    from dit_moe.models import flops
+    from dit_moe.train.config import load_config
+    from dit_moe.train.loop import num_parameters, setup, train_step
+    from dit_moe.train.metrics import LoadTracker, Window
 
     from reference import reference_dit
 
     torch.set_num_threads(args.threads)
-    _, _, _, device = engine_lib.init_distributed()
-    auto = args.batch_size == "auto"
-    batch = PROBE_BATCHES[1] if auto else int(args.batch_size)
-    ds_config = load_deepspeed_config(f"config/{args.zero}.json")
-    ds_config.update(train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1, train_batch_size=batch)
-    precision = apply_precision(ds_config, args.precision, device)
-    config = model_config(
-        args,
-        grad_checkpointing=args.grad_checkpointing == "on",
-        decoder_depth=args.decoder_depth if args.with_decoder == "on" else 0,
-        decoder_hidden_size=args.decoder_hidden_size,
-        decoder_num_heads=args.decoder_num_heads,
-    )
-    torch.manual_seed(0)
-    with torch.device(device):  # built in place: a multi-billion-parameter model initialises in seconds on a GPU
-        model = reference_dit(config) if args.reference == "on" else DiT(config)
-    engine = engine_lib.initialize(compile_model(model, args.compile), ds_config)
-    ema = engine_lib.EMA(engine, 0.9999)
-    objective = build_objective("iddpm", learn_sigma=True)
-    dtype = next(engine.module.parameters()).dtype
-    shape = (args.in_channels, args.input_size, args.input_size)
-    spec = DrawSpec(shape, label_dropout=0.1, mask_ratio=args.mask_ratio, num_tokens=engine.module.num_tokens)
+    batch = int(args.batch_size)
+    work = tempfile.mkdtemp(prefix="bench_train_")
+    samples = batch * (args.warmup + args.steps + 2)
+    write_synthetic_shards(work + "/latents", samples, samples, (args.in_channels, args.input_size, args.input_size))
+    cfg = load_config(trainer_flags(args, batch, work + "/latents", work + "/run"))
+    build = (lambda cfg, config, init=None: reference_dit(config)) if args.reference == "on" else None
+    run = setup(cfg, build) if build else setup(cfg)
+    marks: list[float] = []
+    real_step = run.engine.step
 
+    def marked_step(*a, **k):  # the end of the micro-batch's forward and backward
+        marks.append(time.perf_counter())
+        return real_step(*a, **k)
+
+    run.engine.step = marked_step
+    window = Window(LoadTracker(run.engine.module, run.device))
+    run.engine.train()
     step_seconds, fwd_bwd_seconds, step_faults = [], [], []
 
-    def step(i, n):
+    def step():
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        x = torch.randn(n, *shape, device=device)
-        y = torch.randint(0, 1000, (n,), device=device)
-        rnd = objective.draw((0, i, 0), n, spec, device)
         start = time.perf_counter()
-        micro_step(engine, objective, x, y, rnd, dtype)
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # host sync: timing of forward + backward alone
-        fwd_bwd_seconds.append(time.perf_counter() - start)
-        engine.step()
-        ema.update(i)
-        if device.type == "cuda":
+        train_step(run, window)
+        if run.device.type == "cuda":
             torch.cuda.synchronize()  # host sync: timing of the whole step
         step_seconds.append(time.perf_counter() - start)
+        fwd_bwd_seconds.append(marks[-1] - start)
         step_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 
-    engine.train()
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
-        if auto:
-            peaks = []
-            for i, n in enumerate(PROBE_BATCHES):
-                step(i, n)  # the first also allocates the optimizer state, so the line has the fixed memory in it
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                step(i + len(PROBE_BATCHES), n)
-                peaks.append(peak_memory_bytes(device))
-            batch = fitting_batch(tuple(peaks), memory_capacity_bytes(device), args.max_batch_size)
-        for i in range(args.warmup):
-            step(100 + i, batch)
-        first_step_s = step_seconds[-args.warmup] if args.warmup else None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        for _ in range(args.warmup):
+            step()
+        first_step_s = step_seconds[0] if step_seconds else None
+        base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        step_seconds.clear()
-        fwd_bwd_seconds.clear()
-        step_faults.clear()
-        for i in range(args.steps):
-            step(200 + i, batch)
+        step_seconds.clear(), fwd_bwd_seconds.clear(), step_faults.clear()
+        for _ in range(args.steps):
+            step()
     except torch.OutOfMemoryError as err:
         print(f"out of memory at batch {batch}: {str(err).splitlines()[0]}", file=sys.stderr)
         raise SystemExit(OUT_OF_MEMORY) from None
     elapsed = sum(step_seconds)
-    if device.type == "cuda":
+    if run.device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
-    tokens = engine.module.num_tokens
+    tokens = run.engine.module.num_tokens
     visible = tokens - round(args.mask_ratio * tokens) if args.mask_ratio else None
     steady = sorted(step_seconds)[len(step_seconds) // 2]
     return {
@@ -206,10 +224,12 @@ def worker(args) -> dict:
         "page_faults_per_step": sum(step_faults) / args.steps,
         "first_step_s": first_step_s,
         "compile_s": first_step_s - steady if args.compile != "off" and first_step_s is not None else None,
-        "train_flops_per_image": flops.training_flops(config, visible),
-        "device": flops.device_name(device, args.threads),
-        "precision": precision,
-        "params": sum(p.numel() for p in engine.module.parameters()),
+        "train_flops_per_image": flops.training_flops(run.model_config, visible),
+        "device": flops.device_name(run.device, args.threads),
+        "precision": run.precision,
+        "params": num_parameters(run.engine.module),
+        "peak_bytes": peak_memory_bytes(run.device),
+        "capacity_bytes": memory_capacity_bytes(run.device),
     }
 
 
@@ -270,6 +290,12 @@ def rates(result: dict, gemm_rate: float, peak: Optional[float]) -> dict:
     return flops.utilisation(result["train_flops_per_image"] * result["images_per_s"], gemm_rate, peak)
 
 
+def auto_batch(args) -> int:
+    """The largest batch the plain setting fits: `fitting_batch` on its peaks at the `PROBE_BATCHES`."""
+    probes = [run_setting(args, SETTINGS["plain"], str(b)) for b in PROBE_BATCHES]
+    return fitting_batch(tuple(p["peak_bytes"] for p in probes), probes[0]["capacity_bytes"], args.max_batch_size)
+
+
 def main() -> None:
     args = parse()
     if args.worker:
@@ -279,8 +305,8 @@ def main() -> None:
     unknown = sorted(set(names) - set(SETTINGS))
     if unknown:
         raise SystemExit(f"unknown --settings {unknown}; choose from {sorted(SETTINGS)}.")
-    rounds: dict[str, list[dict]] = {"plain": [run_setting(args, SETTINGS["plain"], args.batch_size)]}
-    batch = str(rounds["plain"][0]["batch_size"])
+    batch = str(auto_batch(args)) if args.batch_size == "auto" else args.batch_size
+    rounds: dict[str, list[dict]] = {"plain": [run_setting(args, SETTINGS["plain"], batch)]}
     for round_index in range(args.rounds):
         for name in names[1 if round_index == 0 else 0 :]:
             write_json(args.json, {"partial": True, "settings": median_rounds(rounds)})  # what a killed run leaves

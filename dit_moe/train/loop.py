@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -93,9 +93,21 @@ def _setup_logging(results_dir: Path, rank: int) -> None:
     )
 
 
-def setup(cfg: TrainConfig) -> Run:
-    """Process group, DeepSpeed config, data, model, objective, engine and EMA, in the order that
-    lets bad input fail before anything slow starts, and before the results folder is claimed."""
+@dataclass
+class Start:
+    """A run's inputs once checked and settled, its process group up and its results folder claimed."""
+
+    cfg: TrainConfig
+    resume_from: Optional[ResumePoint]
+    init: Optional[CheckpointContents]  # --init-from's file, read once (it may be GBs)
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def start(cfg: TrainConfig) -> Start:
+    """Every cheap check, the checkpoint's record, the process group, the data check, then the folder:
+    bad input fails before anything slow starts and before the results folder is claimed."""
     launch = LaunchEnv.from_environ()
     check_inputs(cfg, launch.world_size)  # paths, DeepSpeed JSON, batch split: no process group yet
     fresh = cfg.run.resume is None and not cfg.run.export_only
@@ -107,7 +119,15 @@ def setup(cfg: TrainConfig) -> Run:
     claim_results_dir(Path(cfg.run.results_dir), fresh, cfg.run.overwrite, launch.rank)
     dist.barrier()  # every rank has judged the folder before rank 0 writes its log there
     _setup_logging(Path(cfg.run.results_dir), rank)
-    resumed = resume_from.shape if resume_from is not None else None
+    return Start(cfg, resume_from, init, rank, world_size, device)
+
+
+def setup(cfg: TrainConfig, build_model: Callable[..., torch.nn.Module] = build_training_model) -> Run:
+    """`start`, then DeepSpeed config, data, model, objective, engine, EMA and checkpointer.
+    `build_model(cfg, model_config, init)` makes the module (bench/train.py swaps in its reference model)."""
+    begun = start(cfg)
+    cfg, device, rank, world_size = begun.cfg, begun.device, begun.rank, begun.world_size
+    resumed = begun.resume_from.shape if begun.resume_from is not None else None
     ds_config, plan, precision = engine_lib.prepare_deepspeed_config(cfg.run, world_size, device, resumed)
     if resumed is not None and resumed.micro_batch is not None:
         _warn_if_draws_change(resumed, plan)
@@ -116,10 +136,10 @@ def setup(cfg: TrainConfig) -> Run:
     if resumed is not None:
         loader.check_resumable_on(resumed.world_size)
     codec = build_codec(cfg.data).to(device) if loader.needs_encoding else None
-    model_config = build_model_config(cfg, loader.input_channels, loader.input_size, loader.num_classes, init)
+    model_config = build_model_config(cfg, loader.input_channels, loader.input_size, loader.num_classes, begun.init)
     warn_if_routing_batch_changes(model_config, resumed, plan)
-    model = build_training_model(cfg, model_config, init)
-    del init
+    model = build_model(cfg, model_config, begun.init)
+    begun.init = None  # the weights are in the model now
     ep = engine_lib.setup_expert_parallel(model, cfg.run.ep_size)
     ranks = RankSlice(rank, world_size)
     objective_config = cfg.objective.resolved()
@@ -130,10 +150,7 @@ def setup(cfg: TrainConfig) -> Run:
     register_router_updates(engine)
     ema = engine_lib.EMA(engine, cfg.run.ema_decay, ep, cfg.run.ema_warmup_steps)
     checkpointer = Checkpointer(
-        engine,
-        ema,
-        ep,
-        CheckpointPlan.for_run(cfg.run, plan, model_config, objective_config, device),
+        engine, ema, ep, CheckpointPlan.for_run(cfg.run, plan, model_config, objective_config, device)
     )
     draw_spec = DrawSpec(
         (loader.input_channels, loader.input_size, loader.input_size),
@@ -158,7 +175,7 @@ def setup(cfg: TrainConfig) -> Run:
         ep,
         next(engine.module.parameters()).dtype,
         checkpointer,
-        resume_from,
+        begun.resume_from,
     )
 
 
