@@ -277,11 +277,12 @@ def test_sample_py_without_ckpt_downloads_dits_model_once_and_samples_a_grid(tmp
     }  # the Hub: unreachable
     try:
         for out in ("sample.png", "again.png"):
-            result = _sample_py(tmp_path, env, "--seed", "1", "--num-sampling-steps", "2", "--out", out)
+            result = _sample_py(tmp_path, env, "--seed", "1", "--num-sampling-steps", "2", "--out", out, "--scale", "1")
             assert result.returncode == 0, result.stderr
             assert (
-                f"Saved 8 samples (classes 207,360,387,974,88,979,417,279; iddpm, ddpm, 2 steps, cfg 4.0) to {out}"
-            ) in result.stdout
+                "Saved 8 samples (classes 207,360,387,974,88,979,417,279; iddpm, ddpm, 2 steps, cfg 4.0; "
+                "4 model evaluations per image"
+            ) in result.stdout and result.stdout.rstrip().endswith(f"to {out}")
         grid = np.asarray(Image.open(tmp_path / "sample.png"))
         assert grid.shape == (2 * (8 + 2) + 2, 4 * (8 + 2) + 2, 3)  # DiT's nrow=4 layout of eight 8x8 images
         assert np.array_equal(grid, np.asarray(Image.open(tmp_path / "again.png")))

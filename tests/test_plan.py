@@ -71,7 +71,7 @@ def test_expert_optimizer_state_is_partitioned_over_every_rank_whatever_the_ep_s
 def test_ema_term_follows_one_function():
     counts = _counts("XL/2 8E2A 256px")
     cluster = ClusterSpec(zero=2, ep_size=2)
-    assert ema_bytes_per_rank(counts, cluster) == FP32 * (counts.dense + counts.expert / 2)
+    assert ema_bytes_per_rank(counts, cluster) == FP32 * counts.trainable / cluster.world_size  # the master fragment
     assert ema_bytes_per_rank(counts, ClusterSpec(zero=2, ema=False)) == 0
 
 

@@ -2,6 +2,8 @@
 not given take the recorded architecture and objective, flags that repeat them are fine, flags that
 contradict them stop with one sentence naming both values and the way to start a new run."""
 
+import json
+
 import pytest
 import torch
 
@@ -22,9 +24,9 @@ def flow_tag(tmp_path):
     """A tag's record as the trainer writes it: a DiT-T/2 4E2A rectified-flow run (config files only)."""
     tag = tmp_path / "run" / layout.CHECKPOINTS_DIR / layout.tag_for_step(2)
     tag.mkdir(parents=True)
-    layout.write_configs(
-        tag, tiny_config(in_channels=3, num_experts=4, num_experts_per_tok=2).to_dict(), FLOW.to_dict()
-    )
+    config = tiny_config(in_channels=3, num_experts=4, num_experts_per_tok=2)
+    (tag / layout.CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    (tag / layout.OBJECTIVE_CONFIG_FILE).write_text(json.dumps(FLOW.to_dict()))
     return tag
 
 

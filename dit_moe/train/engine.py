@@ -362,6 +362,15 @@ class EMA:
         return whole.view(shape).cpu()
 
     @torch.no_grad()
+    def live_shaped(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, the EMA of trainable parameter `name` shaped as this rank's live parameter: under expert
+        parallelism its own experts) one at a time (collective: every rank iterates it all)."""
+        for name, param in self.params.items():
+            if param.requires_grad:
+                whole = self._whole(name, None)
+                yield name, (self.ep.local_slice(whole) if self.ep is not None and is_moe_param(param) else whole)
+
+    @torch.no_grad()
     def full_tensors(self, dst: Optional[int] = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, whole fp32 EMA tensor) one at a time: trainable parameters averaged, frozen ones and the
         persistent buffers live (collective: every rank iterates it all; with `dst` only that rank's values
