@@ -198,3 +198,30 @@ def test_sample_many_and_upcycle_command_lines_run(tiny_export, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert load_model(tmp_path / "moe.pt").config.num_experts == 8
+
+
+def test_plan_json_contract(capsys):
+    from dit_moe.plan.cli import main as plan
+
+    code = plan(
+        ["--model", "DiT-XL/2", "--num-experts", "8", "--num-experts-per-tok", "2", "--image-size", "256", "--json"]
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    for key in (
+        "parameters",
+        "per_gpu_gib",
+        "fits",
+        "max_micro_batch",
+        "checkpoint_gib",
+        "all_to_all_bytes_per_step",
+        "flops_per_image",
+    ):
+        assert key in report, key
+    assert set(report["per_gpu_gib"]) >= {"params", "grads", "optimizer", "ema", "activations", "buffers", "total"}
+    assert set(report["checkpoint_gib"]) >= {"per_rank", "total"}
+
+
+def test_diffusers_export_command_line_contract():
+    proc = _run("-m", "dit_moe.diffusers", "export", "--help")
+    assert proc.returncode == 0 and "--ckpt" in proc.stdout and "--out" in proc.stdout
