@@ -170,3 +170,15 @@ def test_yaml_accepts_every_model_field(tmp_path):
     path.write_text("model:\n  model: DiT-T/2\n  mlp_ratio: 3.0\n  z_loss_coef: 0.001\n")
     config = load_config(["--config", str(path)] + DIGITS).model.architecture(8, 1, 10)
     assert config.mlp_ratio == 3.0 and config.moe.z_loss_coef == 0.001
+
+
+def test_the_cpu_op_build_is_announced_only_when_it_will_happen(tmp_path, monkeypatch, capsys):
+    from dit_moe.train import engine
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    engine.say_if_cpu_op_builds()
+    assert "Building DeepSpeed's CPU communication op once" in capsys.readouterr().err
+    engine.cpu_op_cache().parent.mkdir(parents=True)
+    engine.cpu_op_cache().write_bytes(b"built")
+    engine.say_if_cpu_op_builds()
+    assert capsys.readouterr().err == ""

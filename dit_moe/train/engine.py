@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -464,6 +465,28 @@ def _unlink_shm_buffer_at_exit(rank: int) -> None:
     atexit.register(Path("/dev/shm", name).unlink, missing_ok=True)
 
 
+CPU_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU all-reduce op, compiled by torch on its first use
+
+
+def cpu_op_cache() -> Path:
+    """Where torch keeps DeepSpeed's compiled CPU communication op (TORCH_EXTENSIONS_DIR, else its cache)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch_extensions"
+    )
+    return Path(root) / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / CPU_COMM_OP / f"{CPU_COMM_OP}.so"
+
+
+def say_if_cpu_op_builds() -> None:
+    """DeepSpeed compiles its CPU communication op on first use with no output of its own: say so first."""
+    if not cpu_op_cache().is_file():
+        print(
+            f"Building DeepSpeed's CPU communication op once (a C++ compile, 1-3 minutes on 2 cores; cached in "
+            f"{cpu_op_cache().parent} afterwards)...",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def init_distributed() -> tuple[int, int, int, torch.device]:
     """(rank, local_rank, world_size, device) from the launcher's environment (deepspeed, torchrun,
     or none: a single process). The global rank is RANK, never LOCAL_RANK."""
@@ -477,6 +500,8 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     os.environ.setdefault("MASTER_PORT", str(free_port()) if launch.world_size == 1 else "29500")
     accelerator = get_accelerator()
     backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
+    if accelerator.device_name() == "cpu" and launch.local_rank == 0:
+        say_if_cpu_op_builds()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if accelerator.device_name() == "cpu":
         _unlink_shm_buffer_at_exit(dist.get_rank())
