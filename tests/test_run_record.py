@@ -118,3 +118,79 @@ def test_weights_raw_samples_and_upcycles_the_training_weights(tmp_path):
     _, _, out = upcycle_checkpoint(UpcycleRequest(dense, tmp_path / "moe.pt", upcycle_moe_args(4, 2), weights="raw"))
     upcycled = read_checkpoint_file(out).state_dict
     assert torch.equal(upcycled["x_embedder.proj.weight"], dense_raw.state_dict()["x_embedder.proj.weight"])
+
+
+def test_resume_takes_the_recorded_image_size_when_no_flag_gives_one(flow_tag):
+    cfg = _settle(flow_tag)  # the tag's model takes 8x8 3-channel digits; the digits default is 32 px
+    assert (cfg.data.image_size, cfg.data.channels) == (8, 3)
+    assert _settle(flow_tag, "--image-size", "16").data.image_size == 16  # a flag given is the run's
+
+
+@pytest.mark.slow
+def test_export_only_works_from_the_checkpoint_alone_and_records_its_step(trained_run, tmp_path):
+    """No model, data or objective flag: the tag's record says what to build; the export says its step and
+    tag, and an export-only run never replaces a later export unless told to."""
+    import shutil
+    import subprocess
+    import sys
+
+    from trainer_runs import REPO, env
+
+    shutil.copytree(trained_run / layout.CHECKPOINTS_DIR, tmp_path / layout.CHECKPOINTS_DIR)
+    tag = tmp_path / layout.CHECKPOINTS_DIR / layout.tag_for_step(2)
+    base = [sys.executable, "train_deepspeed.py", "--deepspeed_config", "config/zero2.json", "--export-only", "True"]
+
+    def export_only(*flags):
+        return subprocess.run([*base, *flags], cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+
+    proc = export_only("--resume", str(tmp_path), "--results-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    export = read_checkpoint_file(tmp_path / "export.safetensors")
+    assert export.run["step"] == 4 and export.run["source_tag"].endswith("step0000004") and export.run["vae"] is None
+    assert export.model_config.num_experts == 4 and export.model_config.input_size == 8
+    proc = export_only("--resume", str(tag), "--results-dir", str(tmp_path))
+    assert proc.returncode == 2 and "holds step 4, later than step 2" in proc.stderr and "Traceback" not in proc.stderr
+    proc = export_only("--resume", str(tag), "--results-dir", str(tmp_path), "--overwrite", "True")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_checkpoint_file(tmp_path / "export.safetensors").run["step"] == 2
+
+
+def test_the_vae_and_scale_an_export_records_decode_its_samples(tmp_path):
+    from dit_moe.sampling import SamplingOptions, SamplingRequest, prepare_sampling
+
+    from test_vae import save_tiny_vae
+
+    vae = str(save_tiny_vae(tmp_path / "vae"))
+    model = tiny_model(in_channels=4, num_experts=0)
+    record = {"step": 3, "source_tag": "step0000003", "vae": {"path": vae, "scale_factor": 0.5}}
+    path = save_export(tmp_path / "m.safetensors", model.config, model.state_dict(), objective=FLOW, run=record)
+    assert read_checkpoint_file(path).run == record
+
+    def prepared(**request):
+        options = SamplingOptions(num_steps=1, cfg_scale=1.0)
+        return prepare_sampling(SamplingRequest(path, options=options, device="cpu", **request))
+
+    recorded = prepared()  # no --vae-path: the export's VAE, decoding latents / 0.5 (not SD's / 0.18215)
+    assert recorded.vae_path == vae and recorded.codec.scale_factor == 0.5
+    assert prepared(vae_path=vae).codec.scale_factor == 0.5
+
+
+@pytest.mark.slow
+def test_a_non_default_vae_scale_is_recorded_by_the_trainers_export(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from test_vae import save_tiny_vae
+    from trainer_runs import run_train
+
+    vae = str(save_tiny_vae(tmp_path / "vae"))
+    images = tmp_path / "images" / "cls0"
+    images.mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+            images / f"{i}.png"
+        )
+    data = ["--dataset", "folder", "--data-path", str(tmp_path / "images"), "--vae-path", vae, "--image-size", "16"]
+    run_train(tmp_path / "run", *data, "--vae-scale-factor", "0.5", "--global-batch-size", "4", "--max-steps", "1")
+    export = read_checkpoint_file(tmp_path / "run" / "export.safetensors")
+    assert export.run["vae"] == {"path": vae, "scale_factor": 0.5} and export.run["step"] == 1

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..diffusion import ObjectiveConfig
@@ -34,11 +35,16 @@ def index_path(path: Path) -> Path:
     return path.with_name(path.name + INDEX_SUFFIX)
 
 
-def export_metadata(config: DiTConfig, objective: Optional[ObjectiveConfig]) -> dict[str, str]:
-    """The header metadata that makes an export self-describing."""
-    configs = {"config": config.to_dict()}
+def export_metadata(
+    config: DiTConfig, objective: Optional[ObjectiveConfig], run: Optional[dict[str, Any]] = None
+) -> dict[str, str]:
+    """The header metadata that makes an export self-describing: the model and objective configs and, for a
+    trainer's export, `run`: the step and tag it was written from and the VAE with its latent scale factor."""
+    configs: dict[str, Any] = {"config": config.to_dict()}
     if objective is not None:
         configs["objective"] = objective.to_dict()
+    if run:
+        configs["run"] = run
     return {"format": EXPORT_FORMAT, **{key: json.dumps(value) for key, value in configs.items()}}
 
 
@@ -66,6 +72,22 @@ def write_index(path: Path, shards: dict[str, list[str]], total_bytes: int, meta
     return index_path(path)
 
 
+def recorded_step(path: Path) -> Optional[int]:
+    """The training step an existing export (one file or sharded) records, read from its header alone;
+    None when there is none or it records no step."""
+    metadata: dict[str, Any] = {}
+    if index_path(path).is_file():
+        metadata = json.loads(index_path(path).read_text()).get("metadata", {})
+    elif path.is_file() and path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    elif path.is_file():
+        blob = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        metadata = {"run": json.dumps(blob.get("run", {}))} if isinstance(blob, dict) else {}
+    run = json.loads(metadata.get("run", "{}"))
+    return run.get("step") if isinstance(run, dict) else None
+
+
 def dit_moe_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict of ours in feizc/DiT-MoE's key layout, for its own scripts: per-expert
     `moe.experts.K.*` modules, and for QK-norm blocks the flash-attention names (`attn.Wqkv`,
@@ -79,21 +101,24 @@ def save_export(
     model_state: dict[str, torch.Tensor],
     ema_state: Optional[dict[str, torch.Tensor]] = None,
     objective: Optional[ObjectiveConfig] = None,
+    run: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write a self-describing export atomically: `.safetensors` or `.pt` (by suffix) holding the
     weights, the EMA, the model config and the objective config (when known: an upcycled
     official DiT file records none)."""
     path = Path(path)
     require_free_space(path, _stored_bytes(model_state) + _stored_bytes(ema_state or {}))
-    configs = {"config": config.to_dict()}
+    configs: dict[str, Any] = {"config": config.to_dict()}
     if objective is not None:
         configs["objective"] = objective.to_dict()
+    if run:
+        configs["run"] = run
     with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
             if ema_state is not None:
                 tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema_state.items()})
-            save_file(tensors, str(tmp), metadata=export_metadata(config, objective))
+            save_file(tensors, str(tmp), metadata=export_metadata(config, objective, run))
         else:
             blob = {"format": EXPORT_FORMAT, **configs, "model": _cpu(model_state)}
             if ema_state is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -22,6 +22,7 @@ class LoadedModel:
     model: DiT
     trained_as: TrainedAs  # the objective, recorded or judged from the keys, and where it comes from
     config_stored: bool  # True: the file holds the model config; False: rebuilt from tensor shapes
+    run: dict[str, Any] = field(default_factory=dict)  # a trainer export's step, source tag, VAE and scale
 
 
 def load_model(
@@ -60,4 +61,4 @@ def load_checkpoint_model(
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             f"{'...' if len(unexpected) > 5 else ''}."
         )
-    return LoadedModel(model.to(device).eval(), contents.trained_as, stored is not None)
+    return LoadedModel(model.to(device).eval(), contents.trained_as, stored is not None, contents.run)

@@ -20,7 +20,7 @@ import json
 import os
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,6 +70,8 @@ class CheckpointContents:
     state_dict: dict[str, torch.Tensor]
     model_config: Optional[DiTConfig]  # None: the file records none (infer_config rebuilds it)
     trained_as: TrainedAs  # the objective, recorded or judged from the keys, and where it comes from
+    # A trainer's export: {"step", "source_tag", "vae": {"path", "scale_factor"}}; {} for other files.
+    run: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_configs(
@@ -213,22 +215,28 @@ def read_checkpoint_file(path: str | os.PathLike, prefer_ema: bool = True) -> Ch
         raise CheckpointError(
             f"Checkpoint {path} does not exist; pass the path of a .pt/.safetensors file or checkpoint directory."
         )
+    run: dict[str, Any] = {}
     if path.is_dir():
         model, objective, state_dict = _read_deepspeed_dir(path, prefer_ema)
     elif sharded is not None or path.suffix == ".safetensors":
         state_dict, metadata = _read_sharded_safetensors(sharded) if sharded else _read_safetensors(path)
-        model, objective = (json.loads(metadata[key]) if key in metadata else None for key in ("config", "objective"))
+        model, objective, run = (
+            json.loads(metadata[k]) if k in metadata else None for k in ("config", "objective", "run")
+        )
         if metadata.get("format") == EXPORT_FORMAT:
             ema = _split_prefixed(state_dict, "ema.")
             state_dict = ema if (prefer_ema and ema) else _split_prefixed(state_dict, "model.")
     else:
-        model, objective, state_dict = _read_torch_file(path, prefer_ema)
+        model, objective, state_dict, run = _read_torch_file(path, prefer_ema)
     state_dict = _clean_keys(state_dict)
-    return CheckpointContents(state_dict, *parse_configs(model, objective, state_dict))
+    return CheckpointContents(state_dict, *parse_configs(model, objective, state_dict), run=run or {})
 
 
-def _read_torch_file(path: Path, prefer_ema: bool) -> tuple[Optional[dict], Optional[dict], dict[str, torch.Tensor]]:
-    """(model config dict, objective config dict, state dict) of a `.pt`: a state dict or a checkpoint dict."""
+def _read_torch_file(
+    path: Path, prefer_ema: bool
+) -> tuple[Optional[dict], Optional[dict], dict[str, torch.Tensor], dict]:
+    """(model config dict, objective config dict, state dict, run record) of a `.pt`: a state dict or a
+    checkpoint dict."""
     blob = _torch_load(path)
     if not isinstance(blob, dict):
         raise CheckpointError(f"{path} holds a {type(blob).__name__}, not a state dict or checkpoint dict.")
@@ -237,4 +245,4 @@ def _read_torch_file(path: Path, prefer_ema: bool) -> tuple[Optional[dict], Opti
     if "ema" in blob or "model" in blob or "module" in blob:
         choice = ("ema", "model", "module") if prefer_ema else ("model", "module", "ema")
         state_dict = next(blob[key] for key in choice if isinstance(blob.get(key), dict))
-    return model, objective, state_dict
+    return model, objective, state_dict, blob.get("run") if isinstance(blob.get("run"), dict) else {}

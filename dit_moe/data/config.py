@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from dit_moe.data.npy_features import FEATURES_SUFFIX
 from dit_moe.data.vae import SD_VAE_SCALE_FACTOR, check_vae_path, is_pixel_space
@@ -92,6 +92,20 @@ class DataConfig:
     @property
     def pixel_space(self) -> bool:
         return is_pixel_space(self.vae_path)
+
+    def codec_record(self) -> Optional[dict[str, Any]]:
+        """The VAE the training latents come from and the factor they were scaled by, for exports and
+        sampling; None for a pixel-space run."""
+        if self.dataset == "latents":
+            from dit_moe.data.shards import Manifest
+
+            manifest = Manifest.load(self.features_path)
+            return {"path": manifest.vae_path, "scale_factor": manifest.scale_factor}
+        if self.dataset == "npy":  # fast-DiT's extract_features.py stores latents already x 0.18215
+            return {"path": self.vae_path, "scale_factor": SD_VAE_SCALE_FACTOR}
+        if self.pixel_space:
+            return None
+        return {"path": self.vae_path, "scale_factor": self.vae_scale_factor}
 
     @property
     def needs_encoding(self) -> bool:

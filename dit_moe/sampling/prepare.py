@@ -43,7 +43,7 @@ from torch import nn
 
 from ..checkpoint import LoadedModel, ObjectiveSource, load_checkpoint_model
 from ..cli import DTYPES, default_device
-from ..data.vae import PIXEL_SPACE, check_vae_path, is_pixel_space, load_codec
+from ..data.vae import PIXEL_SPACE, SD_VAE_SCALE_FACTOR, check_vae_path, is_pixel_space, load_codec
 from ..diffusion import Objective, ObjectiveConfig
 from ..diffusion.samplers import default_num_steps
 from ..hub import resolve_checkpoint, resolve_vae
@@ -196,7 +196,8 @@ def prepare_sampling(request: SamplingRequest) -> PreparedSampler:
     resolved = resolve_objective(loaded, request)
     check_sampler(resolved, request, loaded.config_stored)
     check_cache(CacheSpec.parse(request.options.cache), config)
-    codec = resolve_codec(request.vae_path, config).to(device)
+    request, vae_path = with_recorded_vae(request, loaded.run.get("vae"), vae_path)
+    codec = resolve_codec(request.vae_path, config, loaded.run.get("vae")).to(device)
     check_image_size(request.image_size, config, codec)
     options = request.options
     if options.cfg_scale is None:
@@ -346,9 +347,20 @@ def check_sampler(resolved: ResolvedObjective, request: SamplingRequest, config_
     )
 
 
-def resolve_codec(vae_path: Optional[str], config: DiTConfig) -> nn.Module:
-    """The codec that turns the model's outputs into images: the VAE at `vae_path`, or pixels
-    for "none" and for a 1/3-channel model when no path is given."""
+def with_recorded_vae(request: SamplingRequest, recorded: Optional[dict], vae_path: str) -> tuple:
+    """(request, vae path) with the VAE an export records when the request names none."""
+    if request.vae_path is not None or not recorded or is_pixel_space(recorded.get("path")):
+        return request, vae_path
+    path = resolve_vae(recorded["path"])
+    check_vae_path(path)
+    return replace(request, vae_path=path), path
+
+
+def resolve_codec(vae_path: Optional[str], config: DiTConfig, recorded: Optional[dict] = None) -> nn.Module:
+    """The codec that turns the model's outputs into images: the VAE at `vae_path` (else the one the
+    export records), or pixels for "none" and for a 1/3-channel model when no path is given; latents are
+    divided by the scale factor the export records (SD's 0.18215 for files that record none)."""
+    scale = recorded.get("scale_factor", SD_VAE_SCALE_FACTOR) if recorded else SD_VAE_SCALE_FACTOR
     latent = config.in_channels not in IMAGE_CHANNELS
     if latent and (vae_path is None or is_pixel_space(vae_path)):
         given = "--vae-path none samples pixels" if vae_path is not None else "no --vae-path was given"
@@ -356,7 +368,7 @@ def resolve_codec(vae_path: Optional[str], config: DiTConfig) -> nn.Module:
             f"This checkpoint generates {config.in_channels}-channel latents but {given}; pass --vae-path DIR "
             "with the diffusers AutoencoderKL it was trained with, or its hub name (e.g. --vae-path mse, DiT's VAE)."
         )
-    codec = load_codec(PIXEL_SPACE if vae_path is None else vae_path, channels=config.in_channels)
+    codec = load_codec(PIXEL_SPACE if vae_path is None else vae_path, scale, channels=config.in_channels)
     check_codec(config, codec)
     return codec
 

@@ -36,8 +36,22 @@ def settle_with_record(
         model["model"] = record.preset
     objective = {} if objective_may_change else {k: v for k, v in pinned.items() if k in objective_names}
     return dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, **model), objective=dataclasses.replace(cfg.objective, **objective)
+        cfg,
+        model=dataclasses.replace(cfg.model, **model),
+        objective=dataclasses.replace(cfg.objective, **objective),
+        data=dataclasses.replace(cfg.data, **_recorded_geometry(cfg, record)),
     )
+
+
+def _recorded_geometry(cfg: TrainConfig, record: RecordedRun) -> dict:
+    """The image size (and pixel channels) the record's model takes, for the data flags not given:
+    pixels are the model's input, a VAE's latents are 8x smaller (DiT's convention)."""
+    if record.model is None or cfg.data.dataset in ("latents", "npy"):  # their manifests say it
+        return {}
+    geometry = {"image_size": record.model.input_size * (1 if cfg.data.pixel_space else 8)}
+    if cfg.data.pixel_space and record.model.in_channels in (1, 3):
+        geometry["channels"] = record.model.in_channels
+    return {k: v for k, v in geometry.items() if f"data.{k}" not in cfg.given}
 
 
 log = logging.getLogger("dit_moe.train")

@@ -244,11 +244,14 @@ class Checkpointer:
         metadata = {"ep_size": str(ep.size), "ep_rank": str(ep.rank), "num_experts": str(ep.num_experts)}
         self._write(layout.expert_shard(tag_dir, ep.rank), lambda tmp: save_file(shard, str(tmp), metadata=metadata))
 
-    def export(self, ema_overrides: Optional[dict[str, torch.Tensor]] = None) -> Optional[Path]:
+    def export(
+        self, ema_overrides: Optional[dict[str, torch.Tensor]] = None, record: Optional[dict[str, Any]] = None
+    ) -> Optional[Path]:
         """Collective: the full weights and EMA, gathered one tensor at a time to rank 0, which writes the
         export (one file, or above `export_shard_bytes` Hugging Face-style shards, each written once whole,
         so rank 0 holds at most a shard and a tensor); returns its path on rank 0. `ema_overrides` replace
-        EMA entries (router thresholds calibrated for the EMA's weights)."""
+        EMA entries (router thresholds calibrated for the EMA's weights); `record` (step, source tag, VAE
+        and its scale) goes into the export's header."""
         path, is_writer = self.plan.export_path, self.rank == 0
         shapes = self._export_shapes()
         shards = None
@@ -261,8 +264,8 @@ class Checkpointer:
                 return None
             model = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
             ema = {k[len("ema.") :]: v for k, v in state.items() if k.startswith("ema.")}
-            return save_export(path, self.plan.model_config, model, ema, objective=self.plan.objective_config)
-        metadata = export_files.export_metadata(self.plan.model_config, self.plan.objective_config)
+            return save_export(path, self.plan.model_config, model, ema, self.plan.objective_config, record)
+        metadata = export_files.export_metadata(self.plan.model_config, self.plan.objective_config, record)
         file_of = {name: file for file, names in shards.items() for name in names}
         left = {file: len(names) for file, names in shards.items()}
         pending: dict[str, dict[str, torch.Tensor]] = {file: {} for file in shards}

@@ -27,12 +27,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..checkpoint import CheckpointContents, read_checkpoint_file, record_of_contents, record_of_tag
-from ..checkpoint.layout import RunShape
+from ..checkpoint.export import recorded_step
+from ..checkpoint.layout import RunShape, tag_for_step
 from ..data import TrainLoader, build_codec, build_train_loader
 from ..data.check import check_features
 from ..diffusion import Draws, DrawSpec, Objective, ObjectiveConfig, build_objective
 from ..models import DiTConfig
 from ..parallel import ExpertParallel
+from ..utils.errors import UserError
 from ..utils.launch import LaunchEnv
 from . import engine as engine_lib
 from .batch import BatchPlan
@@ -371,8 +373,23 @@ def save(run: Run) -> None:
 
 def export(run: Run) -> Optional[Path]:
     """Gather the full weights and EMA one tensor at a time (a collective) and write the export on rank 0;
-    router state in the EMA's is calibrated for the EMA's weights (`routers.ema_router_state`)."""
-    return run.checkpointer.export(ema_overrides=ema_router_state(run))
+    router state in the EMA's is calibrated for the EMA's weights (`routers.ema_router_state`). The export
+    records its step, the tag it comes from and the VAE with its scale factor (what sampling decodes with)."""
+    plan = run.checkpointer.plan
+    tag = run.resume_from.tag_dir if run.cfg.run.export_only else plan.checkpoint_dir / tag_for_step(run.step)
+    record = {"step": run.step, "source_tag": str(tag), "vae": run.cfg.data.codec_record()}
+    return run.checkpointer.export(ema_overrides=ema_router_state(run), record=record)
+
+
+def _refuse_to_replace_a_newer_export(run: Run) -> None:
+    """--export-only never replaces an export of a later step than its checkpoint's unless told to."""
+    path = run.checkpointer.plan.export_path
+    newer = recorded_step(path)
+    if newer is not None and newer > run.step and not run.cfg.run.overwrite:
+        raise UserError(
+            f"{path} holds step {newer}, later than step {run.step} of {run.resume_from.tag_dir}; pass "
+            "--overwrite True to replace it, or --results-dir elsewhere to keep both."
+        )
 
 
 def finish(run: Run, total_steps: int) -> Optional[Path]:
@@ -397,6 +414,7 @@ def train(cfg: TrainConfig) -> Optional[Path]:
     resume(run)
     announce(run)
     if cfg.run.export_only:
+        _refuse_to_replace_a_newer_export(run)
         path = export(run)
         dist.barrier()
         return path
