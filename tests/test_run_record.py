@@ -194,3 +194,26 @@ def test_a_non_default_vae_scale_is_recorded_by_the_trainers_export(tmp_path):
     run_train(tmp_path / "run", *data, "--vae-scale-factor", "0.5", "--global-batch-size", "4", "--max-steps", "1")
     export = read_checkpoint_file(tmp_path / "run" / "export.safetensors")
     assert export.run["vae"] == {"path": vae, "scale_factor": 0.5} and export.run["step"] == 1
+
+
+def test_the_starting_weights_share_of_the_ema_and_the_warning_when_it_dominates(tmp_path, caplog):
+    """The ramp min(decay, (1+n)/(10+n)) telescopes to 1 / C(n + 9, 9); DiT's constant 0.9999 leaves
+    0.9999**n. Sampling an EMA that is mostly its start says so and names --weights raw."""
+    import math
+
+    from dit_moe.sampling import SamplingOptions, SamplingRequest, prepare_sampling
+    from dit_moe.train.engine import ema_start_share
+
+    assert ema_start_share(500, 0.9999, 100_000) == pytest.approx(1 / math.comb(509, 9), rel=1e-9)
+    assert ema_start_share(1749, 0.9999, 0) == pytest.approx(0.9999**1749)
+    model = tiny_model(in_channels=3, num_experts=0)
+    options = SamplingOptions(num_steps=1, cfg_scale=1.0)
+    for share, warned in ((0.84, True), (1e-3, False)):
+        record = {"step": 1749, "ema_start_share": share}
+        path = save_export(
+            tmp_path / f"{share}.safetensors", model.config, model.state_dict(), objective=FLOW, run=record
+        )
+        caplog.clear()
+        prepare_sampling(SamplingRequest(path, options=options, device="cpu"))
+        said = [r.getMessage() for r in caplog.records if "starting weights" in r.getMessage()]
+        assert bool(said) == warned and (not warned or ("84%" in said[0] and "--weights raw" in said[0]))

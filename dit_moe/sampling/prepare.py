@@ -196,6 +196,7 @@ def prepare_sampling(request: SamplingRequest) -> PreparedSampler:
     resolved = resolve_objective(loaded, request)
     check_sampler(resolved, request, loaded.config_stored)
     check_cache(CacheSpec.parse(request.options.cache), config)
+    warn_if_ema_is_its_start(loaded, request)
     request, vae_path = with_recorded_vae(request, loaded.run.get("vae"), vae_path)
     codec = resolve_codec(request.vae_path, config, loaded.run.get("vae")).to(device)
     check_image_size(request.image_size, config, codec)
@@ -345,6 +346,22 @@ def check_sampler(resolved: ResolvedObjective, request: SamplingRequest, config_
         f"--sampler {sampler} cannot sample {objective.description} (objective from {resolved.source}); "
         f"use --sampler {' or '.join(objective.samplers)}{hint}."
     )
+
+
+EMA_START_WARNING = 0.5  # the starting weights' share in an EMA above which its samples are mostly noise
+
+
+def warn_if_ema_is_its_start(loaded: LoadedModel, request: SamplingRequest) -> None:
+    """Say so when the EMA about to be sampled is still mostly the weights it started from."""
+    share = loaded.run.get("ema_start_share")
+    if request.weights == "ema" and share is not None and share > EMA_START_WARNING:
+        log.warning(
+            "%s: its EMA still holds %.0f%% of the starting weights (step %s), so samples look like an untrained "
+            "model's; pass --weights raw to sample the training weights, or train longer.",
+            request.ckpt,
+            100 * share,
+            loaded.run.get("step"),
+        )
 
 
 def with_recorded_vae(request: SamplingRequest, recorded: Optional[dict], vae_path: str) -> tuple:

@@ -41,6 +41,7 @@ from .batch import BatchPlan
 from .build import build_model_config, build_training_model, register_router_updates, settle_with_record
 from .checkpointer import Checkpointer, CheckpointPlan, ResumePoint, find_resume
 from .distributed import RankSlice, StopRequest
+from .engine import ema_start_share
 from .metrics import LoadTracker, MetricsWriter, Window, expert_parallel_record, plot_loss_curve
 from .preflight import check_inputs
 from .results import claim_results_dir
@@ -377,7 +378,8 @@ def export(run: Run) -> Optional[Path]:
     records its step, the tag it comes from and the VAE with its scale factor (what sampling decodes with)."""
     plan = run.checkpointer.plan
     tag = run.resume_from.tag_dir if run.cfg.run.export_only else plan.checkpoint_dir / tag_for_step(run.step)
-    record = {"step": run.step, "source_tag": str(tag), "vae": run.cfg.data.codec_record()}
+    share = ema_start_share(run.step, run.cfg.run.ema_decay, run.cfg.run.ema_warmup_steps)
+    record = {"step": run.step, "source_tag": str(tag), "vae": run.cfg.data.codec_record(), "ema_start_share": share}
     return run.checkpointer.export(ema_overrides=ema_router_state(run), record=record)
 
 
