@@ -43,3 +43,19 @@ def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained_run")
     run_train(out, "--global-batch-size", "8", "--max-steps", "4", "--ckpt-every", "2")
     return out
+
+
+QUICKSTART_STEPS = 500
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """The quickstart's recipe (config/quickstart.yaml: DiT-T/2 4E2A, rectified flow, digits) for 500 steps
+    with the trainer's default EMA (decay 0.9999 with its warm-up ramp), one CPU process; shared by the
+    tests that need a model that draws digits."""
+    from trainer_runs import run_train
+
+    results = tmp_path_factory.mktemp("quickstart")
+    args = ["--config", "config/quickstart.yaml", "--max-steps", str(QUICKSTART_STEPS), "--ckpt-every", "1000"]
+    run_train(results, *args, "--ema-decay", "0.9999", "--ema-warmup-steps", "100000", timeout=1800)
+    return results

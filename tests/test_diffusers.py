@@ -43,7 +43,6 @@ from dit_moe.sampling import SamplingOptions, SamplingRequest, prepare_sampling
 from dit_moe.utils.errors import UserError
 
 from tiny_dit import tiny_model
-from trainer_runs import run_train
 
 # name: (DiT overrides, objective); pixel-space 1-channel 8x8 models with 10 classes, like the digits.
 MODELS = {
@@ -60,7 +59,6 @@ MODELS = {
 }
 FIXTURES = Path(__file__).parent / "fixtures"
 SEEDS = [0, 1, 2]
-QUICKSTART_STEPS = 400  # the classifier recognises about half the samples (chance: 0.1)
 DIGITS_SAMPLES = 100
 LABELS = [3, 7, 3]
 
@@ -280,13 +278,10 @@ def test_cli_exports_and_stops_on_bad_input_with_one_line(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-@pytest.fixture(scope="module")
-def quickstart_export(tmp_path_factory):
-    """The quickstart's recipe (config/quickstart.yaml: DiT-T/2 4E2A, rectified flow, digits), trained briefly."""
-    results = tmp_path_factory.mktemp("quickstart")
-    args = ["--config", "config/quickstart.yaml", "--max-steps", str(QUICKSTART_STEPS), "--ckpt-every", "1000"]
-    run_train(results, *args, timeout=1800)  # generous: the CPU may be shared with other runs
-    return results / "export.safetensors"
+@pytest.fixture
+def quickstart_export(quickstart_run):
+    """The quickstart's recipe trained briefly (the suite's shared run, tests/conftest.py)."""
+    return quickstart_run / "export.safetensors"
 
 
 @pytest.mark.slow

@@ -217,3 +217,17 @@ def test_the_starting_weights_share_of_the_ema_and_the_warning_when_it_dominates
         prepare_sampling(SamplingRequest(path, options=options, device="cpu"))
         said = [r.getMessage() for r in caplog.records if "starting weights" in r.getMessage()]
         assert bool(said) == warned and (not warned or ("84%" in said[0] and "--weights raw" in said[0]))
+
+
+@pytest.mark.slow
+def test_a_500_step_quickstart_run_samples_digits_with_the_default_ema(quickstart_run, tmp_path):
+    """The default EMA (0.9999 with its warm-up ramp) serves a short run: a classifier trained on real
+    digits recognises its samples (before the ramp, such an EMA was still the random start: noise)."""
+    from dit_moe.evaluation import DigitsScorer
+    from dit_moe.sampling import SamplingOptions, SamplingRequest, prepare_sampling
+
+    options = SamplingOptions(sampler="euler", num_steps=25, cfg_scale=1.5)
+    prepared = prepare_sampling(SamplingRequest(quickstart_run / "export.safetensors", options=options, device="cpu"))
+    labels = [i % 10 for i in range(200)]
+    score = DigitsScorer.fit(seed=0, cache_dir=tmp_path).score(prepared.sample(labels, list(range(200))), labels)
+    assert score["label_accuracy"] >= 0.8
