@@ -30,10 +30,13 @@ def report_free(free: int) -> None:
 
 
 def fail_writes(part: str) -> None:
-    """`torch.save` and safetensors' `save_file` of a file whose path holds `part` write a few bytes, then fail
-    as a full disk does: ENOSPC from torch.save, safetensors' own SafetensorError ("os error 28")."""
+    """`torch.save`, safetensors' `save_file` and the streamed EMA writer of a file whose path holds `part`
+    write a few bytes, then fail as a full disk does: ENOSPC from torch.save and the stream, safetensors' own
+    SafetensorError ("os error 28")."""
     import safetensors.torch
     from safetensors import SafetensorError
+
+    import dit_moe.utils.safetensors_stream as stream  # patched before the trainer imports its name
 
     real_save, real_save_file = torch.save, safetensors.torch.save_file
 
@@ -53,7 +56,16 @@ def fail_writes(part: str) -> None:
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real_save_file(tensors, filename, *args, **kwargs)
 
-    torch.save, safetensors.torch.save_file = save, save_file
+    real_streamed = stream.write_streamed
+
+    def write_streamed(path, specs, tensors, metadata=None):
+        if hit(path):
+            for _ in tensors:  # every rank joins the gathers, as the real writer does after a failure
+                pass
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_streamed(path, specs, tensors, metadata)
+
+    torch.save, safetensors.torch.save_file, stream.write_streamed = save, save_file, write_streamed
 
 
 def main() -> None:

@@ -171,6 +171,6 @@ def test_two_rank_trainer_stops_on_both_ranks_when_one_share_holds_a_damaged_sha
     args = ["--dataset", "latents", "--features-path", str(features), "--image-size", "16", "--max-steps", "1"]
     proc = run_train(tmp_path / "out", *args, "--global-batch-size", "2", launcher="deepspeed", check=False)
     sentence = [line for line in proc.stderr.splitlines() if "train_deepspeed.py: error: " in line]
-    assert proc.returncode != 0 and len(sentence) == 2 and shard_name(3) in sentence[0], proc.stderr[-3000:]
-    assert sentence[0].split("error: ")[1] == sentence[1].split("error: ")[1]
+    # every rank stops (the launcher's status is theirs); one line per run, from the first rank that failed
+    assert proc.returncode == 2 and len(sentence) == 1 and shard_name(3) in sentence[0], proc.stderr[-3000:]
     assert not (tmp_path / "out").exists()

@@ -353,7 +353,7 @@ def test_too_little_free_space_stops_before_writing_a_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("part", ["step0000004/.ema", "step0000004/.rng_rank0", "step0000004/.full_state"])
+@pytest.mark.parametrize("part", ["step0000004/.ema", "step0000004/.rng_rank0", "step0000004/.state_rank0"])
 def test_disk_full_at_any_checkpoint_file_removes_the_tag_and_keeps_the_previous(tmp_path, part):
     out = tmp_path / "run"
     proc = run_in_repo(_full_disk_cmd(f"enospc={part}", out, "--max-steps", "4", *_DISK_ARGS), timeout=300)

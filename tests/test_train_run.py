@@ -191,7 +191,7 @@ def test_init_from_an_upcycled_dense_run_starts_where_the_dense_model_was(tmp_pa
     )
     continued, upcycled = tmp_path / "continued", tmp_path / "upcycled"
     common = ("--global-batch-size", "8", "--max-steps", "1", "--seed", "5")
-    run_train(continued, *common, "--init-from", str(dense / "export.safetensors"))
+    run_train(continued, *common, "--init-from", str(dense / "export.safetensors"), "--num_experts", "0")
     run_train(upcycled, *common, "--init-from", str(moe_file))
     # same data, noise and timesteps; the upcycled model computes the dense function at step 0
     assert losses(upcycled)[1] == pytest.approx(losses(continued)[1], rel=1e-5)
