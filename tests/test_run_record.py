@@ -231,3 +231,15 @@ def test_a_500_step_quickstart_run_samples_digits_with_the_default_ema(quickstar
     labels = [i % 10 for i in range(200)]
     score = DigitsScorer.fit(seed=0, cache_dir=tmp_path).score(prepared.sample(labels, list(range(200))), labels)
     assert score["label_accuracy"] >= 0.8
+
+
+def test_resume_takes_the_image_size_through_the_vaes_own_downsampling(flow_tag, tmp_path):
+    """A 4-channel record on a folder run: image = latent side x the VAE's factor (2 for this tiny VAE)."""
+    from test_vae import save_tiny_vae
+
+    config = tiny_config(in_channels=4, num_experts=4, num_experts_per_tok=2)
+    (flow_tag / layout.CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    vae = save_tiny_vae(tmp_path / "vae")
+    flags = ["--dataset", "folder", "--data-path", str(tmp_path), "--vae-path", vae]
+    cfg = settled_config(load_config(flags), ResumePoint(flow_tag, None), None)
+    assert cfg.data.image_size == 8 * 2

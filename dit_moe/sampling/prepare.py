@@ -197,8 +197,10 @@ def prepare_sampling(request: SamplingRequest) -> PreparedSampler:
     check_sampler(resolved, request, loaded.config_stored)
     check_cache(CacheSpec.parse(request.options.cache), config)
     warn_if_ema_is_its_start(loaded, request)
-    request, vae_path = with_recorded_vae(request, loaded.run.get("vae"), vae_path)
-    codec = resolve_codec(request.vae_path, config, loaded.run.get("vae")).to(device)
+    recorded_vae = loaded.run.get("vae")
+    request = with_recorded_vae(request, recorded_vae)
+    vae_path = PIXEL_SPACE if request.vae_path is None else request.vae_path
+    codec = resolve_codec(request.vae_path, config, recorded_vae).to(device)
     check_image_size(request.image_size, config, codec)
     options = request.options
     if options.cfg_scale is None:
@@ -364,13 +366,13 @@ def warn_if_ema_is_its_start(loaded: LoadedModel, request: SamplingRequest) -> N
         )
 
 
-def with_recorded_vae(request: SamplingRequest, recorded: Optional[dict], vae_path: str) -> tuple:
-    """(request, vae path) with the VAE an export records when the request names none."""
+def with_recorded_vae(request: SamplingRequest, recorded: Optional[dict]) -> SamplingRequest:
+    """The request with the VAE an export records when it names none."""
     if request.vae_path is not None or not recorded or is_pixel_space(recorded.get("path")):
-        return request, vae_path
+        return request
     path = resolve_vae(recorded["path"])
     check_vae_path(path)
-    return replace(request, vae_path=path), path
+    return replace(request, vae_path=path)
 
 
 def resolve_codec(vae_path: Optional[str], config: DiTConfig, recorded: Optional[dict] = None) -> nn.Module:

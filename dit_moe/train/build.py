@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import CheckpointContents, RecordedRun, infer_config
+from ..data.vae import vae_geometry
 from ..diffusion import ObjectiveConfig
 from ..models import DiT, DiTConfig
 from ..models.compile import compile_model
@@ -45,10 +46,11 @@ def settle_with_record(
 
 def _recorded_geometry(cfg: TrainConfig, record: RecordedRun) -> dict:
     """The image size (and pixel channels) the record's model takes, for the data flags not given:
-    pixels are the model's input, a VAE's latents are 8x smaller (DiT's convention)."""
+    pixels are the model's input, a VAE's latents are smaller by its downsampling factor."""
     if record.model is None or cfg.data.dataset in ("latents", "npy"):  # their manifests say it
         return {}
-    geometry = {"image_size": record.model.input_size * (1 if cfg.data.pixel_space else 8)}
+    downsample = 1 if cfg.data.pixel_space else vae_geometry(cfg.data.vae_path)[1]
+    geometry = {"image_size": record.model.input_size * downsample}
     if cfg.data.pixel_space and record.model.in_channels in (1, 3):
         geometry["channels"] = record.model.in_channels
     return {k: v for k, v in geometry.items() if f"data.{k}" not in cfg.given}
