@@ -8,11 +8,13 @@ import torch
 from safetensors.torch import save_file
 
 from dit_moe.checkpoint import CheckpointError, ObjectiveSource, layout, load_model, read_checkpoint_file
+from dit_moe.checkpoint.load import load_checkpoint_model
 from dit_moe.diffusion import ObjectiveConfig
 from dit_moe.models import DiT_models
 from dit_moe.utils.atomic import write_text
 
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoints_v0"
+TAG_RUN_RECORD = {"vae": {"path": "vae/sdxl", "scale_factor": 0.13025}, "ema_decay": 0.999, "ema_warmup_steps": 0}
 
 
 def _write_tag(checkpoint_dir: Path, step: int, complete: bool = True) -> torch.nn.Module:
@@ -26,7 +28,10 @@ def _write_tag(checkpoint_dir: Path, step: int, complete: bool = True) -> torch.
     tag_dir.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tag_dir / layout.EMA_FILE))
     texts = layout.config_texts(
-        model.config.to_dict(), ObjectiveConfig(noise_schedule="cosine").to_dict(), layout.RunShape(1, 1, 2)
+        model.config.to_dict(),
+        ObjectiveConfig(noise_schedule="cosine").to_dict(),
+        TAG_RUN_RECORD,
+        layout.RunShape(1, 1, 2),
     )
     for name, text in texts.items():
         (tag_dir / name).write_text(text)
@@ -86,9 +91,17 @@ def test_the_objective_config_is_read_back_beside_the_model_config(tmp_path):
     assert load_model(FIXTURE).config.num_experts > 0
 
 
+def test_a_tag_records_its_vae_for_sampling_and_older_tags_record_none(tmp_path):
+    _write_tag(tmp_path / "checkpoints", 2)
+    assert read_checkpoint_file(tmp_path).run["vae"] == TAG_RUN_RECORD["vae"]  # what sampling decodes with
+    assert load_checkpoint_model(tmp_path).run["vae"]["scale_factor"] == 0.13025
+    assert read_checkpoint_file(FIXTURE).run == {}  # written before tags recorded their run
+
+
 def test_writes_leave_no_temporary_files(tmp_path):
     _write_tag(tmp_path, 2)
     assert sorted(p.name for p in (tmp_path / "step0000002").iterdir()) == sorted(
-        [layout.EMA_FILE, layout.CONFIG_FILE, layout.OBJECTIVE_CONFIG_FILE, layout.COMPLETE_MARKER, layout.SHAPE_FILE]
+        [layout.EMA_FILE, layout.CONFIG_FILE, layout.OBJECTIVE_CONFIG_FILE, layout.RUN_RECORD_FILE]
+        + [layout.COMPLETE_MARKER, layout.SHAPE_FILE]
     )
     assert (tmp_path / layout.LATEST_FILE).read_text() == "step0000002"

@@ -204,29 +204,49 @@ def test_a_streamed_safetensors_file_reads_back_as_save_file_writes_it(tmp_path)
 @pytest.mark.multiproc
 def test_zero1_bf16_fp32_accumulation_with_sigmoid_bias_router_resumes_exactly(tmp_path):
     """DeepSpeed's BF16_Optimizer (ZeRO-1, bf16 weights, fp32 gradient accumulation), gradient accumulation 2,
-    the sigmoid-bias router's buffers: a resume on the same 2 ranks continues exactly; one on 1 rank runs."""
+    the sigmoid-bias router's buffers: a resume on the same 2 ranks and on 1 rank continues exactly. The
+    2-rank run's export is HF-sharded (gathered one tensor at a time to rank 0) and loads like one file; its
+    last tag, missing a rank's state file or holding one of another run, is refused naming the file."""
     import shutil
 
     from dit_moe.checkpoint import load_model
+    from dit_moe.utils.errors import EXIT_USER_ERROR
 
     from trainer_runs import records, run_train
 
     args = ("--global-batch-size", "8", "--grad-accum-steps", "2", "--ckpt-every", "2", "--aux-loss-coef", "0")
     args += ("--precision", "bf16", "--router", "sigmoid-bias", "--max-steps", "4")
     full, resumed, one = tmp_path / "full", tmp_path / "resumed", tmp_path / "one"
-    run_train(full, *args, zero="zero1_bf16_fp32_accum", launcher="deepspeed")
+    run_train(full, *args, "--export-shard-bytes", "300000", zero="zero1_bf16_fp32_accum", launcher="deepspeed")
+    assert len(list(full.glob("export-*-of-*.safetensors"))) > 2 and not (full / "export.safetensors").exists()
     tag = full / "checkpoints" / "step0000002"
     assert sorted(p.name for p in tag.glob("state_rank*")) == ["state_rank0.safetensors", "state_rank1.safetensors"]
     for out, ranks in ((resumed, 2), (one, 1)):
         shutil.copytree(tag, out / "checkpoints" / tag.name)
         launcher = {"launcher": "deepspeed"} if ranks > 1 else {}
         run_train(out, *args, "--resume", "auto", zero="zero1_bf16_fp32_accum", **launcher)
-    got, want = records(resumed), records(full)
-    for step in (3, 4):
-        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-4), step
-    a, b = (load_model(d / "export.safetensors").state_dict() for d in (resumed, full))
-    bias = [k for k in a if k.endswith("expert_bias")]
-    assert bias and any(a[k].abs().sum() > 0 for k in bias)  # the router's buffers moved and came back
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert sorted(k for k in records(one) if k > 2) == [3, 4]
+    want = records(full)
+    for out in (resumed, one):
+        got = records(out)
+        assert sorted(got) == [3, 4]
+        for step in (3, 4):
+            assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-4), (out.name, step)
+    b = load_model(full / "export.safetensors").state_dict()  # by the usual name: its shards and index
+    for out in (resumed, one):
+        a = load_model(out / "export.safetensors").state_dict()
+        bias = [k for k in a if k.endswith("expert_bias")]
+        assert bias and any(a[k].abs().sum() > 0 for k in bias)  # the router's buffers moved and came back
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=f"{out.name} {name}")
+
+    last, broken = "step0000004", tmp_path / "broken"
+    shutil.copytree(full / "checkpoints" / last, broken / "checkpoints" / last)
+    rank_file = broken / "checkpoints" / last / "state_rank1.safetensors"
+    shutil.copy(resumed / "checkpoints" / last / rank_file.name, rank_file)  # same step, another run
+    for refusal in ("belongs to another run", "is missing state_rank1.safetensors"):
+        proc = run_train(
+            broken, *args, "--max-steps", "6", "--resume", "auto", zero="zero1_bf16_fp32_accum", check=False
+        )
+        assert proc.returncode == EXIT_USER_ERROR and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert refusal in proc.stderr and "state_rank1.safetensors" in proc.stderr.strip().splitlines()[-1]
+        rank_file.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ from dit_moe.utils.errors import UserError
 from tiny_dit import tiny_config, tiny_model
 
 FLOW = ObjectiveConfig(objective="flow", flow_t_scale=1000.0, timestep_sampler="logit-normal")
+STATES_FLOW = ("--rf", "True", "--flow-t-scale", "1000")  # what DiT-MoE's train_xl_rf.sh passes every time
 
 
 @pytest.fixture
@@ -34,11 +35,32 @@ def _settle(tag, *flags):
     return settled_config(load_config(["--dataset", "digits", *flags]), ResumePoint(tag, None), None)
 
 
-def test_a_forgotten_flag_takes_the_recorded_value_on_resume(flow_tag):
-    cfg = _settle(flow_tag)  # no --rf, no --model: today's code continued it as an IDDPM DiT-S/2 8E2A
+def test_a_forgotten_rf_on_resume_is_refused_naming_the_flags_that_continue_it(flow_tag):
+    # today's code continued it as IDDPM; the objective is the one thing the weights do not fix
+    with pytest.raises(
+        UserError, match=r"trained with --rf True --flow-t-scale 1000.0, which this command does not say"
+    ):
+        _settle(flow_tag)
+    with pytest.raises(UserError, match=r"trained with --flow-t-scale 1000.0.*add --flow-t-scale 1000.0 to continue"):
+        _settle(flow_tag, "--rf", "True")
+
+
+def test_a_forgotten_model_flag_takes_the_recorded_architecture_on_resume(flow_tag):
+    cfg = _settle(flow_tag, *STATES_FLOW)  # no --model: the weights fix it
     assert (cfg.objective.objective, cfg.objective.flow_t_scale) == ("flow", 1000.0)
     assert (cfg.model.model, cfg.model.num_experts, cfg.model.num_experts_per_tok) == ("DiT-T/2", 4, 2)
     assert cfg.to_dict()["objective"]["objective"] == "flow"  # what config.yaml is written from
+
+
+def test_the_saved_config_yaml_states_the_objective_and_export_only_needs_none(flow_tag, tmp_path):
+    saved = tmp_path / "config.yaml"
+    saved.write_text("objective:\n  objective: flow\n  flow_t_scale: 1000.0\n")
+    cfg = settled_config(
+        load_config(["--config", str(saved), "--dataset", "digits"]), ResumePoint(flow_tag, None), None
+    )
+    assert cfg.objective.objective == "flow"
+    cfg = settled_config(load_config(["--export-only", "True"]), ResumePoint(flow_tag, None), None)
+    assert (cfg.objective.objective, cfg.objective.flow_t_scale) == ("flow", 1000.0)
 
 
 def test_a_contradicting_flag_on_resume_is_refused_with_both_values(flow_tag):
@@ -53,7 +75,7 @@ def test_a_contradicting_flag_on_resume_is_refused_with_both_values(flow_tag):
 
 
 def test_repeating_the_record_is_fine_and_training_options_are_the_flags(flow_tag):
-    cfg = _settle(flow_tag, "--rf", "True", "--model", "DiT-T/2", "--num_experts", "4", "--aux-loss-coef", "0.05")
+    cfg = _settle(flow_tag, *STATES_FLOW, "--model", "DiT-T/2", "--num_experts", "4", "--aux-loss-coef", "0.05")
     assert cfg.objective.objective == "flow" and cfg.model.aux_loss_coef == 0.05
 
 
@@ -121,9 +143,9 @@ def test_weights_raw_samples_and_upcycles_the_training_weights(tmp_path):
 
 
 def test_resume_takes_the_recorded_image_size_when_no_flag_gives_one(flow_tag):
-    cfg = _settle(flow_tag)  # the tag's model takes 8x8 3-channel digits; the digits default is 32 px
+    cfg = _settle(flow_tag, *STATES_FLOW)  # the tag's model takes 8x8 3-channel digits; the digits default is 32 px
     assert (cfg.data.image_size, cfg.data.channels) == (8, 3)
-    assert _settle(flow_tag, "--image-size", "16").data.image_size == 16  # a flag given is the run's
+    assert _settle(flow_tag, *STATES_FLOW, "--image-size", "16").data.image_size == 16  # a flag given is the run's
 
 
 @pytest.mark.slow
@@ -240,6 +262,37 @@ def test_resume_takes_the_image_size_through_the_vaes_own_downsampling(flow_tag,
     config = tiny_config(in_channels=4, num_experts=4, num_experts_per_tok=2)
     (flow_tag / layout.CONFIG_FILE).write_text(json.dumps(config.to_dict()))
     vae = save_tiny_vae(tmp_path / "vae")
-    flags = ["--dataset", "folder", "--data-path", str(tmp_path), "--vae-path", vae]
+    flags = ["--dataset", "folder", "--data-path", str(tmp_path), "--vae-path", vae, *STATES_FLOW]
     cfg = settled_config(load_config(flags), ResumePoint(flow_tag, None), None)
     assert cfg.data.image_size == 8 * 2
+
+
+def _latent_tag(flow_tag, tmp_path, scale_factor):
+    """The flow tag as a latent run on a tiny VAE that scaled its latents by `scale_factor`."""
+    from test_vae import save_tiny_vae
+
+    config = tiny_config(in_channels=4, num_experts=4, num_experts_per_tok=2)
+    (flow_tag / layout.CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    vae = save_tiny_vae(tmp_path / "vae")
+    record = {"vae": {"path": vae, "scale_factor": scale_factor}, "ema_decay": 0.995, "ema_warmup_steps": 0}
+    (flow_tag / layout.RUN_RECORD_FILE).write_text(json.dumps(record))
+    return ["--dataset", "folder", "--data-path", str(tmp_path), "--vae-path", vae, *STATES_FLOW]
+
+
+def test_resume_with_another_latent_scale_is_refused_and_the_recorded_one_continues(flow_tag, tmp_path):
+    flags = _latent_tag(flow_tag, tmp_path, 0.13025)
+    with pytest.raises(UserError, match=r"--vae-scale-factor 0.18215 \(it records 0.13025\)"):
+        settled_config(load_config(flags), ResumePoint(flow_tag, None), None)
+    cfg = settled_config(load_config([*flags, "--vae-scale-factor", "0.13025"]), ResumePoint(flow_tag, None), None)
+    assert cfg.data.codec_record()["scale_factor"] == 0.13025
+
+
+def test_export_only_records_the_tags_vae_and_ema_settings_not_the_flags(flow_tag, tmp_path):
+    from dit_moe.train.loop import run_record
+
+    _latent_tag(flow_tag, tmp_path, 0.13025)
+    cfg = settled_config(load_config(["--export-only", "True"]), ResumePoint(flow_tag, None), None)
+    record = run_record(cfg, ResumePoint(flow_tag, None))  # the flags alone say pixels and EMA 0.9999
+    assert record["vae"]["scale_factor"] == 0.13025 and record["ema_decay"] == 0.995
+    fresh = run_record(load_config(["--dataset", "digits"]), None)
+    assert fresh["vae"] is None and fresh["ema_decay"] == load_config([]).run.ema_decay

@@ -42,6 +42,7 @@ LATEST_FILE = "latest"
 COMPLETE_MARKER = "COMPLETE"
 CONFIG_FILE = "dit_config.json"
 OBJECTIVE_CONFIG_FILE = "objective_config.json"
+RUN_RECORD_FILE = "run_record.json"  # what else the run was: the VAE its latents come from and their scale
 EMA_FILE = "ema.safetensors"
 RNG_FILE = "rng_rank{rank}.pt"
 EXPERT_SHARD = "experts_ep{rank}.safetensors"
@@ -146,12 +147,15 @@ class RunShape:
         return f"{self.world_size} process(es) with --ep-size {self.ep_size} under ZeRO-{self.zero_stage}"
 
 
-def config_texts(model_config: dict[str, Any], objective_config: dict[str, Any], shape: RunShape) -> dict[str, str]:
-    """The small JSON files of a tag by name: the model and objective configs (so the tag can be sampled
-    without flags) and the run's shape."""
+def config_texts(
+    model_config: dict[str, Any], objective_config: dict[str, Any], run_record: dict[str, Any], shape: RunShape
+) -> dict[str, str]:
+    """The small JSON files of a tag by name: the model and objective configs and the run's record (so the
+    tag can be sampled and exported without flags), and the run's shape."""
     return {
         CONFIG_FILE: json.dumps(model_config, indent=2),
         OBJECTIVE_CONFIG_FILE: json.dumps(objective_config, indent=2),
+        RUN_RECORD_FILE: json.dumps(run_record, indent=2),
         SHAPE_FILE: json.dumps(asdict(shape), indent=2),
     }
 
@@ -169,6 +173,11 @@ def read_model_config(tag_dir: Path) -> Optional[dict[str, Any]]:
 def read_objective_config(tag_dir: Path) -> Optional[dict[str, Any]]:
     """The objective config saved with the tag; None for tags written before it was saved."""
     return _read_json(tag_dir / OBJECTIVE_CONFIG_FILE)
+
+
+def read_run_record(tag_dir: Path) -> dict[str, Any]:
+    """The run record saved with the tag ({"vae": ...}); empty for tags written before it was saved."""
+    return _read_json(tag_dir / RUN_RECORD_FILE) or {}
 
 
 def _read_json(path: Path) -> Optional[dict[str, Any]]:

@@ -175,11 +175,12 @@ def _latest_tag_dir(directory: Path) -> Path:
 
 def _read_deepspeed_dir(
     directory: Path, prefer_ema: bool
-) -> tuple[Optional[dict], Optional[dict], dict[str, torch.Tensor]]:
-    """(stored model config dict, stored objective config dict, state dict) of the tag `directory` resolves to."""
+) -> tuple[Optional[dict], Optional[dict], dict[str, torch.Tensor], dict[str, Any]]:
+    """(stored model config dict, stored objective config dict, state dict, run record) of the tag
+    `directory` resolves to."""
     tag_dir = _latest_tag_dir(directory)
     configs = layout.read_model_config(tag_dir), layout.read_objective_config(tag_dir)
-    return (*configs, _read_deepspeed_weights(tag_dir, prefer_ema))
+    return (*configs, _read_deepspeed_weights(tag_dir, prefer_ema), layout.read_run_record(tag_dir))
 
 
 def _read_deepspeed_weights(tag_dir: Path, prefer_ema: bool) -> dict[str, torch.Tensor]:
@@ -217,7 +218,7 @@ def read_checkpoint_file(path: str | os.PathLike, prefer_ema: bool = True) -> Ch
         )
     run: dict[str, Any] = {}
     if path.is_dir():
-        model, objective, state_dict = _read_deepspeed_dir(path, prefer_ema)
+        model, objective, state_dict, run = _read_deepspeed_dir(path, prefer_ema)
     elif sharded is not None or path.suffix == ".safetensors":
         state_dict, metadata = _read_sharded_safetensors(sharded) if sharded else _read_safetensors(path)
         model, objective, run = (

@@ -9,7 +9,7 @@ weights compute) and run options such as the learning rate are the flags' to cha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -43,6 +43,7 @@ class RecordedRun:
     where: str  # e.g. "checkpoint results/run/checkpoints/step0000400"
     model: Optional[DiTConfig]  # None: the file records no model config
     trained_as: TrainedAs
+    run: Mapping[str, Any] = field(default_factory=dict)  # a tag's run record: VAE, EMA settings (may be empty)
 
     @property
     def preset(self) -> Optional[str]:
@@ -67,6 +68,46 @@ class RecordedRun:
             found = []
         return found + [Contradiction(k, v, pinned[k]) for k, v in asked.items() if k in pinned and v != pinned[k]]
 
+    def unstated_objective(self, defaults: Mapping[str, Any], asked: Mapping[str, Any], instead: str) -> None:
+        """Stop when the recorded objective differs from what the flags would train by default and no flag
+        states it. The objective is the one part of a run its weights do not fix: continued under another
+        one, training goes on without an error (the shapes match) and the loss curve jumps, so a command
+        that continues training must say it (DiT-MoE's scripts pass --rf every time)."""
+        if self.trained_as.objective is None:
+            return
+        recorded = {k: getattr(self.trained_as.objective, k) for k in self.trained_as.known_fields()}
+        missing = {k: v for k, v in recorded.items() if k not in asked and defaults.get(k, v) != v}
+        if missing:
+            flags = " ".join(_flag(k, v) for k, v in missing.items())
+            raise UserError(
+                f"{self.where} was trained with {flags}, which this command does not say (its flags would train "
+                f"{', '.join(_flag(k, defaults[k]) for k in missing)}): add {flags} to continue it, or {instead}."
+            )
+
+    def check_vae(self, codec: Optional[Mapping[str, Any]], instead: str) -> Optional[str]:
+        """Stop when the run's latents would be scaled by another factor than the recorded one (the model
+        would see inputs of another variance); return a warning when only the VAE's path differs (the same
+        VAE may live elsewhere on another cluster). `codec` is the flags' {"path", "scale_factor"} or None."""
+        if "vae" not in self.run:
+            return None
+        recorded = self.run["vae"]
+        if (recorded is None) != (codec is None):
+            raise UserError(
+                f"{self.where} was trained on {_inputs(recorded)}, this command gives {_inputs(codec)}; {instead}."
+            )
+        if recorded is None or codec is None:
+            return None
+        if recorded["scale_factor"] != codec["scale_factor"]:
+            raise UserError(
+                f"--vae-scale-factor {codec['scale_factor']} (it records {recorded['scale_factor']}): {self.where}'s "
+                f"latents were scaled by {recorded['scale_factor']}; drop the flag, or {instead}."
+            )
+        if str(recorded["path"]) != str(codec["path"]):
+            return (
+                f"{self.where} was trained with the VAE at {recorded['path']}; this run encodes with {codec['path']}."
+            )
+        return None
+
     def check(self, asked: Mapping[str, Any], instead: str) -> None:
         """Stop with one sentence when an asked value contradicts the record; `instead` says how to
         start a new run (e.g. "start a new run from its weights with --init-from DIR")."""
@@ -79,10 +120,21 @@ class RecordedRun:
             )
 
 
+def _inputs(vae: Optional[Mapping[str, Any]]) -> str:
+    return "pixels" if vae is None else f"latents of the VAE at {vae['path']}"
+
+
+def _flag(name: str, value: Any) -> str:
+    """How a user writes one objective value on the command line (the objective as DiT-MoE's --rf)."""
+    if name == "objective":
+        return f"--rf {value == 'flow'}"
+    return f"--{name.replace('_', '-')} {value}"
+
+
 def record_of_tag(tag_dir: Path) -> RecordedRun:
     """What a training checkpoint's tag records, read from its config files alone (no weights)."""
     model, trained_as = parse_configs(layout.read_model_config(tag_dir), layout.read_objective_config(tag_dir), {})
-    return RecordedRun(f"checkpoint {tag_dir}", model, trained_as)
+    return RecordedRun(f"checkpoint {tag_dir}", model, trained_as, layout.read_run_record(tag_dir))
 
 
 def record_of_contents(contents: CheckpointContents, where: str) -> RecordedRun:

@@ -87,6 +87,7 @@ class CheckpointPlan:
     elastic: bool  # also write the world-size-independent state (`reshard`): resume on any shape
     model_config: DiTConfig
     objective_config: ObjectiveConfig
+    run_record: dict[str, Any]  # the VAE and EMA settings every tag and the export record (`run_record`)
     batch: BatchPlan
     device: torch.device  # where the collectives' tensors live
     export_path: Path  # the finished run's export: .safetensors (sharded above export_shard_bytes) or .pt
@@ -99,6 +100,7 @@ class CheckpointPlan:
         batch: BatchPlan,
         model_config: DiTConfig,
         objective_config: ObjectiveConfig,
+        run_record: dict[str, Any],
         device: torch.device,
     ) -> "CheckpointPlan":
         results_dir = Path(run.results_dir)
@@ -109,6 +111,7 @@ class CheckpointPlan:
             run.elastic_checkpoints,
             model_config,
             objective_config,
+            run_record,
             batch,
             device,
             results_dir / f"export.{run.export_format}",
@@ -202,8 +205,9 @@ class Checkpointer:
         if self.ep is not None and groups._get_expert_data_parallel_rank(expert_group_name(self.ep.size)) == 0:
             self._write_expert_shard(tag_dir)
         if self.rank == 0:
+            plan = self.plan
             text = layout.config_texts(
-                self.plan.model_config.to_dict(), self.plan.objective_config.to_dict(), self.shape
+                plan.model_config.to_dict(), plan.objective_config.to_dict(), plan.run_record, self.shape
             )
             for name, content in text.items():
                 self._write(tag_dir / name, lambda tmp, content=content: tmp.write_text(content))

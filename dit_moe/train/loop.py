@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ..checkpoint import CheckpointContents, read_checkpoint_file, record_of_contents, record_of_tag
 from ..checkpoint.export import recorded_step
-from ..checkpoint.layout import RunShape, tag_for_step
+from ..checkpoint.layout import RunShape, read_run_record, tag_for_step
 from ..data import TrainLoader, build_codec, build_train_loader
 from ..data.check import check_features
 from ..diffusion import Draws, DrawSpec, Objective, ObjectiveConfig, build_objective
@@ -152,8 +152,9 @@ def setup(cfg: TrainConfig, build_model: Callable[..., torch.nn.Module] = build_
     engine = engine_lib.initialize(model, ds_config, ep)
     register_router_updates(engine)
     ema = engine_lib.EMA(engine, cfg.run.ema_decay, ep, cfg.run.ema_warmup_steps)
+    record = run_record(cfg, begun.resume_from)
     checkpointer = Checkpointer(
-        engine, ema, ep, CheckpointPlan.for_run(cfg.run, plan, model_config, objective_config, device)
+        engine, ema, ep, CheckpointPlan.for_run(cfg.run, plan, model_config, objective_config, record, device)
     )
     draw_spec = DrawSpec(
         (loader.input_channels, loader.input_size, loader.input_size),
@@ -186,11 +187,19 @@ def settled_config(
     cfg: TrainConfig, resume_from: Optional[ResumePoint], init: Optional[CheckpointContents]
 ) -> TrainConfig:
     """The run's config once the checkpoint it continues (or starts from) has had its say: what the
-    checkpoint records is the truth, flags may repeat it or change only how the model trains."""
+    checkpoint records is the truth, flags may repeat it or change only how the model trains; a resumed
+    run's command must state its objective (`RecordedRun.unstated_objective`)."""
     if resume_from is not None:
         tag_dir = resume_from.tag_dir
         instead = f"start a new run from its weights with --init-from {tag_dir} and another --results-dir"
-        return settle_with_record(cfg, record_of_tag(tag_dir), instead)
+        record = record_of_tag(tag_dir)
+        settled = settle_with_record(cfg, record, instead)
+        if not cfg.run.export_only:  # an export only writes what the tag holds
+            record.unstated_objective(asdict(cfg.objective), cfg.asked("objective"), instead)
+            moved = record.check_vae(settled.data.codec_record(), instead)
+            if moved:
+                log.warning(moved)
+        return settled
     if init is None:
         return cfg
     where = f"--init-from {cfg.model.init_from}"
@@ -199,6 +208,20 @@ def settled_config(
         "or pass --allow-objective-change True to fine-tune it into another objective on purpose"
     )
     return settle_with_record(cfg, record_of_contents(init, where), instead, cfg.model.allow_objective_change)
+
+
+def run_record(cfg: TrainConfig, resume_from: Optional[ResumePoint]) -> dict[str, Any]:
+    """What every tag and the export record beside the model and objective: the VAE the latents come from
+    with their scale factor (what sampling decodes with) and the EMA's settings (what its starting weights'
+    share is computed from). An export-only run writes what its tag records, not what its flags say."""
+    record = {
+        "vae": cfg.data.codec_record(),
+        "ema_decay": cfg.run.ema_decay,
+        "ema_warmup_steps": cfg.run.ema_warmup_steps,
+    }
+    if cfg.run.export_only and resume_from is not None:
+        record.update(read_run_record(resume_from.tag_dir))
+    return record
 
 
 def _warn_if_draws_change(resumed: RunShape, plan: BatchPlan) -> None:
@@ -378,8 +401,8 @@ def export(run: Run) -> Optional[Path]:
     records its step, the tag it comes from and the VAE with its scale factor (what sampling decodes with)."""
     plan = run.checkpointer.plan
     tag = run.resume_from.tag_dir if run.cfg.run.export_only else plan.checkpoint_dir / tag_for_step(run.step)
-    share = ema_start_share(run.step, run.cfg.run.ema_decay, run.cfg.run.ema_warmup_steps)
-    record = {"step": run.step, "source_tag": str(tag), "vae": run.cfg.data.codec_record(), "ema_start_share": share}
+    share = ema_start_share(run.step, plan.run_record["ema_decay"], plan.run_record["ema_warmup_steps"])
+    record = {"step": run.step, "source_tag": str(tag), "vae": plan.run_record["vae"], "ema_start_share": share}
     return run.checkpointer.export(ema_overrides=ema_router_state(run), record=record)
 
 
