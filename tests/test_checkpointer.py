@@ -232,12 +232,19 @@ def test_zero1_bf16_fp32_accumulation_with_sigmoid_bias_router_resumes_exactly(t
         for step in (3, 4):
             assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-4), (out.name, step)
     b = load_model(full / "export.safetensors").state_dict()  # by the usual name: its shards and index
-    for out in (resumed, one):
-        a = load_model(out / "export.safetensors").state_dict()
-        bias = [k for k in a if k.endswith("expert_bias")]
-        assert bias and any(a[k].abs().sum() > 0 for k in bias)  # the router's buffers moved and came back
-        for name in a:
-            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=f"{out.name} {name}")
+    a = load_model(resumed / "export.safetensors").state_dict()
+    bias = [k for k in a if k.endswith("expert_bias")]
+    assert bias and any(a[k].abs().sum() > 0 for k in bias)  # the router's buffers moved and came back
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+    # On 1 rank the bf16 forward and backward run on micro-batches of 4 instead of 2, so gradients round
+    # differently and Adam turns that into updates that differ by ~1.5% (measured) of steps 3-4's update; a
+    # lost moment or master fragment would change the update itself.
+    a = load_model(one / "export.safetensors").state_dict()
+    start = load_model(tag, prefer_ema=False).state_dict()  # the bf16 weights at step 2
+    names = [k for k in b if b[k].is_floating_point()]
+    update = torch.cat([(b[k] - start[k].float()).flatten() for k in names]).norm()
+    assert torch.cat([(a[k] - b[k]).flatten() for k in names]).norm() < 0.05 * update
 
     last, broken = "step0000004", tmp_path / "broken"
     shutil.copytree(full / "checkpoints" / last, broken / "checkpoints" / last)

@@ -389,7 +389,7 @@ def _run_script(name: str, args: list, monkeypatch) -> None:
     assert exit_info.value.code == 0
 
 
-def test_analysis_scripts_run_on_a_checkpoint(tiny_export, tmp_path, monkeypatch):
+def test_analysis_scripts_run_on_a_checkpoint(tiny_export, tmp_path, monkeypatch, capsys):
     routing = tmp_path / "routing.npz"
     _run_script(
         "expert_data.py",
@@ -413,6 +413,8 @@ def test_analysis_scripts_run_on_a_checkpoint(tiny_export, tmp_path, monkeypatch
         ],
         monkeypatch,
     )
+    # 2 guided steps: two rows per image each; printed as sample.py prints it and kept with the file
+    assert f"{routing} (4 model evaluations per image, " in capsys.readouterr().out
     with RoutingFile(routing) as data:
         meta = data.meta
         assert data.num_rows == 2 * 2 * 2 * 16  # classes x samples x steps x patches (cond half only)
@@ -421,6 +423,7 @@ def test_analysis_scripts_run_on_a_checkpoint(tiny_export, tmp_path, monkeypatch
     assert meta["num_experts"] == 4 and meta["top_k"] == 2 and meta["moe_layers"] == list(range(6))
     assert meta["sampling"]["sampler"] == "euler" and meta["sampling"]["cfg_scale"] == 1.5
     assert meta["ckpt"] == str(Path(tiny_export).resolve())
+    assert meta["cost"].startswith("4 model evaluations per image")
     for script, extra in [
         ("heatmap_class.py", []),
         ("heatmap_step.py", ["--bins", "3"]),

@@ -24,6 +24,7 @@ from ..sampling.flags import add_sampling_flags, request_from_args
 from .collect import RoutingRequest, analyse_routing, collect_routing, write_summary
 from .plots import class_heatmap, patch_dominant_heatmap, patch_expert_heatmap, save_figure, step_heatmap
 from .stats import load_counts
+from .store import RoutingFile
 
 DESCRIPTIONS = {
     "collect": "Sample from a checkpoint and record which experts every token is routed to.",
@@ -110,13 +111,20 @@ def routing_request(args: argparse.Namespace) -> RoutingRequest:
     )
 
 
+def _sampling_cost(routing: Path) -> str:
+    """What sampling the routing file's images cost, as its metadata records it."""
+    with RoutingFile(routing) as recorded:
+        return recorded.meta.get("cost", "cost not recorded")
+
+
 def run(args: argparse.Namespace) -> None:
     """Carry out one parsed command, printing what it wrote."""
     if args.command == "collect":
         path = collect_routing(routing_request(args), args.out)
-        print(f"Saved routing of every token to {path}")
+        print(f"Saved routing of every token to {path} ({_sampling_cost(path)})")
     elif args.command == "all":
         paths = analyse_routing(routing_request(args), args.out_dir)
+        print(f"Sampled with {_sampling_cost(paths['routing'])}")
         print(Path(paths["summary_txt"]).read_text(), end="")
         print("Wrote " + ", ".join(str(p) for p in paths.values()))
     elif args.command == "summary":

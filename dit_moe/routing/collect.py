@@ -101,6 +101,7 @@ def _provenance(request: RoutingRequest, prepared: PreparedSampler, classes: lis
         seed=request.seed,
         objective=prepared.objective_name,
         sampling=sampling,
+        cost=prepared.stats.describe(),  # model evaluations (and FLOPs) per image, as sample.py prints them
     )
 
 
