@@ -11,19 +11,26 @@ import signal
 import sys
 from pathlib import Path
 
-import safetensors.torch
+import dit_moe.utils.safetensors_stream as stream
 
 
 def kill_during_write(part: str) -> None:
-    real = safetensors.torch.save_file
+    """Patch the streamed writer (before the trainer imports it) to die after the first tensor of the file."""
+    real = stream.write_streamed
 
-    def save_file(tensors, filename, *args, **kwargs):
-        if part in str(filename) and os.path.basename(filename).startswith(".state_rank"):
-            Path(filename).write_bytes(b"partial")
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(tensors, filename, *args, **kwargs)
+    def write_streamed(path, specs, tensors, metadata=None):
+        if part in str(path) and os.path.basename(path).startswith(".state_rank"):
 
-    safetensors.torch.save_file = save_file
+            def dying():
+                for index, item in enumerate(tensors):
+                    if index == 1:  # the first tensor is on disk, the rest never will be
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    yield item
+
+            return real(path, specs, dying(), metadata)
+        return real(path, specs, tensors, metadata)
+
+    stream.write_streamed = write_streamed
 
 
 def main() -> None:

@@ -174,6 +174,8 @@ def test_kill_during_a_state_shard_write_keeps_the_previous_tag_and_resume_conti
     checkpoints = out / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step0000002"
     assert not (checkpoints / "step0000004" / "COMPLETE").exists()
+    half = [p for p in (checkpoints / "step0000004").iterdir() if p.name.startswith(".state_rank0")]
+    assert half and half[0].stat().st_size > 8  # the kill landed inside the write: a header and a tensor
     run_train(out, *args, "--resume", "auto")
     assert losses(out) == losses(reference)
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -62,12 +63,12 @@ from deepspeed.utils import (
     safe_set_local_optimizer_state,
 )
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..checkpoint import layout
 from ..checkpoint.layout import RunShape
 from ..parallel import ExpertParallel
 from ..utils.errors import CheckpointError
+from ..utils.safetensors_stream import write_streamed
 
 MASTER = "fp32"  # key prefix of the master weights; optimizer moments use their own state names
 FROZEN = "frozen"  # parameters without gradients and buffers (floating ones in fp32)
@@ -334,22 +335,25 @@ def save_sharded_state(engine, tag_dir: Path, ep: Optional[ExpertParallel], writ
     metadata = _metadata(engine, meta["client"], meta["shape"])
     if metadata["moment_keys"]:
         _link_moments(engine)
-    tensors, entries, shapes = {}, {}, {}
+    sources: dict[str, Callable[[], torch.Tensor]] = {}  # name -> its flat tensor, fetched as it is written
+    specs, entries, shapes = {}, {}, {}
     for fragment in fragments(engine, ep):
         for key in (MASTER, *metadata["moment_keys"]):
             name = f"{key}/{fragment.name}"
-            tensors[name] = _get(fragment, key)
+            sources[name] = partial(_get, fragment, key)
+            specs[name] = ((fragment.numel,), torch.float32)
             entries[name], shapes[name] = (fragment.start, fragment.numel), list(fragment.global_shape)
     frozen = _frozen_state(engine.module)
     if rank == 0:
         for key, value in frozen.items():
             name = f"{FROZEN}/{key}"
-            tensors[name] = value.flatten().contiguous()
+            sources[name] = partial(value.flatten)
+            specs[name] = ((value.numel(),), value.dtype)
             entries[name], shapes[name] = (0, value.numel()), list(value.shape)
-    del frozen
     shard = layout.state_shard(tag_dir, rank)
-    write(shard, lambda tmp: save_file(tensors, str(tmp), metadata={"run_id": run_id, "rank": str(rank)}))
-    tensors.clear()  # this rank's share leaves host memory before the index is gathered
+    streamed = ((name, source()) for name, source in sources.items())  # one fragment in host memory at a time
+    write(shard, lambda tmp: write_streamed(tmp, specs, streamed, metadata={"run_id": run_id, "rank": str(rank)}))
+    del frozen, sources
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (shard.name, entries, shapes))
     if rank == 0:

@@ -66,7 +66,7 @@ def write_streamed(
                 )
             if failure is None:
                 try:
-                    handle.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                    handle.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())  # no copy
                 except OSError as err:
                     failure = err
     if failure is not None:
