@@ -1,6 +1,7 @@
 """What a checkpoint costs each rank, with the resumable state on and off: host memory, bytes, time.
 
     python bench/checkpoint_scale.py [--ranks 2 4] [--models DiT-T/2 DiT-S/2 DiT-B/2] [--num-experts 4]
+    python bench/checkpoint_scale.py --ranks 4 --models DiT-S/2@256    # a preset at another width
 
 For every (processes, model, --elastic-checkpoints) the trainer's own setup runs on the built-in digits
 (DS_ACCELERATOR=cpu, gloo, ZeRO-2): one optimizer step, then on every rank, timed and measured by the
@@ -69,10 +70,17 @@ def worker(report: Path, argv: list[str]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def _model_flags(model: str) -> tuple[str, tuple[str, ...]]:
+    """A preset name, or NAME@WIDTH for the preset at another hidden size (64 channels per head)."""
+    name, _, width = model.partition("@")
+    return name, ("--hidden-size", width, "--num-heads", str(int(width) // 64)) if width else ()
+
+
 def _launch(ranks: int, model: str, args: argparse.Namespace, out: Path, report: Path, *flags: str) -> list[dict]:
     report.unlink(missing_ok=True)
-    flags = ("--global-batch-size", str(2 * ranks), "--max-steps", "1", "--results-dir", str(out), *flags)
-    cmd = digits_cmd(ranks, "config/zero2.json", model, args.num_experts, args.image_size, *flags)
+    name, width = _model_flags(model)
+    flags = ("--global-batch-size", str(2 * ranks), "--max-steps", "1", "--results-dir", str(out), *width, *flags)
+    cmd = digits_cmd(ranks, "config/zero2.json", name, args.num_experts, args.image_size, *flags)
     script = cmd.index("train_deepspeed.py")
     cmd[script : script + 1] = ["bench/checkpoint_scale.py", "--worker", str(report)]
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
@@ -91,7 +99,7 @@ def bytes_per_rank(tag: Path, ranks: int) -> list[int]:
 
 
 def measure(ranks: int, model: str, elastic: bool, args: argparse.Namespace, tmp: Path) -> list[dict]:
-    out = tmp / f"{ranks}_{model.replace('/', '_')}_{elastic}"
+    out = tmp / f"{ranks}_{model.replace('/', '_').replace('@', '_')}_{elastic}"
     report = tmp / "report.jsonl"
     flags = ("--elastic-checkpoints", str(elastic).lower())
     saved = _launch(ranks, model, args, out, report, *flags)
@@ -116,7 +124,7 @@ def _row(label: str, rows: list[dict], base: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--models", nargs="+", default=["DiT-T/2", "DiT-S/2", "DiT-B/2"])
+    parser.add_argument("--models", nargs="+", default=["DiT-T/2", "DiT-S/2", "DiT-B/2"], help="NAME or NAME@WIDTH")
     parser.add_argument("--num-experts", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=8)
     args = parser.parse_args()

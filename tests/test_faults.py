@@ -163,6 +163,33 @@ def test_a_strangers_deepspeed_tag_runs_no_code_when_loaded(tmp_path):
         assert not planted.exists() and not (tmp_path / "grid.png").exists()
 
 
+@pytest.mark.slow
+def test_resume_through_deepspeeds_own_files_runs_no_code_a_tag_names(tmp_path):
+    """Without the sharded state (--elastic-checkpoints false) a resume reads DeepSpeed's pickled model and
+    optimizer files through DeepSpeed's loader, which unpickles freely; ours allows their few classes only."""
+    args = ("--global-batch-size", "4", "--ckpt-every", "2", "--elastic-checkpoints", "false")
+    resume = ("--max-steps", "4", "--resume", "auto")
+    clean, stranger = tmp_path / "clean", tmp_path / "stranger"
+    run_train(clean, *args, "--max-steps", "2")
+    shutil.copytree(clean, stranger)
+    run_train(clean, *args, *resume)  # DeepSpeed's real model and optimizer files pass
+    assert sorted(losses(clean)) == [1, 2, 3, 4]
+
+    model_states = stranger / "checkpoints" / "step0000002" / "mp_rank_00_model_states.pt"
+    planted = tmp_path / "planted"
+    state = torch.load(model_states, weights_only=False)
+    torch.save({**state, "planted": _Planted(planted)}, model_states)
+    with open(model_states, "rb") as probe:  # the payload works on a loader that runs what a file names
+        torch.load(probe, weights_only=False)
+    assert planted.exists()
+    planted.unlink()
+    proc = run_train(stranger, *args, *resume, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "safe loading" in last and "mp_rank_00_model_states.pt" in last and "_Planted" in last, last
+    assert not planted.exists()
+
+
 def test_deepspeed_objects_beside_the_weights_load_as_inert_stand_ins(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum

@@ -296,3 +296,12 @@ def test_export_only_records_the_tags_vae_and_ema_settings_not_the_flags(flow_ta
     assert record["vae"]["scale_factor"] == 0.13025 and record["ema_decay"] == 0.995
     fresh = run_record(load_config(["--dataset", "digits"]), None)
     assert fresh["vae"] is None and fresh["ema_decay"] == load_config([]).run.ema_decay
+
+
+def test_repeating_a_custom_width_run_s_command_is_fine_and_another_preset_is_refused(flow_tag):
+    config = tiny_config(in_channels=3, num_experts=4, num_experts_per_tok=2, hidden_size=256, num_heads=4)
+    (flow_tag / layout.CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    cfg = _settle(flow_tag, *STATES_FLOW, "--model", "DiT-T/2", "--hidden-size", "256")  # the run's own command
+    assert cfg.model.hidden_size == 256
+    with pytest.raises(UserError, match=r"--model DiT-T/2 \(it records a custom architecture\)"):
+        _settle(flow_tag, *STATES_FLOW, "--model", "DiT-T/2")  # the preset's width, 128

@@ -100,11 +100,12 @@ def _clean_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return cleaned
 
 
-def _torch_load(path: Path) -> Any:
-    """torch.load with weights_only=True: tensors and plain containers, never arbitrary objects."""
+def safe_torch_load(path: Path, map_location: Any = "cpu", allowed: Optional[list] = None) -> Any:
+    """torch.load with weights_only=True: tensors and plain containers, never arbitrary objects; `allowed`
+    (default: inert stand-ins for DeepSpeed's few classes) are the only classes the file may name."""
     try:
-        with torch.serialization.safe_globals(DEEPSPEED_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(DEEPSPEED_GLOBALS if allowed is None else allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         if refused is None:  # not a pickle at all, or a damaged one
@@ -190,7 +191,7 @@ def _read_deepspeed_weights(tag_dir: Path, prefer_ema: bool) -> dict[str, torch.
         return _read_safetensors(ema_file)[0]
     if not states:
         raise CheckpointError(f"{tag_dir} holds no model weights (no {layout.EMA_FILE} or mp_rank_*_model_states.pt).")
-    blob = _torch_load(states[0])  # safe loading: a stranger's tag can hold any pickle
+    blob = safe_torch_load(states[0])  # safe loading: a stranger's tag can hold any pickle
     module = blob.get("module") if isinstance(blob, dict) else None
     if not module:
         raise CheckpointError(
@@ -238,7 +239,7 @@ def _read_torch_file(
 ) -> tuple[Optional[dict], Optional[dict], dict[str, torch.Tensor], dict]:
     """(model config dict, objective config dict, state dict, run record) of a `.pt`: a state dict or a
     checkpoint dict."""
-    blob = _torch_load(path)
+    blob = safe_torch_load(path)
     if not isinstance(blob, dict):
         raise CheckpointError(f"{path} holds a {type(blob).__name__}, not a state dict or checkpoint dict.")
     model, objective = (blob.get(key) if isinstance(blob.get(key), dict) else None for key in ("config", "objective"))

@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from ..models import DiTConfig, preset_name
+from ..models import DiTConfig, preset_config, preset_name
 from ..models.config import TRAINING_ONLY_FIELDS
 from ..utils.errors import UserError
 from . import layout
 from .infer import infer_config
 from .provenance import TrainedAs
 from .read import CheckpointContents, parse_configs
+
+PRESET_SHAPE_FIELDS = ("depth", "hidden_size", "num_heads", "patch_size")  # what a registry name fixes
 
 
 @dataclass(frozen=True)
@@ -62,10 +64,12 @@ class RecordedRun:
     def contradictions(self, asked: Mapping[str, Any]) -> list[Contradiction]:
         """The asked values (flat name -> value, only what the user set) that differ from the record."""
         pinned = self.pinned()
+        found = []
         if self.model is not None and asked.get("model") not in (None, self.preset):
-            found = [Contradiction("model", asked["model"], self.preset or "a custom architecture")]
-        else:
-            found = []
+            # the preset's shape with the flags' own overrides (DiT-S/2 --hidden-size 256 repeats a custom run)
+            described = {**preset_config(asked["model"]).flat_dict(), **asked}
+            if any(described[k] != pinned[k] for k in PRESET_SHAPE_FIELDS):
+                found = [Contradiction("model", asked["model"], self.preset or "a custom architecture")]
         return found + [Contradiction(k, v, pinned[k]) for k, v in asked.items() if k in pinned and v != pinned[k]]
 
     def unstated_objective(self, defaults: Mapping[str, Any], asked: Mapping[str, Any], instead: str) -> None:

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import export as export_files
 from ..checkpoint import layout, save_export
+from ..checkpoint.read import safe_torch_load
 from ..diffusion import ObjectiveConfig
 from ..models import DiTConfig
 from ..parallel import ExpertParallel
@@ -332,9 +333,10 @@ class Checkpointer:
 
     def _load_same_shape(self, tag_dir: Path) -> dict[str, Any]:
         """DeepSpeed's loader, then this expert-parallel rank's expert shard (DeepSpeed's model file holds rank 0's)."""
-        load_path, client_state = self.engine.load_checkpoint(
-            str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        with _safe_engine_loads(self.engine):
+            load_path, client_state = self.engine.load_checkpoint(
+                str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}.")
         if self.ep is not None:
@@ -344,6 +346,25 @@ class Checkpointer:
                     if is_moe_param(param):
                         param.copy_(shard[name])
         return client_state
+
+
+@contextmanager
+def _safe_engine_loads(engine) -> Iterator[None]:
+    """DeepSpeed's loader unpickles its files freely (weights_only=False), so a stranger's tag could run code
+    on resume; inside this, each of its loads goes through torch's weights-only unpickler with only the
+    DeepSpeed classes its files hold allowed (loss scalers, the ZeRO stage enum, fragment addresses: plain
+    data, built without running code the file names)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    checkpoint_engine = engine.checkpoint_engine
+    checkpoint_engine.load = lambda path, map_location=None: safe_torch_load(Path(path), map_location, allowed)
+    try:
+        yield
+    finally:
+        del checkpoint_engine.load  # the instance attribute over the method
 
 
 @contextmanager

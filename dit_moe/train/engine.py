@@ -74,7 +74,7 @@ PRIVATE_DEEPSPEED_NAMES: tuple[tuple[str, str, str], ...] = (
         "_clear_fp32_optimizer_param_groups",
         "creating optimizer moments before resharding",
     ),
-    ("engine", "checkpoint_engine", "guarding each checkpoint file write"),
+    ("engine", "checkpoint_engine", "guarding each checkpoint file write and loading its files safely"),
     ("engine", "save_zero_checkpoint", "leaving out DeepSpeed's optimizer files when the sharded state holds them"),
     ("engine", "has_moe_layers", "checking that expert gradients are reduced over their group"),
     ("engine", "global_samples", "resharded counters"),
