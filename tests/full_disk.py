@@ -30,7 +30,7 @@ def report_free(free: int) -> None:
 
 
 def fail_writes(part: str) -> None:
-    """`torch.save`, safetensors' `save_file` and the streamed EMA writer of a file whose path holds `part`
+    """`torch.save`, safetensors' `save_file` and the streamed writer (EMA, state) of a file whose path holds `part`
     write a few bytes, then fail as a full disk does: ENOSPC from torch.save and the stream, safetensors' own
     SafetensorError ("os error 28")."""
     import safetensors.torch
