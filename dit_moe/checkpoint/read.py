@@ -52,15 +52,13 @@ class _DeepSpeedObject:
         pass
 
 
-DEEPSPEED_GLOBALS = [
-    (_DeepSpeedObject, f"deepspeed.{name}")
-    for name in (
-        "runtime.fp16.loss_scaler.LossScaler",
-        "runtime.fp16.loss_scaler.DynamicLossScaler",
-        "runtime.zero.config.ZeroStageEnum",
-        "utils.tensor_fragment.fragment_address",
-    )
-]
+DEEPSPEED_CLASSES = (  # the only classes DeepSpeed's checkpoint files hold beside tensors and containers
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+DEEPSPEED_GLOBALS = [(_DeepSpeedObject, name) for name in DEEPSPEED_CLASSES]
 
 
 @dataclass

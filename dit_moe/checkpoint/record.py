@@ -35,7 +35,7 @@ class Contradiction:
     def __str__(self) -> str:
         if self.name == "objective":  # DiT-MoE users say it with --rf
             return f"--objective {self.asked} (--rf {self.asked == 'flow'}; it records {self.recorded})"
-        return f"--{self.name.replace('_', '-')} {self.asked} (it records {self.recorded})"
+        return f"{_flag(self.name, self.asked)} (it records {self.recorded})"
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,12 @@ class RecordedRun:
         values: dict[str, Any] = {}
         if self.model is not None:
             values.update({k: v for k, v in self.model.flat_dict().items() if k not in TRAINING_ONLY_FIELDS})
-        if self.trained_as.objective is not None:
-            values.update({k: getattr(self.trained_as.objective, k) for k in self.trained_as.known_fields()})
-        return values
+        return {**values, **self._recorded_objective()}
+
+    def _recorded_objective(self) -> dict[str, Any]:
+        """Field -> value of the objective settings the file pins down (none when it records no objective)."""
+        objective = self.trained_as.objective
+        return {k: getattr(objective, k) for k in self.trained_as.known_fields()} if objective is not None else {}
 
     def contradictions(self, asked: Mapping[str, Any]) -> list[Contradiction]:
         """The asked values (flat name -> value, only what the user set) that differ from the record."""
@@ -77,9 +80,7 @@ class RecordedRun:
         states it. The objective is the one part of a run its weights do not fix: continued under another
         one, training goes on without an error (the shapes match) and the loss curve jumps, so a command
         that continues training must say it (DiT-MoE's scripts pass --rf every time)."""
-        if self.trained_as.objective is None:
-            return
-        recorded = {k: getattr(self.trained_as.objective, k) for k in self.trained_as.known_fields()}
+        recorded = self._recorded_objective()
         missing = {k: v for k, v in recorded.items() if k not in asked and defaults.get(k, v) != v}
         if missing:
             flags = " ".join(_flag(k, v) for k, v in missing.items())
@@ -99,7 +100,7 @@ class RecordedRun:
             raise UserError(
                 f"{self.where} was trained on {_inputs(recorded)}, this command gives {_inputs(codec)}; {instead}."
             )
-        if recorded is None or codec is None:
+        if recorded is None:  # pixels, as the flags say
             return None
         if recorded["scale_factor"] != codec["scale_factor"]:
             raise UserError(

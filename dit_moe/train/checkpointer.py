@@ -20,6 +20,7 @@ the EMA (gathered one tensor at a time). No rank holds more than its share of th
 
 from __future__ import annotations
 
+import importlib
 import random
 import secrets
 import shutil
@@ -38,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import export as export_files
 from ..checkpoint import layout, save_export
-from ..checkpoint.read import safe_torch_load
+from ..checkpoint.read import DEEPSPEED_CLASSES, safe_torch_load
 from ..diffusion import ObjectiveConfig
 from ..models import DiTConfig
 from ..parallel import ExpertParallel
@@ -352,13 +353,10 @@ class Checkpointer:
 def _safe_engine_loads(engine) -> Iterator[None]:
     """DeepSpeed's loader unpickles its files freely (weights_only=False), so a stranger's tag could run code
     on resume; inside this, each of its loads goes through torch's weights-only unpickler with only the
-    DeepSpeed classes its files hold allowed (loss scalers, the ZeRO stage enum, fragment addresses: plain
-    data, built without running code the file names)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    DeepSpeed classes its files hold allowed, the real ones this time (`read.DEEPSPEED_CLASSES`: loss scalers,
+    the ZeRO stage enum, fragment addresses: plain data, built without running code the file names)."""
+    paths = (name.rsplit(".", 1) for name in DEEPSPEED_CLASSES)
+    allowed = [getattr(importlib.import_module(module), attr) for module, attr in paths]
     checkpoint_engine = engine.checkpoint_engine
     checkpoint_engine.load = lambda path, map_location=None: safe_torch_load(Path(path), map_location, allowed)
     try:
