@@ -36,7 +36,7 @@ from dit_moe.sampling import SamplingOptions, SamplingRequest, prepare_sampling
 from dit_moe.utils.atomic import write_text
 
 REFERENCE = {"flow": "euler:50", "iddpm": "ddpm:250"}
-SOLVERS = ("dpm++2m", "dpm++3m", "unipc", "deis")
+SOLVERS = ("dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc", "deis")
 INTERVAL = "interval=0.28,5.42"  # Kynkaanniemi et al. 2024's EDM2/SD-XL interval, in sigma of x_t/alpha_t
 
 

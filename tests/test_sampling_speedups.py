@@ -93,7 +93,7 @@ def test_cache_spec_and_dense_models_are_refused_in_one_sentence(tmp_path):
 
 
 @pytest.mark.parametrize("objective", ["iddpm", "flow"])
-@pytest.mark.parametrize("sampler", ["dpm++2m", "unipc"])
+@pytest.mark.parametrize("sampler", ["dpm++2m", "unipc", "dpm++2m-sde"])
 def test_solvers_sample_per_seed_whatever_the_batch(moe, objective, sampler):
     process = build_sampling_objective(moe.config, ObjectiveConfig(objective=objective))
     options = SamplingOptions(sampler=sampler, num_steps=4, cfg_scale=2.0, guidance_interval=(0.5, 50.0))

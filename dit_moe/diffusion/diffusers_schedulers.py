@@ -20,12 +20,19 @@ One adapter for both objectives; what it maps between diffusers and our processe
            from the float sigmas instead, so DiT-MoE's t_scale = 1 files and t_scale = 1000 files both
            see what they saw in training.
 
-Solvers (all deterministic, one model evaluation per step; guided: two rows per sample):
+Solvers (one model evaluation per step; guided: two rows per sample):
 
-    dpm++2m   DPM-Solver++(2M), Lu et al. 2022 "DPM-Solver++", Algorithm 2 (data prediction)
-    dpm++3m   DPM-Solver++(3M), the same paper's third-order multistep variant
-    unipc     UniPC-bh2 with order 2, Zhao et al. 2023 (predictor + corrector, no extra evaluation)
-    deis      DEIS (t-AB, order 2), Zhang & Chen 2022, "DEIS" section 4
+    dpm++2m       DPM-Solver++(2M), Lu et al. 2022 "DPM-Solver++", Algorithm 2 (data prediction)
+    dpm++3m       DPM-Solver++(3M), the same paper's third-order multistep variant
+    dpm++2m-sde   SDE-DPM-Solver++(2M), the same paper's solver of the reverse SDE (section 5 and its
+                  appendix): each step re-injects fresh noise, as DDPM does, drawn by the loop's
+                  noise_fn (per-sample generators, so a sample does not depend on its batch)
+    unipc         UniPC-bh2 with order 2, Zhao et al. 2023 (predictor + corrector, no extra evaluation)
+    deis          DEIS (t-AB, order 2), Zhang & Chen 2022, "DEIS" section 4
+
+All but dpm++2m-sde are deterministic ODE solvers. A stochastic one exists because on a weak IDDPM
+model the ODE solvers at 25 steps draw fewer recognisable digits than DDPM's 250 stochastic steps
+(docs/sampling.md): the noise a stochastic step adds also corrects the errors of earlier steps.
 
 diffusers' FlowMatchEuler/FlowMatchHeun schedulers at shift 1 are our `euler` and `heun` (same
 uniform grid in t, same updates), so they add no sampler here.
@@ -53,10 +60,12 @@ DEIS_FLOW_LAST_SIGMA = 1e-3
 SOLVER_SETTINGS: dict[str, tuple[str, dict]] = {
     "dpm++2m": ("DPMSolverMultistepScheduler", dict(solver_order=2, algorithm_type="dpmsolver++")),
     "dpm++3m": ("DPMSolverMultistepScheduler", dict(solver_order=3, algorithm_type="dpmsolver++")),
+    "dpm++2m-sde": ("DPMSolverMultistepScheduler", dict(solver_order=2, algorithm_type="sde-dpmsolver++")),
     "unipc": ("UniPCMultistepScheduler", dict(solver_order=2, solver_type="bh2")),
     "deis": ("DEISMultistepScheduler", dict(solver_order=2, algorithm_type="deis")),
 }
 SOLVERS = tuple(SOLVER_SETTINGS)
+STOCHASTIC_SOLVERS = ("dpm++2m-sde",)
 
 
 def build_scheduler(objective, sampler: str):
@@ -125,7 +134,8 @@ def _prediction(process, model_fn: Callable[..., Tensor], x: Tensor, time: Tenso
 def solve(sampler: str, process, model_fn: Callable[..., Tensor], noise: Tensor, loop) -> Tensor:
     """Integrate from `noise` (at the scheduler's largest sigma) to data with diffusers' `sampler`.
 
-    `loop` carries the samplers.py options: model_kwargs, num_steps, progress, callback.
+    `loop` carries the samplers.py options: model_kwargs, num_steps, progress, callback, noise_fn
+    (the step noise of a stochastic solver; torch.randn_like when None).
     The callback's "t" is the original-process index (IDDPM) or t in (0, 1] (flow), as for our samplers.
     """
     scheduler = scheduler_for(process, sampler)
@@ -140,5 +150,8 @@ def solve(sampler: str, process, model_fn: Callable[..., Tensor], noise: Tensor,
             (x.shape[0],), label, device=x.device, dtype=torch.float32 if _is_flow(process) else torch.long
         )
         prediction = _prediction(process, model_fn, x, time, loop.model_kwargs)
-        x = scheduler.step(prediction.float(), timestep, x.float()).prev_sample.to(noise.dtype)
+        step_noise = {}
+        if sampler in STOCHASTIC_SOLVERS:
+            step_noise["variance_noise"] = (loop.noise_fn or torch.randn_like)(x).float()
+        x = scheduler.step(prediction.float(), timestep, x.float(), **step_noise).prev_sample.to(noise.dtype)
     return x

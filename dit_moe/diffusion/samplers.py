@@ -7,7 +7,7 @@
 "ddim" (num_steps respaces it as DiT's sample.py does, "250" style; None keeps its own
 steps), a ``RectifiedFlow`` for "euler" and "heun" (num_steps uniform steps from t = 1
 to t = 0; None means 50, DiT-MoE's default), either for the diffusers solvers "dpm++2m",
-"dpm++3m", "unipc" and "deis" (diffusers_schedulers.py; num_steps None means 25 for IDDPM
+"dpm++3m", "dpm++2m-sde", "unipc" and "deis" (diffusers_schedulers.py; num_steps None means 25 for IDDPM
 and 10 for flow). ``model_fn(x, t, **model_kwargs)`` is the network, or a guided wrapper of
 it (see guidance.py).
 
@@ -17,10 +17,10 @@ is about to see: the original-process index for IDDPM, t in (0, 1] for flow befo
 t_scale) and "x" (the current x_t). A routing recorder uses it to tag what the
 following forwards route.
 
-``noise_fn(x)``, when given, draws the per-step noise of the stochastic sampler (ddpm)
-as a tensor like x, in place of ``torch.randn_like``; per-sample
+``noise_fn(x)``, when given, draws the per-step noise of the stochastic samplers (ddpm,
+dpm++2m-sde) as a tensor like x, in place of ``torch.randn_like``; per-sample
 generators behind it make a sample independent of the batch it is drawn in. The ODE
-samplers (ddim, euler, heun and the diffusers solvers) take it for the common signature and
+samplers (ddim, euler, heun and the other diffusers solvers) take it for the common signature and
 draw no noise. DDIM with eta > 0 and DDPM with clipping are DiT's ``ddim_sample_loop`` and
 ``p_sample_loop`` (gaussian.py), which run ``gaussian_loop`` with those options.
 """
@@ -212,10 +212,10 @@ def _solver(name: str) -> Callable[..., Tensor]:
             num_steps = DEFAULT_SOLVER_STEPS["flow" if hasattr(process, "t_scale") else "iddpm"]
         elif num_steps < 1:
             raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-        loop = Loop(model_kwargs, num_steps, progress, callback)
+        loop = Loop(model_kwargs, num_steps, progress, callback, noise_fn)
         return diffusers_schedulers.solve(name, process, model_fn, noise, loop)
 
-    sample.__name__ = sample.__qualname__ = name.replace("+", "p")
+    sample.__name__ = sample.__qualname__ = name.replace("+", "p").replace("-", "_")
     sample.__doc__ = f"diffusers' {name} solver on either objective (see diffusers_schedulers.py)."
     return sample
 

@@ -150,8 +150,8 @@ def _add_sampler_flags(parser: argparse.ArgumentParser) -> None:
         *flag("sampler"),
         choices=SAMPLERS,
         default=None,
-        help="default: ddpm (IDDPM models), euler (flow models); dpm++2m, dpm++3m, unipc and deis (diffusers' "
-        "solvers) serve both at a fraction of the evaluations (docs/sampling.md)",
+        help="default: ddpm (IDDPM models), euler (flow models); dpm++2m, dpm++3m, dpm++2m-sde (stochastic), unipc and "
+        "deis (diffusers' solvers) serve both at a fraction of the evaluations (docs/sampling.md)",
     )
     parser.add_argument(
         *flag("num-sampling-steps"),

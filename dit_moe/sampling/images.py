@@ -9,7 +9,7 @@ the routing collector) calls `sample_images` through the prepare step (prepare.p
 
 Reproducibility (EDM's `StackedRandomGenerator`): every sample owns a CPU generator seeded
 with its seed, which draws its initial noise and then, for the stochastic samplers (DDPM,
-DDIM with eta > 0), its noise at every step. A sample's image therefore depends on its
+DDIM with eta > 0, dpm++2m-sde), its noise at every step. A sample's image therefore depends on its
 seed, label and settings alone, never on the batch it shares, the rank that draws it or
 the device, for every sampler: the same for any world size and batch size, up to
 floating-point differences of batched kernels.
@@ -39,7 +39,7 @@ _LABEL_STREAM = 1  # keeps label draws apart from the noise stream of the same s
 class SamplingOptions:
     """How to turn noise into images; None picks the objective's default."""
 
-    # "ddpm" | "ddim" (IDDPM models), "euler" | "heun" (flow models), "dpm++2m" | "dpm++3m" | "unipc" | "deis" (both)
+    # "ddpm" | "ddim" (IDDPM models), "euler" | "heun" (flow models), "dpm++2m" | "dpm++3m" | "dpm++2m-sde" | "unipc" | "deis" (both)
     sampler: Optional[str] = None
     num_steps: Optional[int] = None  # IDDPM: respaced steps (250); flow: uniform steps (50); solvers: 25 / 10
     # Classifier-free guidance scale; 1 = no guidance (one forward per step). None: the prepare step's

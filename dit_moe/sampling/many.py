@@ -1,7 +1,7 @@
 """Sample many images for FID, sharded over processes, resumable, gathered into one ADM `.npz`.
 
     python -m dit_moe.sampling.many --ckpt FILE --num-samples 50000 --out samples/run1 \
-        [--vae-path DIR|none] [--sampler ddpm|ddim|euler|heun|dpm++2m|dpm++3m|unipc|deis] \
+        [--vae-path DIR|none] [--sampler ddpm|ddim|euler|heun|dpm++2m|dpm++3m|dpm++2m-sde|unipc|deis] \
         [--num-sampling-steps N] [--cfg-scale 1.5] [--guidance-interval LO,HI] [--cache experts:N] \
         [--batch-size 32] [--seed 0] [--label-mode cycle|random]
     torchrun --nproc_per_node 8 -m dit_moe.sampling.many ...     # or scripts/sample_ddp.sh
