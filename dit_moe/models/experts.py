@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .expert_loop import SwiGLUExpertLoop
+from .expert_loop import GradientBuffers, SwiGLUExpertLoop
 
 # Stacked parameter name -> per-expert key suffix (feizc/DiT-MoE `MoeMLP` or DiT's timm `Mlp`).
 SWIGLU_KEYS = {"gate_proj": "gate_proj.weight", "up_proj": "up_proj.weight", "down_proj": "down_proj.weight"}
@@ -89,6 +89,7 @@ class GroupedExperts(nn.Module):
             self.fc2_bias = nn.Parameter(torch.empty(E, C))
         self.reset_parameters()
         self.register_load_state_dict_pre_hook(_stack_per_expert_keys)
+        self.gradient_buffers = GradientBuffers()  # the SwiGLU loop's weight gradients, kept between steps on a CPU
 
     @property
     def weight_names(self) -> tuple[str, ...]:
@@ -169,7 +170,7 @@ class GroupedExperts(nn.Module):
     def _forward_loop(self, x: Tensor, counts: Tensor, weights: list[Tensor], dtype: torch.dtype) -> Tensor:
         sizes = counts.tolist()  # the one host sync of the loop path: slice sizes per expert
         if self.expert_type == "swiglu":  # its products write into buffers (out=), which autocast skips
-            return SwiGLUExpertLoop.apply(x.to(dtype), sizes, *(w.to(dtype) for w in weights))
+            return SwiGLUExpertLoop.apply(x.to(dtype), sizes, *(w.to(dtype) for w in weights), self.gradient_buffers)
         # unbind, not w[e]: its backward stacks the E gradients once instead of adding E
         # full-size zero-padded [E, ...] gradients.
         per_expert = zip(*(w.to(x.dtype).unbind(0) for w in weights))
