@@ -66,10 +66,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, ValueError, FileNotFoundError)
 
 
-def exit_with_error(prog: str, error: BaseException) -> None:
-    """Print `prog: error: <one sentence>` on stderr and exit with status 2."""
+def print_error(prog: str, error: BaseException) -> None:
+    """Print `prog: error: <one sentence>` on stderr."""
     message = " ".join(str(error).split()) or type(error).__name__
     print(f"{prog}: error: {message}", file=sys.stderr)
+
+
+def exit_with_error(prog: str, error: BaseException) -> None:
+    """Print `prog: error: <one sentence>` on stderr and exit with status 2."""
+    print_error(prog, error)
     sys.exit(EXIT_USER_ERROR)
 
 

@@ -86,12 +86,13 @@ def test_flow_loss_by_hand():
 def test_sampler_that_does_not_fit_is_a_clear_error():
     x, kwargs = torch.randn(2, 2, 2, 2), dict(y=torch.arange(2))
     with pytest.raises(
-        ValueError, match=r"^euler on an IDDPM model: use ddpm or ddim or dpm\+\+2m or dpm\+\+3m or unipc or deis$"
+        ValueError,
+        match=r"^euler on an IDDPM model: use ddpm or ddim or dpm\+\+2m or dpm\+\+3m or dpm\+\+2m-sde or unipc or deis$",
     ):
         build_objective("iddpm").sample(net(), x, kwargs, sampler="euler")
     with pytest.raises(
         ValueError,
-        match=r"^ddim on a rectified-flow model: use euler or heun or dpm\+\+2m or dpm\+\+3m or unipc or deis$",
+        match=r"^ddim on a rectified-flow model: use euler or heun or dpm\+\+2m or dpm\+\+3m or dpm\+\+2m-sde or unipc or deis$",
     ):
         build_objective("flow").sample(net(), x, kwargs, sampler="ddim")
     with pytest.raises(ValueError, match="unknown sampler"):

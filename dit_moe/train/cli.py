@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from typing import Optional
 
-from ..cli import exit_with_error, user_errors
+from ..cli import print_error, user_errors
 from ..utils.errors import EXIT_USER_ERROR
 from ..utils.launch import LaunchEnv
 from .config import load_config
@@ -31,6 +33,19 @@ def main(argv: Optional[list[str]] = None) -> None:
         _train(argv)
     except user_errors() as err:
         if first_to_report():
-            exit_with_error(PROG, err)
-        sys.exit(EXIT_USER_ERROR)
+            print_error(PROG, err)
+        _leave(EXIT_USER_ERROR)
     sys.exit(0)
+
+
+def _leave(code: int) -> None:
+    """Exit with `code`. A rank whose process group is up leaves without the interpreter's teardown, where
+    gloo's threads can abort it: under load one rank of a two-rank start that stopped on a damaged shard
+    died of SIGABRT ("terminate called without an active exception", launcher status 250 instead of 2)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
