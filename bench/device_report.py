@@ -23,6 +23,8 @@ from dit_moe.models import flops
 DRY_RUN_SKIP = "skipped: dry run"  # the wheels step's status in a dry run (scripts/device_check.sh)
 STEPS = ("wheels", "cuda_tests", "train", "moe", "sample")
 TRAIN_SETTINGS = ("plain", "grad-ckpt", "compiled", "compiled-grad-ckpt", "reference")
+# A CPU dry run trains one compiled setting (a compile takes minutes there); scripts/device_check.sh's SETTINGS.
+DRY_RUN_TRAIN_SETTINGS = ("plain", "compiled", "reference")
 MOE_VARIANTS = ("grouped", "loop", "mask-loop", "mask-loop-tp1", "dense")
 SAMPLE_VARIANTS = ("ours-eager", "reference-eager", "ours-compiled", "reference-compiled")
 # The issue's goals for the GPU figures: >= 40% MFU in bf16 training, >= 1.5x the reference's images/s.
@@ -81,6 +83,12 @@ FIELDS = _fields()
 
 def gpu_only(field: str) -> bool:
     return field.split(".")[-1] in GPU_ONLY
+
+
+def not_in_dry_run(field: str) -> bool:
+    """A field of a training setting that a CPU dry run leaves out."""
+    parts = field.split(".")
+    return parts[:2] == ["train", "settings"] and parts[2] not in DRY_RUN_TRAIN_SETTINGS
 
 
 def get(tree: Any, path: str) -> Any:
