@@ -141,6 +141,7 @@ def _plot(runs: list[dict], out: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.5), squeeze=False)
     for ax, run in zip(axes[0], runs):
@@ -160,6 +161,8 @@ def _plot(runs: list[dict], out: str) -> None:
                 ax.annotate(
                     r["setting"].split(":", 2)[-1].replace("experts:", ""),
                     (r["evaluations_per_image"], r["digits_fd"]),
+                    xytext=(5, 2),
+                    textcoords="offset points",
                     fontsize=6,
                 )
             if r["reference"]:
@@ -173,6 +176,9 @@ def _plot(runs: list[dict], out: str) -> None:
                     label=f"reference default ({r['setting']})",
                 )
         ax.set_xscale("log")
+        ax.set_xticks(sorted({r["evaluations_per_image"] for r in plain}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("model evaluations per image (guided: 2 per step inside the interval)")
         ax.set_ylabel(f"digits-FD ({run['num_samples']} samples)")
         ax.set_title(f"{rows[0]['objective']} digits model")
