@@ -7,8 +7,8 @@
     python bench/sampling_quality.py --report results/sampling_quality/flow.json results/sampling_quality/iddpm.json \
         --plot docs/sampling_quality.png                   # the markdown table and the plot of docs/sampling.md
 
-For a model trained on the built-in digits (config/quickstart.yaml; `--objective iddpm` for the IDDPM
-one), each setting samples --num-samples images (labels 0..9 cycled, sample i with seed i: the same
+For a model trained on the built-in digits (config/quickstart.yaml; `--objective iddpm --max-steps 4000`
+for the IDDPM one, which at 1,000 steps is too weak for its ODE to match DDPM: docs/sampling.md), each setting samples --num-samples images (labels 0..9 cycled, sample i with seed i: the same
 noise for every setting) and scores them with dit_moe.evaluation's digits judge: label accuracy and
 digits-FD (FID's formula on the judge's features; it grows as n shrinks, so compare at one n). The
 first setting is the reference default (flow: Euler 50 steps, DiT-MoE's; IDDPM: DDPM 250 steps,
