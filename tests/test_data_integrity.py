@@ -2,6 +2,8 @@
 
 import os
 import pickle
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,6 +189,7 @@ def test_trainer_on_a_damaged_folder_exits_2_with_one_line(tmp_path, kind):
         _npy_folder(features)
         bad, extra = features / "imagenet256_labels" / "3.npy", ["--num-classes", "5"]
         _truncated(bad)
+    stale = _stale_shm_buffer()  # its removal's notice must not join the error line (it goes to the run's log)
     proc = run_train(
         tmp_path / "out",
         "--dataset",
@@ -206,3 +209,15 @@ def test_trainer_on_a_damaged_folder_exits_2_with_one_line(tmp_path, kind):
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("train_deepspeed.py: error: ") and str(bad) in lines[0], lines[0]
     assert not (tmp_path / "out").exists()
+    assert not stale.exists()  # positive control: the start removed it, so a notice was raised
+
+
+def _stale_shm_buffer() -> Path:
+    """A DeepSpeed CPU all-reduce buffer of this user that no process holds, old enough to be removed."""
+    from dit_moe.train.distributed import SHM_BUFFER_PREFIX, SHM_DIR, STALE_AFTER_S
+
+    path = SHM_DIR / f"{SHM_BUFFER_PREFIX}{os.getuid()}_127.0.0.1_{os.getpid()}_0"
+    path.write_bytes(b"")
+    old = time.time() - 2 * STALE_AFTER_S
+    os.utime(path, (old, old))
+    return path

@@ -4,6 +4,7 @@ before or during a checkpoint, and SIGTERM to the `deepspeed` launcher (preempti
 
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -605,3 +606,27 @@ def test_only_the_first_failing_rank_of_a_launch_reports(monkeypatch):
         mark.unlink(missing_ok=True)
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert first_to_report() and first_to_report() and not mark.exists()  # a single process always speaks
+
+
+def test_warnings_before_the_log_exists_are_written_once_by_rank_0():
+    """Start-up notices (a stale buffer removed, a VAE at another path) are held, then written into the
+    run's log by rank 0 only (the trainer's stderr side is test_data_integrity's one-line test)."""
+    from dit_moe.train.startup_notices import hold_startup_notices, take_startup_notices, write_startup_notices
+
+    log, seen = logging.getLogger("dit_moe.train.notices_test"), []
+    collect = logging.Handler()
+    collect.emit = lambda record: seen.append(record.getMessage())
+    hold_startup_notices()
+    hold_startup_notices()  # idempotent: one copy held
+    log.warning("held notice")
+    held = take_startup_notices()
+    assert [record.getMessage() for record in held] == ["held notice"]
+    log.addHandler(collect)  # the run's logging, configured after the notices were taken
+    try:
+        write_startup_notices(held, rank=1)
+        assert seen == []  # another rank: one copy per run
+        write_startup_notices(held, rank=0)
+        assert seen == ["held notice"]
+    finally:
+        log.removeHandler(collect)
+    assert take_startup_notices() == []  # released: nothing holds any more

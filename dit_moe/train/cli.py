@@ -26,7 +26,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Parse flags and train; bad input (a flag, a file, a full disk) ends with one line on stderr and exit
     code 2, printed once per run: by the first rank to fail (`first_to_report`), the others exit quietly."""
     from .distributed import first_to_report, remove_stale_run_files
+    from .startup_notices import hold_startup_notices
 
+    hold_startup_notices()  # the removal's notice goes into the run's log (`loop.start`)
     if LaunchEnv.from_environ().local_rank == 0:
         remove_stale_run_files()
     try:

@@ -47,6 +47,7 @@ from .preflight import check_inputs
 from .results import claim_results_dir
 from .routers import ema_router_state, warn_if_routing_batch_changes
 from .sections import TrainConfig
+from .startup_notices import hold_startup_notices, take_startup_notices, write_startup_notices
 
 log = logging.getLogger("dit_moe.train")
 
@@ -111,17 +112,24 @@ class Start:
 def start(cfg: TrainConfig) -> Start:
     """Every cheap check, the checkpoint's record, the process group, the data check, then the folder:
     bad input fails before anything slow starts and before the results folder is claimed."""
-    launch = LaunchEnv.from_environ()
-    check_inputs(cfg, launch.world_size)  # paths, DeepSpeed JSON, batch split: no process group yet
-    fresh = cfg.run.resume is None and not cfg.run.export_only
-    resume_from = find_resume(cfg.run.resume, Path(cfg.run.results_dir))
-    init = read_checkpoint_file(cfg.model.init_from) if cfg.model.init_from and resume_from is None else None
-    cfg = settled_config(cfg, resume_from, init)  # what the checkpoint records, before anything is claimed
-    rank, _local_rank, world_size, device = engine_lib.init_distributed()
-    check_features(cfg.data, rank, world_size)  # each rank its share of the files; a bad one stops every rank
-    claim_results_dir(Path(cfg.run.results_dir), fresh, cfg.run.overwrite, launch.rank)
-    dist.barrier()  # every rank has judged the folder before rank 0 writes its log there
+    hold_startup_notices()  # warnings before the log exists go into it once (`startup_notices`)
+    try:
+        launch = LaunchEnv.from_environ()
+        check_inputs(cfg, launch.world_size)  # paths, DeepSpeed JSON, batch split: no process group yet
+        fresh = cfg.run.resume is None and not cfg.run.export_only
+        resume_from = find_resume(cfg.run.resume, Path(cfg.run.results_dir))
+        init = read_checkpoint_file(cfg.model.init_from) if cfg.model.init_from and resume_from is None else None
+        cfg = settled_config(cfg, resume_from, init)  # what the checkpoint records, before anything is claimed
+        rank, _local_rank, world_size, device = engine_lib.init_distributed()
+        check_features(cfg.data, rank, world_size)  # each rank its share of the files; a bad one stops every rank
+        claim_results_dir(Path(cfg.run.results_dir), fresh, cfg.run.overwrite, launch.rank)
+        dist.barrier()  # every rank has judged the folder before rank 0 writes its log there
+    except BaseException:
+        take_startup_notices()  # dropped: a failed start's one error line stands alone
+        raise
+    notices = take_startup_notices()
     _setup_logging(Path(cfg.run.results_dir), rank)
+    write_startup_notices(notices, rank)
     return Start(cfg, resume_from, init, rank, world_size, device)
 
 
